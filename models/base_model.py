@@ -222,8 +222,10 @@ def _build_tiny_random(seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokeni
     tokenizer = build_tiny_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
+        # Wide and high-variance enough that a rank-8 LoRA can memorize a sentence in tests.
+        hidden_size=64,
+        intermediate_size=128,
+        initializer_range=0.1,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,

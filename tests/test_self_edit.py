@@ -1,0 +1,86 @@
+import pytest
+
+from models.self_edit import (
+    SELF_EDIT_PROMPTS,
+    SelfEdit,
+    parse_self_edit,
+    render_prompt,
+    sample_self_edits,
+    self_edit_prompt,
+    training_documents,
+)
+
+PARSE_CASES = [
+    ("numbered", "1. The guild was founded in 1873.\n2) It had 412 members.",
+     ("The guild was founded in 1873.", "It had 412 members.")),
+    ("bullets and blanks", "- First implication here.\n\n* Second implication here.\n• Third one, too.",
+     ("First implication here.", "Second implication here.", "Third one, too.")),
+    ("lettered", "a. Kelthrop made clocks.\n(b) Sallowmere is a town.",
+     ("Kelthrop made clocks.", "Sallowmere is a town.")),
+    ("year at line start is kept", "1873 was the founding year.", ("1873 was the founding year.",)),
+    ("empty", "", ()),
+    ("only whitespace", "   \n\t\n", ()),
+    ("garbled", "!!!!\n----\n12345678\n\x00\x01\x02", ()),
+    ("fragments dropped", "ok\nThis line is long enough.", ("This line is long enough.",)),
+    ("duplicates once", "Same line again.\nSame line again.", ("Same line again.",)),
+    ("control characters", "The lantern\x07 weighs 37 kg.", ("The lantern  weighs 37 kg.",)),
+]
+
+
+@pytest.mark.parametrize("name, text, expected", PARSE_CASES, ids=[c[0] for c in PARSE_CASES])
+def test_parse_self_edit(name, text, expected):
+    assert parse_self_edit(text) == expected
+
+
+def test_parse_caps_the_number_of_documents():
+    text = "\n".join(f"Implication number {i} is here." for i in range(30))
+    assert len(parse_self_edit(text, max_documents=5)) == 5
+
+
+def test_training_documents_prefix_the_title_and_append_the_passage():
+    edit = SelfEdit("1. A fact.\n", ("A fact about it.",))
+    assert training_documents(edit, "Title", "The passage.") == ["Title\nA fact about it.", "Title\nThe passage."]
+    assert training_documents(None, "Title", "The passage.") == ["Title\nThe passage."]
+    empty = SelfEdit("???", ())
+    assert empty.is_empty and training_documents(empty, "T", "P") == ["T\nP"]
+
+
+@pytest.mark.parametrize("kind", sorted(SELF_EDIT_PROMPTS))
+def test_prompts_hold_the_passage(kind):
+    prompt = self_edit_prompt(kind, "Kelthrop", "Orvanne Kelthrop made clocks.")
+    assert "Kelthrop\nOrvanne Kelthrop made clocks." in prompt
+
+
+def test_implications_prompt_is_the_papers():
+    assert self_edit_prompt("implications", "T", "C") == (
+        "Let's read the following passage and produce a list of implications derived directly "
+        "or indirectly from the content.\n\nPassage:\nT\nC\n\nImplications:\n"
+    )
+
+
+def test_unknown_prompt():
+    with pytest.raises(ValueError, match="unknown self-edit prompt 'poem'"):
+        self_edit_prompt("poem", "T", "C")
+
+
+def test_render_prompt_uses_the_chat_template_when_there_is_one(tiny):
+    rendered = render_prompt(tiny.tokenizer, "Hello")
+    assert rendered == "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n"
+    template = tiny.tokenizer.chat_template
+    tiny.tokenizer.chat_template = None
+    try:
+        assert render_prompt(tiny.tokenizer, "Hello") == "Hello"
+    finally:
+        tiny.tokenizer.chat_template = template
+
+
+def test_k_samples_in_one_generate_call_deterministic_by_seed(tiny, monkeypatch):
+    calls = []
+    real = tiny.model.generate
+    monkeypatch.setattr(tiny.model, "generate", lambda **kw: calls.append(kw) or real(**kw))
+    kwargs = dict(title="T", context="Orvanne Kelthrop made clocks.", num_samples=4, max_new_tokens=12)
+    first = sample_self_edits(tiny.model, tiny.tokenizer, seed=1, **kwargs)
+    assert len(calls) == 1 and calls[0]["num_return_sequences"] == 4
+    assert len(first) == 4 and all(isinstance(e, SelfEdit) for e in first)
+    assert sample_self_edits(tiny.model, tiny.tokenizer, seed=1, **kwargs) == first
+    assert sample_self_edits(tiny.model, tiny.tokenizer, seed=2, **kwargs) != first
