@@ -1,5 +1,7 @@
 """The ``seal`` command.
 
+    seal run CONFIG [section.key=value ...]          train (the SEAL outer loop)
+    seal eval CONFIG POLICY [section.key=value ...]  held-out evaluation of a policy
     seal inner-loop CONFIG [section.key=value ...]   the inner-loop demo table
 """
 
@@ -25,6 +27,13 @@ _QUIET = {
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="seal", description="Self-Adapting Language Models as workflows.")
     commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="train a policy with the SEAL outer loop (ReST-EM)")
+    run.add_argument("config", help="YAML config, e.g. deployments/configs/knowledge-smollm2.yaml")
+    run.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    evaluate = commands.add_parser("eval", help="evaluate a policy on held-out contexts")
+    evaluate.add_argument("config", help="YAML config")
+    evaluate.add_argument("policy", help="'base', a policy folder, or models:/seal-policy@best")
+    evaluate.add_argument("overrides", nargs="*", help="section.key=value overrides")
     demo = commands.add_parser(
         "inner-loop",
         help="score no adaptation / passage only / passage + self-edit on held-out contexts",
@@ -65,6 +74,49 @@ def inner_loop(args: argparse.Namespace) -> int:
     return 0
 
 
+def prefect_environment() -> None:
+    """Keep Prefect's database and persisted results under SEAL_HOME (before importing it)."""
+    from models.base_model import seal_home
+
+    prefect_home = seal_home() / "prefect"
+    os.environ.setdefault("PREFECT_HOME", str(prefect_home))
+    os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(prefect_home / "storage"))
+    os.environ.setdefault("PREFECT_RESULTS_PERSIST_BY_DEFAULT", "true")
+
+
+def run(args: argparse.Namespace) -> int:
+    from models.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    prefect_environment()
+    from flows.training import format_held_out, seal_training
+
+    result = seal_training(config)
+    print()
+    print("held-out closed-book accuracy (correct/questions):")
+    print(format_held_out(result.held_out))
+    print()
+    print(f"final policy: {result.policy.path}")
+    print(f"MLflow: run {result.run_id} in {result.tracking_uri}")
+    print(f"  open the MLflow UI:  mlflow ui --backend-store-uri {result.tracking_uri}")
+    print("  open the Prefect UI: prefect server start   (with PREFECT_HOME="
+          f"{os.environ['PREFECT_HOME']})")
+    return 0
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    from models.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    prefect_environment()
+    from flows.evaluation import seal_evaluation
+    from flows.training import format_held_out
+
+    result = seal_evaluation(config, args.policy)
+    print(format_held_out([(args.policy[-16:], result)]))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     for key, value in _QUIET.items():
         os.environ.setdefault(key, value)
@@ -74,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     from models.knowledge_data import DatasetError
 
     try:
-        return {"inner-loop": inner_loop}[args.command](args)
+        return {"run": run, "eval": evaluate, "inner-loop": inner_loop}[args.command](args)
     except (ConfigError, ModelNotFoundError, DatasetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -105,6 +105,37 @@ class EvalConfig(_Section):
     batch_size: int = Field(16, ge=1, description="Questions answered per generate call.")
 
 
+class PolicyUpdateConfig(_Section):
+    """The M-step: SFT of the policy on the kept (prompt -> self-edit) pairs, merged into it."""
+
+    rank: int = Field(64, ge=1, description="LoRA rank of the policy update.")  # paper: 64
+    alpha: int = Field(128, ge=1, description="LoRA alpha of the policy update.")  # paper: 128
+    learning_rate: float = Field(3e-4, gt=0, le=1, description="Policy learning rate.")  # paper
+    epochs: int = Field(2, ge=1, le=100, description="Passes over the kept pairs.")  # paper: 2
+    batch_size: int = Field(4, ge=1, description="Pairs per step.")
+    max_length: int = Field(1024, ge=16, description="Prompt + self-edit truncated to this.")
+    seed: int = Field(0, description="Seed of the update's adapter init and data order.")
+
+
+class RLConfig(_Section):
+    """The outer loop (ReST-EM)."""
+
+    iterations: int = Field(2, ge=1, description="Outer iterations, each E-step then M-step.")  # paper: 2
+    eval_every: int = Field(
+        0, ge=0, description="Held-out evaluation every k iterations (0: before the first and "
+        "after the last only)."
+    )
+    eval_baseline_self_edits: bool = Field(
+        True, description="Also score held-out passages with self-edits from the base model."
+    )
+
+
+class TrackingConfig(_Section):
+    experiment: str = Field("seal", description="MLflow experiment name.")
+    registered_model: str = Field("seal-policy", description="MLflow registered model name.")
+    log_adapters: bool = Field(True, description="Log every self-edit's adapter folder to MLflow.")
+
+
 class SealConfig(_Section):
     """The whole SEAL configuration."""
 
@@ -114,6 +145,9 @@ class SealConfig(_Section):
     lora: LoraConfig = Field(default_factory=LoraConfig)
     inner_loop: InnerLoopConfig = Field(default_factory=InnerLoopConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    policy_update: PolicyUpdateConfig = Field(default_factory=PolicyUpdateConfig)
+    rl: RLConfig = Field(default_factory=RLConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     seed: int = Field(0, description="Seed of self-edit sampling.")
 
     @model_validator(mode="after")

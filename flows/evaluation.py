@@ -1,0 +1,38 @@
+"""Held-out evaluation of a policy as a Prefect flow.
+
+    seal eval deployments/configs/knowledge-smollm2.yaml models:/seal-policy@best
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+
+from flows.tracking import default_tracking_uri, resolve_policy_uri
+from flows.training import HeldOutResult, evaluate_policy
+from models.base_model import resolve_model, seal_home
+from models.config import SealConfig
+from tasks.knowledge import resolve_base_policy
+from tasks.records import PolicyRef
+
+
+def resolve_policy(policy: str, base: PolicyRef) -> PolicyRef:
+    """``base``, a policy folder, or an MLflow model URI (``models:/seal-policy@best``)."""
+    if policy == "base":
+        return base
+    if policy.startswith("models:/"):
+        folder = resolve_policy_uri(default_tracking_uri(seal_home()), policy)
+    else:
+        folder = Path(policy)
+    resolved = resolve_model(str(folder))
+    return PolicyRef(name=folder.name if not policy.startswith("models:/") else policy,
+                     path=str(resolved.path), digest=resolved.digest)
+
+
+@flow(name="seal-evaluation", log_prints=True)
+def seal_evaluation(config: SealConfig, policy: str = "base") -> HeldOutResult:
+    """Score ``policy`` on held-out contexts: no adaptation, passage only, passage + self-edits
+    from the base model, passage + self-edits from the policy."""
+    base = resolve_base_policy(config.model)
+    return evaluate_policy(config, resolve_policy(policy, base), base)

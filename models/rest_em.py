@@ -1,0 +1,60 @@
+"""ReST-EM's E-step bookkeeping: rewards for self-edits and which ones the M-step keeps.
+
+Reward (paper, Eq. 2) is binary: 1 if adapting with the self-edit beats the policy's
+no-adaptation score on the context's questions. Knowledge incorporation keeps, per context,
+the single best self-edit, and only if it beats the baseline (the reference code forgot that
+check). Ties on accuracy are broken by mean token F1, then by sample index, and recorded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Outcome = Literal["kept", "none-beat-baseline", "no-valid-self-edit"]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One self-edit's score on its context (``failure`` set when it could not be scored)."""
+
+    index: int
+    accuracy: float
+    f1: float
+    failure: str | None = None
+
+
+@dataclass(frozen=True)
+class Selection:
+    rewards: tuple[int, ...]  # per candidate, in index order
+    kept: int | None  # index of the kept self-edit
+    outcome: Outcome
+    tie: bool  # several candidates shared the best accuracy
+
+
+def compute_reward(baseline_accuracy: float, candidate: Candidate) -> int:
+    """1 if the adapted model answered more of the questions than the unadapted one, else 0."""
+    return int(candidate.failure is None and candidate.accuracy > baseline_accuracy)
+
+
+def select_self_edits(baseline_accuracy: float, candidates: list[Candidate]) -> Selection:
+    """Rewards for a context's K self-edits and the one the policy update will imitate.
+
+    Args:
+        baseline_accuracy: the current policy's closed-book accuracy with no adaptation.
+        candidates: the context's scored self-edits (failed ones carry ``failure``).
+
+    Returns:
+        Binary rewards, the kept index (None when no self-edit beat the baseline) and why.
+    """
+    rewards = tuple(compute_reward(baseline_accuracy, c) for c in candidates)
+    valid = [c for c in candidates if c.failure is None]
+    if not valid:
+        return Selection(rewards, None, "no-valid-self-edit", tie=False)
+    best_accuracy = max(c.accuracy for c in valid)
+    best = [c for c in valid if c.accuracy == best_accuracy]
+    tie = len(best) > 1
+    if best_accuracy <= baseline_accuracy:
+        return Selection(rewards, None, "none-beat-baseline", tie=tie)
+    winner = min(best, key=lambda c: (-c.f1, c.index))
+    return Selection(rewards, winner.index, "kept", tie=tie)

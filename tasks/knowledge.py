@@ -1,0 +1,145 @@
+"""Prefect tasks of the knowledge-incorporation loop, one per ``models/`` function.
+
+Inputs are config sections, records and seeds; results are persisted and keyed by their
+inputs and the task's source (not the run id), so a new run of the same config reuses every
+finished task and a changed setting recomputes only what depends on it.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prefect import task
+from prefect.cache_policies import INPUTS, TASK_SOURCE
+
+from models import inner_loop, policy, rest_em, self_edit
+from models.base_model import load_model, resolve_model, seal_home
+from models.config import DataConfig, EvalConfig, InnerLoopConfig, LoraConfig, ModelConfig, PolicyUpdateConfig, SelfEditConfig
+from models.knowledge_data import load_contexts, select_contexts
+from tasks.records import (
+    AdapterRecord,
+    Context,
+    EvalRecord,
+    PolicyRef,
+    SelectionRecord,
+    SelfEditRecord,
+    adapter_dir,
+    stable_seed,
+)
+from tasks.runtime import clear_models, use_model
+
+CACHED = TASK_SOURCE + INPUTS
+
+
+@task(cache_policy=CACHED, persist_result=True, retries=2, retry_delay_seconds=2)
+def resolve_base_policy(model: ModelConfig) -> PolicyRef:
+    """The base model as a policy checkpoint (converted or built on first use)."""
+    resolved = resolve_model(model.name)
+    return PolicyRef(name="base", path=str(resolved.path), digest=resolved.digest)
+
+
+@task(cache_policy=CACHED, persist_result=True, retries=2, retry_delay_seconds=2,
+      task_run_name="fetch-contexts-{split}")
+def fetch_contexts(data: DataConfig, split: str, count: int, seed: int) -> list[Context]:
+    """``count`` contexts of ``split``, chosen by ``seed``."""
+    rows = select_contexts(load_contexts(data, split), count, seed)
+    return [Context(**row) for row in rows]
+
+
+@task(cache_policy=CACHED, persist_result=True, task_run_name="sample-self-edits-{context.id}")
+def sample_self_edits(
+    policy_ref: PolicyRef, model: ModelConfig, context: Context, config: SelfEditConfig, seed: int, num_samples: int
+) -> list[SelfEditRecord]:
+    """K self-edits for one context, sampled from the policy in one batched call."""
+    prompt = self_edit.self_edit_prompt(config.prompt, context.title, context.context)
+    with use_model(policy_ref, model) as loaded:
+        edits = self_edit.sample_self_edits(
+            loaded.model, loaded.tokenizer, title=context.title, context=context.context,
+            kind=config.prompt, num_samples=num_samples, temperature=config.temperature,
+            top_p=config.top_p, max_new_tokens=config.max_new_tokens,
+            max_documents=config.max_documents, seed=seed,
+        )
+    return [SelfEditRecord(index=i, text=e.text, documents=list(e.documents), prompt=prompt)
+            for i, e in enumerate(edits)]
+
+
+@task(cache_policy=CACHED, persist_result=True, tags=["gpu"],
+      task_run_name="train-adapter-{context.id}-{label}")
+def train_adapter(
+    policy_ref: PolicyRef, model: ModelConfig, context: Context, edit: SelfEditRecord | None,
+    label: str, lora: LoraConfig, config: InnerLoopConfig,
+) -> AdapterRecord:
+    """A fresh LoRA adapter trained on the self-edit plus the passage (the passage alone when
+    ``edit`` is None), saved under ``$SEAL_HOME/adapters``. Failures are recorded, not raised."""
+    if edit is not None and not edit.documents:
+        return AdapterRecord(path=None, failure="empty self-edit: no usable line in the generation")
+    documents = self_edit.training_documents(
+        self_edit.SelfEdit(edit.text, tuple(edit.documents)) if edit else None, context.title, context.context
+    )
+    key = f"{label}-{stable_seed(edit.text if edit else '', lora, config):08x}"
+    folder = adapter_dir(seal_home(), policy_ref, context.id, key)
+    with use_model(policy_ref, model) as loaded:
+        with inner_loop.fresh_adapter(loaded.model, lora, seed=config.seed) as adapted:
+            try:
+                result = inner_loop.train_adapter(adapted, loaded.tokenizer, documents, config)
+            except inner_loop.NonFiniteLossError as exc:
+                return AdapterRecord(path=None, failure=f"non-finite loss: {exc}")
+            inner_loop.save_adapter(adapted, folder)
+    return AdapterRecord(path=str(folder), steps=result.steps, tokens=result.tokens,
+                         mean_loss=result.mean_loss, seconds=result.seconds)
+
+
+@task(cache_policy=CACHED, persist_result=True, task_run_name="evaluate-adapter-{context.id}-{label}")
+def evaluate_adapter(
+    policy_ref: PolicyRef, model: ModelConfig, context: Context, adapter: AdapterRecord | None,
+    label: str, config: EvalConfig,
+) -> EvalRecord:
+    """Closed-book answers to the context's questions with the adapter (none: the baseline)."""
+    if adapter is not None and adapter.failure is not None:
+        return EvalRecord(predictions=[], correct=[False] * len(context.questions),
+                          f1=[0.0] * len(context.questions), failure=adapter.failure)
+    with use_model(policy_ref, model) as loaded:
+        if adapter is None:
+            result = inner_loop.evaluate_adapter(
+                loaded.model, loaded.tokenizer, context.questions, context.answers, config)
+        else:
+            with inner_loop.loaded_adapter(loaded.model, adapter.path) as adapted:
+                result = inner_loop.evaluate_adapter(
+                    adapted, loaded.tokenizer, context.questions, context.answers, config)
+    return EvalRecord(predictions=list(result.predictions), correct=list(result.correct),
+                      f1=list(result.f1), seconds=result.seconds)
+
+
+@task(cache_policy=CACHED, persist_result=True, task_run_name="select-self-edits-{context_id}")
+def select_self_edits(context_id: str, baseline: EvalRecord, scores: list[EvalRecord]) -> SelectionRecord:
+    """Binary rewards and the best self-edit that beat the baseline, if any."""
+    candidates = [rest_em.Candidate(i, s.accuracy, s.mean_f1, s.failure) for i, s in enumerate(scores)]
+    selection = rest_em.select_self_edits(baseline.accuracy, candidates)
+    return SelectionRecord(
+        context_id=context_id, baseline_accuracy=baseline.accuracy,
+        accuracies=[s.accuracy for s in scores], rewards=list(selection.rewards),
+        failures=[s.failure for s in scores], kept=selection.kept, outcome=selection.outcome,
+        tie=selection.tie,
+    )
+
+
+@task(cache_policy=CACHED, persist_result=True, tags=["gpu"], task_run_name="update-policy-{name}")
+def update_policy(
+    policy_ref: PolicyRef, model: ModelConfig, pairs: list[tuple[str, str]], name: str,
+    config: PolicyUpdateConfig, target_modules: list[str],
+) -> PolicyRef:
+    """The M-step: SFT of the policy on kept (prompt, self-edit) pairs, merged, saved."""
+    start = time.perf_counter()
+    # A private copy: the update merges LoRA into the weights it is given.
+    loaded = load_model(policy_ref.path, device=model.device, dtype=model.dtype)
+    key = stable_seed(policy_ref.digest, pairs, config, target_modules)
+    folder = seal_home() / "policies" / f"{name}-{key:08x}"
+    result = policy.update_policy(
+        loaded.model, loaded.tokenizer, pairs, config, target_modules, folder,
+        source=f"{policy_ref.name}+{name}",
+    )
+    del loaded
+    clear_models()
+    print(f"policy {name}: {result.pairs} pairs, {result.steps} steps, loss {result.mean_loss:.3f}, "
+          f"{time.perf_counter() - start:.1f}s")
+    return PolicyRef(name=name, path=str(result.path), digest=result.digest)

@@ -1,0 +1,43 @@
+"""What a worker process keeps between tasks: loaded models, one lock per model.
+
+Each process loads a model once and reuses it across tasks. Inner loops attach LoRA layers to
+the shared model in place, so tasks that use a model hold its lock; on a CPU they would only
+compete for the same cores anyway.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from models.base_model import LoadedModel, load_model
+from models.config import ModelConfig
+from tasks.records import PolicyRef
+
+_MAX_LOADED = 2  # the base policy and the current one
+_models: OrderedDict[tuple[str, str, str, str], tuple[LoadedModel, threading.Lock]] = OrderedDict()
+_registry_lock = threading.Lock()
+
+
+@contextmanager
+def use_model(policy: PolicyRef, model: ModelConfig) -> Iterator[LoadedModel]:
+    """The policy's model, loaded once per process, held exclusively for the block."""
+    key = (policy.path, policy.digest, model.device, model.dtype)
+    with _registry_lock:
+        if key not in _models:
+            loaded = load_model(policy.path, device=model.device, dtype=model.dtype)
+            _models[key] = (loaded, threading.Lock())
+            while len(_models) > _MAX_LOADED:
+                _models.popitem(last=False)
+        _models.move_to_end(key)
+        loaded, lock = _models[key]
+    with lock:
+        yield loaded
+
+
+def clear_models() -> None:
+    """Forget every loaded model (tests, and before a policy update frees memory)."""
+    with _registry_lock:
+        _models.clear()

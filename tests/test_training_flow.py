@@ -1,0 +1,91 @@
+"""The whole training flow at tiny size: MLflow records, registered policies, a cached rerun."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+TINY = Path(__file__).parents[1] / "deployments" / "configs" / "knowledge-tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def prefect_env(tmp_path_factory):
+    """Prefect's test server, with persisted results, MLflow and SEAL_HOME in a temp folder."""
+    root = tmp_path_factory.mktemp("flow")
+    env = {
+        "SEAL_HOME": str(root / "seal"),
+        "PREFECT_LOCAL_STORAGE_PATH": str(root / "seal" / "prefect" / "storage"),
+        "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db",
+    }
+    patch = pytest.MonkeyPatch()
+    for key, value in env.items():
+        patch.setenv(key, value)
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield root
+    patch.undo()
+
+
+def _squad(path: Path) -> Path:
+    """Articles whose answer is a word the tiny model can learn to say from the passage alone."""
+    articles = [
+        {"title": f"Article {i}", "paragraphs": [{
+            "context": " ".join(["zq"] * 40),
+            "qas": [{"id": f"{i}-{q}", "question": f"What is thing {q}?",
+                     "answers": [{"text": "zq", "answer_start": 0}]} for q in range(2)],
+        }]}
+        for i in range(12)
+    ]
+    path.write_text(json.dumps({"version": "1.1", "data": articles}))
+    return path
+
+
+def test_training_flow_tracks_everything_and_reruns_from_cache(prefect_env, monkeypatch):
+    from mlflow import MlflowClient
+
+    from flows.training import HELD_OUT_COLUMNS, format_held_out, seal_training
+    from models import inner_loop, self_edit
+    from models.config import load_config
+
+    config = load_config(TINY, [
+        "data.source=squad", f"data.path={_squad(prefect_env / 'squad.json')}",
+        "data.num_train_contexts=2", "data.num_eval_contexts=2", "self_edit.num_samples=2",
+        "rl.iterations=1", "inner_loop.epochs=8", "inner_loop.learning_rate=3e-2",
+    ])
+    first = seal_training(config)
+
+    client = MlflowClient(f"sqlite:///{prefect_env}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("seal").experiment_id])
+    assert run.info.run_id == first.run_id and run.info.status == "FINISHED"
+    assert run.data.params["lora.rank"] == "4" and run.data.params["model.name"] == "tiny-random"
+    assert run.data.tags["prefect.flow_run_id"]
+    for name in ("reward_mean", "positive_fraction", "kept_count", "baseline_accuracy",
+                 "adapted_accuracy", "e_step_seconds", *(f"held_out/{c}" for c in HELD_OUT_COLUMNS)):
+        assert name in run.data.metrics, name
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"self_edits", "held_out", "curves.png"} <= artifacts
+
+    # The tiny model learns to say "zq" from the passage, so adapted beats unadapted.
+    (iteration,) = first.iterations
+    assert iteration.metrics["adapted_accuracy"] > iteration.metrics["baseline_accuracy"]
+    assert len(first.held_out) == 2
+    assert "no adaptation" in format_held_out(first.held_out)
+    if iteration.metrics["kept_count"]:
+        versions = client.search_model_versions("name='seal-policy'")
+        assert len(versions) == 1
+        assert client.get_model_version_by_alias("seal-policy", "latest").version == versions[0].version
+        assert first.policy.name == "iteration-1"
+
+    # Same config, new flow run: no sampling, training or evaluation runs again.
+    calls = []
+    for module, name in [(inner_loop, "train_adapter"), (inner_loop, "evaluate_adapter"),
+                         (self_edit, "sample_self_edits")]:
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    second = seal_training(config)
+    assert calls == []
+    assert [r.metrics["reward_mean"] for r in second.iterations] == [r.metrics["reward_mean"] for r in first.iterations]
+    assert [h.correct for _, h in second.held_out] == [h.correct for _, h in first.held_out]
+    assert second.run_id != first.run_id
