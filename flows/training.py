@@ -25,6 +25,7 @@ Departures from the paper, on purpose:
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -33,6 +34,7 @@ from pathlib import Path
 from prefect import flow
 from prefect.artifacts import create_link_artifact, create_table_artifact
 from prefect.runtime import flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.tracking import MlflowTracker, Tracker, default_tracking_uri
 from models.base_model import seal_home
@@ -74,11 +76,17 @@ class HeldOutResult:
 
 def _adapt_and_score(policy: PolicyRef, config: SealConfig, context: Context,
                      edit: SelfEditRecord | None, label: str):
+    """Submit one inner loop; returns the (adapter, evaluation) futures."""
     adapter = train_adapter.submit(policy, config.model, context, edit, label, config.lora, config.inner_loop)
-    return evaluate_adapter.submit(policy, config.model, context, adapter, label, config.eval)
+    return adapter, evaluate_adapter.submit(policy, config.model, context, adapter, label, config.eval)
 
 
-@flow(flow_run_name="iteration-{iteration}")
+# Inner loops share one in-memory model per process and would only queue on its lock (and
+# compete for the same cores on a CPU): run tasks one at a time, in submission order.
+SERIAL = ThreadPoolTaskRunner(max_workers=1)
+
+
+@flow(flow_run_name="iteration-{iteration}", task_runner=SERIAL)
 def run_iteration(config: SealConfig, policy: PolicyRef, iteration: int) -> IterationResult:
     """One outer iteration: the E-step over N contexts x K self-edits, then the M-step."""
     start = time.perf_counter()
@@ -97,19 +105,20 @@ def run_iteration(config: SealConfig, policy: PolicyRef, iteration: int) -> Iter
         for c in contexts
     }
     selections = [
-        select_self_edits(c.id, baselines[c.id].result(), [f.result() for f in scores[c.id]])
+        select_self_edits(c.id, baselines[c.id].result(), [e.result() for _, e in scores[c.id]])
         for c in contexts
     ]
     rows, pairs = [], []
     for c, selection in zip(contexts, selections):
-        for edit, score, reward in zip(samples[c.id].result(), scores[c.id], selection.rewards):
-            score = score.result()
+        for edit, (adapter, score), reward in zip(samples[c.id].result(), scores[c.id], selection.rewards):
+            adapter, score = adapter.result(), score.result()
             rows.append({
                 "iteration": iteration, "context_id": c.id, "self_edit": edit.index,
                 "reward": reward, "kept": selection.kept == edit.index,
                 "baseline_accuracy": selection.baseline_accuracy, "accuracy": score.accuracy,
                 "f1": score.mean_f1, "documents": len(edit.documents), "failure": score.failure,
-                "text": edit.text,
+                "train_seconds": adapter.seconds, "eval_seconds": score.seconds,
+                "adapter": adapter.path, "text": edit.text,
             })
             if selection.kept == edit.index:
                 pairs.append((edit.prompt, edit.text))
@@ -126,6 +135,8 @@ def run_iteration(config: SealConfig, policy: PolicyRef, iteration: int) -> Iter
         "baseline_accuracy": sum(s.baseline_accuracy for s in selections) / len(selections),
         "adapted_accuracy": sum(r["accuracy"] for r in rows) / len(rows),
         "failed_self_edits": float(sum(1 for r in rows if r["failure"])),
+        "train_seconds": sum(r["train_seconds"] for r in rows),
+        "eval_seconds": sum(r["eval_seconds"] for r in rows),
         "ties": float(sum(1 for s in selections if s.tie)),
         "e_step_seconds": e_step_seconds,
         "m_step_seconds": time.perf_counter() - start - e_step_seconds,
@@ -133,7 +144,7 @@ def run_iteration(config: SealConfig, policy: PolicyRef, iteration: int) -> Iter
     return IterationResult(iteration, new_policy, selections, rows, metrics)
 
 
-@flow(flow_run_name="held-out-{policy.name}")
+@flow(flow_run_name="held-out-{policy.name}", task_runner=SERIAL)
 def evaluate_policy(config: SealConfig, policy: PolicyRef, base: PolicyRef) -> HeldOutResult:
     """The paper's columns on held-out contexts, adapting ``policy`` in each."""
     start = time.perf_counter()
@@ -142,12 +153,17 @@ def evaluate_policy(config: SealConfig, policy: PolicyRef, base: PolicyRef) -> H
     for c in contexts:
         seed = stable_seed(config.seed, "held-out", c.id)
         base_edit = sample_self_edits.submit(base, config.model, c, config.self_edit, seed=seed, num_samples=1)
-        policy_edit = sample_self_edits.submit(policy, config.model, c, config.self_edit, seed=seed, num_samples=1)
+        base_score = _adapt_and_score(policy, config, c, base_edit.result()[0], "base-edit")[1]
+        if policy.digest == base.digest:  # before any update both columns are the same work
+            policy_score = base_score
+        else:
+            policy_edit = sample_self_edits.submit(policy, config.model, c, config.self_edit, seed=seed, num_samples=1)
+            policy_score = _adapt_and_score(policy, config, c, policy_edit.result()[0], "policy-edit")[1]
         futures.append({
             "no_adaptation": evaluate_adapter.submit(policy, config.model, c, None, "baseline", config.eval),
-            "passage_only": _adapt_and_score(policy, config, c, None, "passage"),
-            "base_self_edits": _adapt_and_score(policy, config, c, base_edit.result()[0], f"base-{base.digest[:8]}"),
-            "policy_self_edits": _adapt_and_score(policy, config, c, policy_edit.result()[0], "policy"),
+            "passage_only": _adapt_and_score(policy, config, c, None, "passage")[1],
+            "base_self_edits": base_score,
+            "policy_self_edits": policy_score,
         })
     correct = dict.fromkeys(HELD_OUT_COLUMNS, 0)
     per_context = []
@@ -198,7 +214,9 @@ def seal_training(config: SealConfig) -> TrainingResult:
               "seal.model": config.model.name},
     )
     create_link_artifact(
-        link=f"{tracking_uri}#run={tracker.run_id}", link_text=f"MLflow run {tracker.run_id}",
+        link=f"{os.environ.get('SEAL_MLFLOW_UI', 'http://127.0.0.1:5000')}/#/experiments/"
+        f"{tracker.experiment_id}/runs/{tracker.run_id}",
+        link_text=f"MLflow run {tracker.run_id}",
         key="mlflow-run", description="The MLflow run that tracks this training flow run.",
     )
     try:
@@ -223,6 +241,11 @@ def _train(config: SealConfig, tracker: Tracker) -> TrainingResult:
         iterations.append(result)
         tracker.log_metrics(result.metrics, step=t)
         tracker.log_table(result.rows, f"self_edits/iteration-{t}.json")
+        if config.tracking.log_adapters:
+            for row in result.rows:
+                if row["adapter"]:
+                    tracker.log_artifacts(Path(row["adapter"]),
+                                          f"adapters/iteration-{t}/{row['context_id']}/edit{row['self_edit']}")
         create_table_artifact(
             key=f"self-edits-iteration-{t}",
             table=[{k: v for k, v in row.items() if k != "text"} | {"text": row["text"][:200]}

@@ -28,7 +28,8 @@ from tasks.records import (
 )
 from tasks.runtime import clear_models, use_model
 
-CACHED = TASK_SOURCE + INPUTS
+# Keys from content and code, not the run id; "label" only names the task run in the UI.
+CACHED = TASK_SOURCE + (INPUTS - "label")
 
 
 @task(cache_policy=CACHED, persist_result=True, retries=2, retry_delay_seconds=2)
@@ -76,7 +77,7 @@ def train_adapter(
     documents = self_edit.training_documents(
         self_edit.SelfEdit(edit.text, tuple(edit.documents)) if edit else None, context.title, context.context
     )
-    key = f"{label}-{stable_seed(edit.text if edit else '', lora, config):08x}"
+    key = f"{stable_seed(edit.text if edit else '', lora, config):08x}"
     folder = adapter_dir(seal_home(), policy_ref, context.id, key)
     with use_model(policy_ref, model) as loaded:
         with inner_loop.fresh_adapter(loaded.model, lora, seed=config.seed) as adapted:

@@ -89,3 +89,12 @@ def test_training_flow_tracks_everything_and_reruns_from_cache(prefect_env, monk
     assert [r.metrics["reward_mean"] for r in second.iterations] == [r.metrics["reward_mean"] for r in first.iterations]
     assert [h.correct for _, h in second.held_out] == [h.correct for _, h in first.held_out]
     assert second.run_id != first.run_id
+
+    # A changed M-step setting reuses the whole E-step; only the update and what uses the new
+    # policy (its held-out columns: 2 contexts x passage/base-edit/policy-edit) run again.
+    calls.clear()
+    changed = config.model_copy(update={"policy_update": config.policy_update.model_copy(update={"learning_rate": 5e-3})})
+    third = seal_training(changed)
+    assert calls.count("sample_self_edits") <= 2 and calls.count("train_adapter") <= 6
+    assert [r.metrics["reward_mean"] for r in third.iterations] == [r.metrics["reward_mean"] for r in first.iterations]
+    assert third.held_out[0][1].correct == first.held_out[0][1].correct

@@ -1,0 +1,91 @@
+"""Wall time, orchestration overhead and peak memory of the training flow, first run and rerun.
+
+    python benchmarks/training_flow.py                                        # make run's config
+    python benchmarks/training_flow.py --config deployments/configs/knowledge-tiny.yaml
+
+Runs ``seal_training`` twice in one process (the second run must come from Prefect's cache),
+then reads every task run from the Prefect API: overhead = flow wall time minus the sum of the
+task runs' own run times, as a fraction of the wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from flows.cli import _QUIET, prefect_environment
+
+DEFAULT_CONFIG = Path(__file__).parents[1] / "deployments" / "configs" / "knowledge-smollm2.yaml"
+
+
+def task_seconds(since) -> tuple[float, int, dict[str, int]]:
+    """Sum of the run times of the task runs that started after ``since``, their count, states."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterStartTime
+
+    with get_client(sync_client=True) as client:
+        runs, offset = [], 0
+        while batch := client.read_task_runs(
+            task_run_filter=TaskRunFilter(start_time=TaskRunFilterStartTime(after_=since)),
+            offset=offset, limit=200,
+        ):
+            runs += batch
+            offset += len(batch)
+    # A subflow shows up as a task run wrapping it; its time is its tasks' time.
+    leaves = [r for r in runs if not r.name.startswith(("iteration-", "held-out-"))]
+    states: dict[str, int] = {}
+    for run in leaves:
+        states[run.state_name] = states.get(run.state_name, 0) + 1
+    return sum(r.total_run_time.total_seconds() for r in leaves), len(leaves), states
+
+
+def main() -> int:
+    import os
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG))
+    parser.add_argument("--json", help="also write the measurements to this file")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    for key, value in _QUIET.items():
+        os.environ.setdefault(key, value)
+    prefect_environment()
+
+    from datetime import datetime, timezone
+
+    from flows.training import format_held_out, seal_training
+    from models.config import load_config
+    from models.demo import peak_memory_mb
+
+    config = load_config(args.config, args.overrides)
+    report = {}
+    for attempt in ("first", "rerun"):
+        since = datetime.now(timezone.utc)
+        start = time.perf_counter()
+        result = seal_training(config)
+        wall = time.perf_counter() - start
+        busy, count, states = task_seconds(since)
+        report[attempt] = {
+            "wall_s": wall, "task_s": busy, "tasks": count, "states": states,
+            "overhead_fraction": (wall - busy) / wall,
+            "held_out": {label: r.correct | {"total": r.total} for label, r in result.held_out},
+            "rewards": [r.metrics["reward_mean"] for r in result.iterations],
+        }
+        print(f"{attempt}: {wall:.1f}s wall, {busy:.1f}s in {count} task runs {states}, "
+              f"overhead {report[attempt]['overhead_fraction']:.1%}", flush=True)
+    report["rerun_fraction"] = report["rerun"]["wall_s"] / report["first"]["wall_s"]
+    report["peak_memory_mb"] = peak_memory_mb()
+    print(format_held_out(result.held_out))
+    print(f"rerun took {report['rerun_fraction']:.1%} of the first run; "
+          f"same metrics: {report['first']['held_out'] == report['rerun']['held_out']}; "
+          f"peak memory {report['peak_memory_mb']:.0f} MB")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
