@@ -11,7 +11,7 @@ from prefect import flow
 
 from flows.tracking import default_tracking_uri, resolve_policy_uri
 from flows.training import HeldOutResult, evaluate_policy
-from models.base_model import resolve_model, seal_home
+from models.base_model import ModelNotFoundError, resolve_model, seal_home
 from models.config import SealConfig
 from tasks.knowledge import resolve_base_policy
 from tasks.records import PolicyRef
@@ -22,7 +22,11 @@ def resolve_policy(policy: str, base: PolicyRef) -> PolicyRef:
     if policy == "base":
         return base
     if policy.startswith("models:/"):
-        folder = resolve_policy_uri(default_tracking_uri(seal_home()), policy)
+        tracking_uri = default_tracking_uri(seal_home())
+        try:
+            folder = resolve_policy_uri(tracking_uri, policy)
+        except (LookupError, ValueError) as exc:
+            raise ModelNotFoundError(f"policy {policy} not found in MLflow at {tracking_uri}: {exc}") from exc
     else:
         folder = Path(policy)
     resolved = resolve_model(str(folder))

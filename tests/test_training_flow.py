@@ -98,3 +98,20 @@ def test_training_flow_tracks_everything_and_reruns_from_cache(prefect_env, monk
     assert calls.count("sample_self_edits") <= 2 and calls.count("train_adapter") <= 6
     assert [r.metrics["reward_mean"] for r in third.iterations] == [r.metrics["reward_mean"] for r in first.iterations]
     assert third.held_out[0][1].correct == first.held_out[0][1].correct
+
+
+def test_seal_run_then_eval_a_registered_policy(prefect_env, capsys):
+    from flows.cli import main
+
+    data = [f"data.path={_squad(prefect_env / 'squad-cli.json')}", "data.source=squad",
+            "data.num_train_contexts=2", "data.num_eval_contexts=2", "rl.iterations=1",
+            "inner_loop.epochs=8", "inner_loop.learning_rate=3e-2", "tracking.experiment=cli"]
+    assert main(["run", str(TINY), *data]) == 0
+    out = capsys.readouterr().out
+    assert "held-out closed-book accuracy" in out and "no adaptation" in out
+    assert "mlflow ui --backend-store-uri" in out and "prefect server start" in out
+
+    assert main(["eval", str(TINY), "base", *data]) == 0
+    assert "policy self edits" in capsys.readouterr().out
+    assert main(["eval", str(TINY), "models:/no-such-policy@best", *data]) == 2
+    assert "no-such-policy" in capsys.readouterr().err
