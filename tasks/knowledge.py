@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import time
 
+import torch
+
 from prefect import task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
@@ -85,6 +87,9 @@ def train_adapter(
                 result = inner_loop.train_adapter(adapted, loaded.tokenizer, documents, config)
             except inner_loop.NonFiniteLossError as exc:
                 return AdapterRecord(path=None, failure=f"non-finite loss: {exc}")
+            except torch.OutOfMemoryError as exc:
+                # One oversized self-edit must not sink the iteration: it earns no reward.
+                return AdapterRecord(path=None, failure=f"out of memory: {str(exc)[:200]}")
             inner_loop.save_adapter(adapted, folder)
     return AdapterRecord(path=str(folder), steps=result.steps, tokens=result.tokens,
                          mean_loss=result.mean_loss, seconds=result.seconds)
