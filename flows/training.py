@@ -234,7 +234,8 @@ def _train(config: SealConfig, tracker: Tracker) -> TrainingResult:
     policy = base
     held_out = [("base", evaluate_policy(config, base, base))]
     _log_held_out(tracker, held_out[-1][1], step=0)
-    best_score = held_out[-1][1].accuracy("policy_self_edits")
+    best_score = -1.0  # "best" points at the best evaluated registered version
+    version = None  # the registry version of the current policy (None: the base model)
     iterations = []
     for t in range(1, config.rl.iterations + 1):
         result = run_iteration(config, policy, t)
@@ -253,7 +254,6 @@ def _train(config: SealConfig, tracker: Tracker) -> TrainingResult:
             description=f"Self-edits and rewards of iteration {t}",
         )
         new_policy = result.policy
-        version = None
         if new_policy.digest != policy.digest:
             version = tracker.register_policy(
                 Path(new_policy.path), aliases=["latest"], description=f"SEAL policy after iteration {t}"
@@ -264,7 +264,7 @@ def _train(config: SealConfig, tracker: Tracker) -> TrainingResult:
             held_out.append((policy.name, evaluate_policy(config, policy, base)))
             _log_held_out(tracker, held_out[-1][1], step=t)
             score = held_out[-1][1].accuracy("policy_self_edits")
-            if version is not None and score >= best_score:
+            if version is not None and score > best_score:
                 tracker.set_alias(version, "best")
                 best_score = score
     tracker.log_figure(_curves(iterations, held_out), "curves.png")

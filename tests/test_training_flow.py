@@ -76,6 +76,7 @@ def test_training_flow_tracks_everything_and_reruns_from_cache(prefect_env, monk
         versions = client.search_model_versions("name='seal-policy'")
         assert len(versions) == 1
         assert client.get_model_version_by_alias("seal-policy", "latest").version == versions[0].version
+        assert client.get_model_version_by_alias("seal-policy", "best").version == versions[0].version
         assert first.policy.name == "iteration-1"
 
     # Same config, new flow run: no sampling, training or evaluation runs again.
