@@ -205,7 +205,7 @@ def answer_questions(
             model, tokenizer, prompts[first : first + config.batch_size],
             max_new_tokens=config.max_new_tokens, stop_at_newline=True,
         )
-        answers += [_first_line(text) for text in outputs]
+        answers += [first_line(text) for text in outputs]
     return answers
 
 
@@ -293,7 +293,7 @@ def token_f1(prediction: str, gold: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def _first_line(text: str) -> str:
+def first_line(text: str) -> str:
     for line in text.strip().splitlines():
         if line.strip():
             return line.strip()

@@ -1,0 +1,271 @@
+"""K independent LoRA fine-tunes of one frozen base, trained in the same batches.
+
+The K self-edits of a context are separate fine-tunes of the same base model. Training them one
+after another multiplies small matrices K times; here one batch holds rows of every adapter,
+each row routed through its own LoRA weights, so the base model's matrix multiplies get K times
+more rows (on 2 CPU cores SmolLM2 trains ~1.5x more tokens per second at 240 tokens per step
+than at 60).
+
+Equivalence with training each adapter alone: rows never interact in a causal LM's forward
+pass, the loss is the sum of each adapter's own mean loss (so adapter k's gradient is the one
+it would get alone), every adapter has its own parameter group (its own learning-rate schedule
+and step count), and AdamW is elementwise, so its state is per adapter too.
+
+    with stacked_adapters(model, lora, seeds=[0, 1, 2]) as stack:
+        results = train_stacked(stack, tokenizer, [docs_0, docs_1, docs_2], config)
+        stack.save(1, folder)  # PEFT format: loads with peft.PeftModel.from_pretrained
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from models.config import EvalConfig, InnerLoopConfig, LoraConfig
+from models.inner_loop import (
+    EvalResult,
+    NonFiniteLossError,
+    TrainResult,
+    first_line,
+    is_correct,
+    lora_config,
+    pad_batch,
+    token_f1,
+    tokenize_documents,
+)
+from models.self_edit import QUESTION_PROMPT, generate, render_prompt
+
+
+class StackedLoraLinear(nn.Module):
+    """A frozen linear layer plus K LoRA adapters; ``row_adapter`` says which row uses which."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: int, generators: Sequence[torch.Generator]):
+        super().__init__()
+        self.base = base
+        self.scaling = alpha / rank
+        device, dtype = base.weight.device, base.weight.dtype
+        self.lora_A = nn.ParameterList()
+        self.lora_B = nn.ParameterList()
+        for generator in generators:
+            # peft's default: A ~ kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)), B = 0.
+            bound = 1 / math.sqrt(base.in_features)
+            a = (torch.rand(rank, base.in_features, generator=generator) * 2 - 1) * bound
+            self.lora_A.append(nn.Parameter(a.to(device, dtype)))
+            self.lora_B.append(nn.Parameter(torch.zeros(base.out_features, rank, device=device, dtype=dtype)))
+        self.row_adapter: torch.Tensor | None = None  # (batch,) adapter index of each row
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        if self.row_adapter is None:
+            return out
+        # x: (batch, seq, in); A[rows]: (batch, rank, in); B[rows]: (batch, out, rank)
+        a = torch.stack(list(self.lora_A))[self.row_adapter]
+        b = torch.stack(list(self.lora_B))[self.row_adapter]
+        return out + self.scaling * torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
+
+
+class AdapterStack:
+    """The stacked LoRA layers attached to a model, and what to do with them."""
+
+    def __init__(self, model: PreTrainedModel, layers: dict[str, StackedLoraLinear], lora: LoraConfig, count: int):
+        self.model = model
+        self.layers = layers
+        self.lora = lora
+        self.count = count
+
+    def route(self, row_adapter: torch.Tensor | None) -> None:
+        """Send batch row i through adapter ``row_adapter[i]`` (None: the bare base model)."""
+        for layer in self.layers.values():
+            layer.row_adapter = row_adapter
+
+    def parameters(self, index: int) -> list[nn.Parameter]:
+        return [p for layer in self.layers.values() for p in (layer.lora_A[index], layer.lora_B[index])]
+
+    def save(self, index: int, folder: Path) -> Path:
+        """Adapter ``index`` in PEFT's format (safetensors + adapter_config.json), atomically."""
+        folder = Path(folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+        try:
+            tensors = {}
+            for name, layer in self.layers.items():
+                tensors[f"base_model.model.{name}.lora_A.weight"] = layer.lora_A[index].detach().contiguous().cpu()
+                tensors[f"base_model.model.{name}.lora_B.weight"] = layer.lora_B[index].detach().contiguous().cpu()
+            save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+            lora_config(self.lora).save_pretrained(tmp)
+            if folder.exists():
+                shutil.rmtree(folder)
+            tmp.rename(folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return folder
+
+
+@contextmanager
+def stacked_adapters(model: PreTrainedModel, lora: LoraConfig, seeds: Sequence[int]) -> Iterator[AdapterStack]:
+    """Attach ``len(seeds)`` fresh LoRA adapters to every target layer for the block.
+
+    Adapter k's A matrices come from ``seeds[k]`` alone, so it starts the same whether it is
+    trained alone or with others. On exit the original layers are put back.
+
+    Raises:
+        ValueError: if no layer matches ``lora.target_modules``.
+    """
+    targets = [
+        (name, module) for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in lora.target_modules
+    ]
+    if not targets:
+        raise ValueError(f"lora.target_modules {lora.target_modules} matched no linear layer of the model")
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    layers: dict[str, StackedLoraLinear] = {}
+    for name, module in targets:
+        parent_name, _, child = name.rpartition(".")
+        layers[name] = StackedLoraLinear(module, lora.rank, lora.alpha, generators)
+        setattr(model.get_submodule(parent_name), child, layers[name])
+    try:
+        yield AdapterStack(model, layers, lora, len(seeds))
+    finally:
+        for name, layer in layers.items():
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, layer.base)
+        for p in frozen:
+            p.requires_grad_(True)
+
+
+def train_stacked(
+    stack: AdapterStack,
+    tokenizer: PreTrainedTokenizerBase,
+    documents: Sequence[Sequence[str]],
+    config: InnerLoopConfig,
+) -> list[TrainResult]:
+    """Train adapter k on ``documents[k]``, all adapters in shared batches.
+
+    Each adapter sees exactly the steps it would see alone: its documents reshuffled every
+    epoch from ``config.seed``, ``config.batch_size`` of them per step, learning rate decaying
+    linearly to zero over its own step count. A step's batch holds that step's rows of every
+    adapter that still has steps left.
+
+    Returns:
+        One result per adapter (``seconds`` is the shared wall time).
+
+    Raises:
+        ValueError: if an adapter has no documents.
+        NonFiniteLossError: if any adapter's loss is NaN or infinite.
+    """
+    if len(documents) != stack.count or any(not docs for docs in documents):
+        raise ValueError(f"need a non-empty document list for each of the {stack.count} adapters")
+    model = stack.model
+    sequences = [tokenize_documents(tokenizer, docs, config.max_length) for docs in documents]
+    # Each adapter's schedule of batches, as train_adapter would draw them.
+    schedules = []
+    for seqs in sequences:
+        generator = torch.Generator().manual_seed(config.seed)
+        steps = []
+        for _ in range(config.epochs):
+            order = torch.randperm(len(seqs), generator=generator).tolist()
+            steps += [[seqs[i] for i in order[s : s + config.batch_size]] for s in range(0, len(order), config.batch_size)]
+        schedules.append(steps)
+    totals = [len(steps) for steps in schedules]
+    groups = [{"params": stack.parameters(k)} for k in range(stack.count)]
+    optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=0.0,
+                                  fused=model.device.type in ("cpu", "cuda"))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, [lambda step, total=total: max(0.0, 1 - step / total) for total in totals]
+    )
+    losses: list[list[float]] = [[] for _ in range(stack.count)]
+    tokens = [0] * stack.count
+    start = time.perf_counter()
+    model.train()
+    try:
+        for step in range(max(totals)):
+            active = [k for k in range(stack.count) if step < totals[k]]
+            rows = [(k, seq) for k in active for seq in schedules[k][step]]
+            batch = pad_batch([seq for _, seq in rows], tokenizer.pad_token_id)
+            batch = {key: value.to(model.device) for key, value in batch.items()}
+            row_adapter = torch.tensor([k for k, _ in rows], device=model.device)
+            stack.route(row_adapter)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            # Next-token loss per token: (rows, seq-1)
+            labels = batch["labels"][:, 1:]
+            token_loss = nn.functional.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="none"
+            ).view(labels.shape)
+            total = 0.0
+            for k in active:
+                mask = (row_adapter == k)[:, None] & (labels != -100)
+                loss_k = token_loss[mask].mean()
+                if not torch.isfinite(loss_k):
+                    raise NonFiniteLossError(
+                        f"adapter {k}: loss became {loss_k.item()} at step {step}; "
+                        f"lower inner_loop.learning_rate (now {config.learning_rate})"
+                    )
+                losses[k].append(loss_k.item())
+                tokens[k] += int(batch["attention_mask"][row_adapter == k].sum())
+                total = total + loss_k
+            total.backward()
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+    finally:
+        stack.route(None)
+        model.eval()
+    seconds = time.perf_counter() - start
+    return [
+        TrainResult(steps=totals[k], tokens=tokens[k], mean_loss=sum(losses[k]) / len(losses[k]),
+                    final_loss=losses[k][-1], seconds=seconds)
+        for k in range(stack.count)
+    ]
+
+
+def evaluate_stacked(
+    stack: AdapterStack,
+    tokenizer: PreTrainedTokenizerBase,
+    questions: Sequence[Sequence[str]],
+    answers: Sequence[Sequence[Sequence[str]]],
+    config: EvalConfig,
+) -> list[EvalResult]:
+    """Closed-book answers of adapter k to ``questions[k]``, all adapters in one generation.
+
+    Rows are routed to their adapter as in training; generation keeps the batch's rows in
+    place, so the routing holds for every decoding step.
+    """
+    rows = [(k, q) for k in range(stack.count) for q in questions[k]]
+    prompts = [render_prompt(tokenizer, QUESTION_PROMPT.format(question=q)) for _, q in rows]
+    start = time.perf_counter()
+    predictions: list[str] = []
+    try:
+        for first in range(0, len(rows), config.batch_size):
+            chunk = rows[first : first + config.batch_size]
+            stack.route(torch.tensor([k for k, _ in chunk], device=stack.model.device))
+            outputs = generate(stack.model, tokenizer, prompts[first : first + config.batch_size],
+                               max_new_tokens=config.max_new_tokens, stop_at_newline=True)
+            predictions += [first_line(text) for text in outputs]
+    finally:
+        stack.route(None)
+    seconds = time.perf_counter() - start
+    results, offset = [], 0
+    for k in range(stack.count):
+        preds = predictions[offset : offset + len(questions[k])]
+        offset += len(questions[k])
+        results.append(EvalResult(
+            predictions=tuple(preds),
+            correct=tuple(is_correct(p, golds) for p, golds in zip(preds, answers[k])),
+            f1=tuple(max(token_f1(p, g) for g in golds) for p, golds in zip(preds, answers[k])),
+            seconds=seconds,
+        ))
+    return results
