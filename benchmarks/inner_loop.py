@@ -6,6 +6,8 @@
 For each of N held-out contexts: sample one self-edit from the base model (timed apart, it is
 not part of the inner loop), answer the questions without adaptation, then time the inner loop:
 attach a fresh adapter, train on the self-edit plus the passage, answer the questions, detach.
+Then the same self-edits again, K at a time, through stacked adapters (``models/stacked_lora.py``):
+one batch per step holds rows of all K, each routed through its own LoRA weights.
 Prints one line per self-edit, the medians, and the process's peak resident memory.
 """
 
@@ -29,6 +31,7 @@ from models.demo import peak_memory_mb  # noqa: E402
 from models.inner_loop import evaluate_adapter, fresh_adapter, train_adapter  # noqa: E402
 from models.knowledge_data import load_contexts, select_contexts  # noqa: E402
 from models.self_edit import sample_self_edits, training_documents  # noqa: E402
+from models.stacked_lora import evaluate_stacked, stacked_adapters, train_stacked  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).parents[1] / "deployments" / "configs" / "knowledge-smollm2.yaml"
 
@@ -37,6 +40,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(DEFAULT_CONFIG))
     parser.add_argument("--self-edits", type=int, default=8, help="inner loops to time")
+    parser.add_argument("--stack", type=int, default=3, help="self-edits per stacked group (K)")
     parser.add_argument("--json", help="also write the measurements to this file")
     parser.add_argument("overrides", nargs="*", help="section.key=value config overrides")
     args = parser.parse_args()
@@ -48,7 +52,7 @@ def main() -> int:
           f"lr={config.inner_loop.learning_rate}, epochs={config.inner_loop.epochs}, "
           f"batch={config.inner_loop.batch_size}", flush=True)
 
-    records = []
+    records, inputs = [], []
     for index, ctx in enumerate(contexts):
         start = time.perf_counter()
         (self_edit,) = sample_self_edits(
@@ -73,10 +77,31 @@ def main() -> int:
             "adapted_correct": scored.num_correct,
         }
         records.append(record)
+        inputs.append((documents, ctx["questions"], ctx["answers"]))
         print(f"  {ctx['id']}: {record['documents']} documents, {trained.tokens} tokens, "
               f"train {trained.seconds:.1f}s + eval {scored.seconds:.1f}s = {record['inner_loop_s']:.1f}s "
               f"(sample {record['sample_s']:.1f}s; correct {baseline.num_correct} -> {scored.num_correct}"
               f"/{len(ctx['questions'])})", flush=True)
+
+    # The same self-edits again, K at a time through stacked adapters (one shared batch per step).
+    k = args.stack
+    stacked = []
+    for first in range(0, len(inputs) - k + 1, k):
+        group = inputs[first : first + k]
+        begin = time.perf_counter()
+        with stacked_adapters(loaded.model, config.lora, [config.inner_loop.seed] * k) as stack:
+            trained = train_stacked(stack, loaded.tokenizer, [docs for docs, _, _ in group], config.inner_loop)
+            scored = evaluate_stacked(stack, loaded.tokenizer, [q for _, q, _ in group], [a for _, _, a in group], config.eval)
+        seconds = time.perf_counter() - begin
+        stacked.append({"self_edits": k, "train_s": trained[0].seconds, "eval_s": scored[0].seconds,
+                        "per_self_edit_s": seconds / k,
+                        "correct": [r.num_correct for r in scored],
+                        "sequential_correct": [r["adapted_correct"] for r in records[first : first + k]],
+                        "sequential_per_self_edit_s": statistics.mean(
+                            r["inner_loop_s"] for r in records[first : first + k])})
+        print(f"  stacked x{k}: train {trained[0].seconds:.1f}s + eval {scored[0].seconds:.1f}s = "
+              f"{seconds / k:.1f}s per self-edit (one by one: {stacked[-1]['sequential_per_self_edit_s']:.1f}s); "
+              f"correct {stacked[-1]['correct']} vs {stacked[-1]['sequential_correct']}", flush=True)
 
     summary = {
         key: statistics.median(r[key] for r in records)
@@ -88,8 +113,15 @@ def main() -> int:
           f"eval {summary['eval_s']:.1f}s) over {len(records)} self-edits of median "
           f"{summary['documents']:.0f} documents; training {summary['tokens_per_s_train']:.0f} tokens/s; "
           f"peak memory {summary['peak_memory_mb']:.0f} MB")
+    if stacked:
+        summary["stacked_per_self_edit_s"] = statistics.median(r["per_self_edit_s"] for r in stacked)
+        summary["stacked_speedup"] = (
+            statistics.median(r["sequential_per_self_edit_s"] for r in stacked) / summary["stacked_per_self_edit_s"]
+        )
+        print(f"stacked x{k}: median {summary['stacked_per_self_edit_s']:.1f}s per self-edit, "
+              f"{summary['stacked_speedup']:.2f}x the one-by-one inner loop on the same self-edits")
     if args.json:
-        Path(args.json).write_text(json.dumps({"records": records, "summary": summary}, indent=2))
+        Path(args.json).write_text(json.dumps({"records": records, "stacked": stacked, "summary": summary}, indent=2))
     return 0
 
 
