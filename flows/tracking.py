@@ -17,6 +17,7 @@ every call.
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -60,8 +61,9 @@ class Tracker(Protocol):
     def log_figure(self, figure: Any, artifact_file: str) -> None:
         """Log a matplotlib figure as an image."""
 
-    def register_policy(self, policy_dir: Path, *, aliases: list[str], description: str = "") -> str:
-        """Register a policy folder as a new model version; return the version."""
+    def register_policy(self, policy_dir: Path, *, aliases: list[str], description: str = "",
+                        digest: str = "") -> str:
+        """Register a policy folder as a new model version (once per digest); return the version."""
 
     def set_alias(self, version: str, alias: str) -> None:
         """Point ``alias`` (e.g. ``"best"``) at ``version`` of the registered model."""
@@ -96,7 +98,8 @@ class NullTracker:
     def log_figure(self, figure: Any, artifact_file: str) -> None:
         pass
 
-    def register_policy(self, policy_dir: Path, *, aliases: list[str], description: str = "") -> str:
+    def register_policy(self, policy_dir: Path, *, aliases: list[str], description: str = "",
+                        digest: str = "") -> str:
         return "0"
 
     def set_alias(self, version: str, alias: str) -> None:
@@ -141,8 +144,12 @@ class MlflowTracker:
             run = self._resume(run_id, experiment)
         self.run_id: str = run.info.run_id
         self.artifact_uri: str = run.info.artifact_uri
+        # (key, step) pairs already in the run: a resumed flow logs each point once.
+        self._logged: set[tuple[str, int]] = set()
         if run_id is not None:
             self.set_tags(tags)
+            for key in run.data.metrics:
+                self._logged |= {(key, m.step) for m in self.client.get_metric_history(run_id, key)}
 
     def _resume(self, run_id: str, experiment: str):
         try:
@@ -181,9 +188,13 @@ class MlflowTracker:
             self.client.log_batch(self.run_id, params=new[start : start + MAX_PARAMS_TAGS_PER_BATCH])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Log scalars at ``step``; a (key, step) already in the run is not logged again."""
         now = int(time.time() * 1000)
-        batch = [Metric(key, float(value), now, step) for key, value in metrics.items()]
-        self.client.log_batch(self.run_id, metrics=batch)
+        batch = [Metric(key, float(value), now, step) for key, value in metrics.items()
+                 if (key, step) not in self._logged]
+        if batch:
+            self.client.log_batch(self.run_id, metrics=batch)
+            self._logged |= {(m.key, step) for m in batch}
 
     def set_tags(self, tags: dict[str, str]) -> None:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
@@ -191,8 +202,12 @@ class MlflowTracker:
     def log_table(self, rows: list[dict[str, Any]], artifact_file: str) -> None:
         """Log rows as an MLflow table (``.json`` or ``.parquet``); the UI shows it as a table.
 
-        MLflow appends to a table file that already exists, so give each call its own file.
+        MLflow appends to a table file that already exists, so a file already in the run (a
+        resumed flow logging the same iteration again) is left as it is.
         """
+        folder = str(Path(artifact_file).parent) if Path(artifact_file).parent != Path(".") else None
+        if any(f.path == artifact_file for f in self.client.list_artifacts(self.run_id, folder)):
+            return
         columns = {key: [row.get(key) for row in rows] for key in dict.fromkeys(k for r in rows for k in r)}
         self.client.log_table(self.run_id, columns, artifact_file)
 
@@ -211,8 +226,12 @@ class MlflowTracker:
     def log_figure(self, figure: Any, artifact_file: str) -> None:
         self.client.log_figure(self.run_id, figure, artifact_file)
 
-    def register_policy(self, policy_dir: Path, *, aliases: list[str], description: str = "") -> str:
+    def register_policy(self, policy_dir: Path, *, aliases: list[str], description: str = "",
+                        digest: str = "") -> str:
         """Log ``policy_dir`` under ``policies/<folder name>`` and register it as a new version.
+
+        A policy with the same ``digest`` already registered from this run (a resumed flow) is
+        not registered twice: its version is returned.
 
         The model version points at the run artifact, so the weights are stored once. A folder
         name already used in this run gets a suffix (``policy-2``) rather than overwriting the
@@ -226,6 +245,14 @@ class MlflowTracker:
             FileNotFoundError: ``policy_dir`` is not a folder.
         """
         _require_folder(policy_dir, "register_policy")
+        if digest:
+            for existing in self.client.search_model_versions(
+                f"name='{self.registered_model}' and run_id='{self.run_id}'"
+            ):
+                if existing.tags.get("seal.digest") == digest:
+                    for alias in aliases:
+                        self.set_alias(str(existing.version), alias)
+                    return str(existing.version)
         artifact_path = self._free_policy_path(policy_dir.name)
         self.client.log_artifacts(self.run_id, str(policy_dir), artifact_path)
         try:
@@ -238,6 +265,7 @@ class MlflowTracker:
             source=f"{self.artifact_uri}/{artifact_path}",
             run_id=self.run_id,
             description=description or None,
+            tags={"seal.digest": digest} if digest else None,
         ).version
         for alias in aliases:
             self.set_alias(str(version), alias)
@@ -367,3 +395,46 @@ def _artifact_location(tracking_uri: str) -> str | None:
 def _require_folder(path: Path, caller: str) -> None:
     if not Path(path).is_dir():
         raise FileNotFoundError(f"{caller} needs a folder, got {str(path)!r}, which is not one.")
+
+
+def find_resumable_run(tracking_uri: str, experiment: str, flow_run_id: str, config_digest: str) -> str | None:
+    """The MLflow run a new training flow run should continue, if any.
+
+    That is the run of this very Prefect flow run (a retry), else the newest unfinished run of
+    the same config whose process is gone (a crash, a kill, ``seal run`` again). A RUNNING run
+    whose process is still alive on this host belongs to a concurrent flow and is left alone.
+    Runs of this host whose process died are marked KILLED on the way.
+    """
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    runs = client.search_runs([found.experiment_id], order_by=["attributes.start_time DESC"], max_results=500)
+    host = socket.gethostname()
+    candidate = None
+    for run in runs:
+        tags = run.data.tags
+        if tags.get("prefect.flow_run_id") == flow_run_id:
+            return run.info.run_id
+        running = run.info.status == "RUNNING"
+        if running and tags.get("seal.host") == host:
+            if _process_alive(int(tags.get("seal.pid", "0"))):
+                continue  # a flow in progress elsewhere on this machine
+            client.set_terminated(run.info.run_id, "KILLED")
+        elif running:
+            continue  # another machine's run: we cannot tell whether it is alive
+        if candidate is None and run.info.status != "FINISHED" and tags.get("seal.config_digest") == config_digest:
+            candidate = run.info.run_id
+    return candidate
+
+
+def _process_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

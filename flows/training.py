@@ -26,6 +26,7 @@ Departures from the paper, on purpose:
 from __future__ import annotations
 
 import os
+import socket
 import time
 from dataclasses import dataclass, field
 
@@ -36,7 +37,7 @@ from prefect.artifacts import create_link_artifact, create_table_artifact
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.tracking import MlflowTracker, Tracker, default_tracking_uri
+from flows.tracking import MlflowTracker, Tracker, default_tracking_uri, find_resumable_run
 from models.base_model import seal_home
 from models.config import SealConfig
 from tasks.knowledge import (
@@ -207,12 +208,17 @@ class TrainingResult:
 def seal_training(config: SealConfig) -> TrainingResult:
     """Train a policy to write better self-edits (ReST-EM); see the module docstring."""
     tracking_uri = default_tracking_uri(seal_home())
+    # A retried or rerun flow continues its MLflow run rather than starting a second one.
+    resumed = find_resumable_run(tracking_uri, config.tracking.experiment, str(flow_run.id), config.digest())
     tracker = MlflowTracker(
         tracking_uri, config.tracking.experiment, config.tracking.registered_model,
         run_name=flow_run.name or "seal-training",
         tags={"prefect.flow_run_id": str(flow_run.id), "seal.config_digest": config.digest(),
-              "seal.model": config.model.name},
+              "seal.model": config.model.name, "seal.host": socket.gethostname(), "seal.pid": str(os.getpid())},
+        run_id=resumed,
     )
+    if resumed:
+        print(f"continuing MLflow run {resumed}")
     create_link_artifact(
         link=f"{os.environ.get('SEAL_MLFLOW_UI', 'http://127.0.0.1:5000')}/#/experiments/"
         f"{tracker.experiment_id}/runs/{tracker.run_id}",
@@ -256,7 +262,8 @@ def _train(config: SealConfig, tracker: Tracker) -> TrainingResult:
         new_policy = result.policy
         if new_policy.digest != policy.digest:
             version = tracker.register_policy(
-                Path(new_policy.path), aliases=["latest"], description=f"SEAL policy after iteration {t}"
+                Path(new_policy.path), aliases=["latest"], description=f"SEAL policy after iteration {t}",
+                digest=new_policy.digest,
             )
         policy = new_policy
         last = t == config.rl.iterations

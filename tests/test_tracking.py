@@ -7,6 +7,8 @@ test uses its own experiment and registered model.
 from __future__ import annotations
 
 import json
+import os
+import socket
 import threading
 import uuid
 from pathlib import Path
@@ -241,3 +243,54 @@ def test_null_tracker_accepts_every_call(tmp_path):
     assert tracker.register_policy(tmp_path, aliases=["latest", "best"]) == "0"
     tracker.set_alias("0", "best")
     tracker.finish("FAILED")
+
+
+def test_a_resumed_run_logs_each_point_table_and_policy_once(store, names, tmp_path):
+    first = make_tracker(store, names)
+    first.log_metrics({"reward_mean": 0.5}, step=1)
+    first.log_table([{"a": 1}], "self_edits/iteration-1.json")
+    folder = policy_folder(tmp_path, "iteration-1", "p1")
+    version = first.register_policy(folder, aliases=["best"], digest="abc")
+    first.finish("FAILED")
+
+    resumed = make_tracker(store, names, run_id=first.run_id)
+    resumed.log_metrics({"reward_mean": 0.5, "kept_count": 2.0}, step=1)
+    resumed.log_metrics({"reward_mean": 0.7}, step=2)
+    resumed.log_table([{"a": 1}], "self_edits/iteration-1.json")
+    assert resumed.register_policy(folder, aliases=["best"], digest="abc") == version
+    resumed.finish()
+
+    client = MlflowClient(store)
+    assert [m.step for m in client.get_metric_history(first.run_id, "reward_mean")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(first.run_id, "kept_count")] == [1]
+    table = Path(client.download_artifacts(first.run_id, "self_edits/iteration-1.json", str(tmp_path)))
+    assert len(json.loads(table.read_text())["data"]) == 1
+    assert len(client.search_model_versions(f"name='{names['registered_model']}'")) == 1
+
+
+def test_find_resumable_run(store, names):
+    from flows.tracking import find_resumable_run
+
+    def run(status, digest, pid, flow_run="f0"):
+        tracker = MlflowTracker(store, names["experiment"], names["registered_model"], run_name="r",
+                                tags={"seal.config_digest": digest, "seal.host": socket.gethostname(),
+                                      "seal.pid": str(pid), "prefect.flow_run_id": flow_run})
+        if status != "RUNNING":
+            tracker.finish(status)
+        return tracker.run_id
+
+    assert find_resumable_run(store, "no-such-experiment", "f", "d") is None
+    finished = run("FINISHED", "d1", 1)
+    assert find_resumable_run(store, names["experiment"], "new", "d1") is None
+    failed = run("FAILED", "d1", 1)
+    assert find_resumable_run(store, names["experiment"], "new", "d1") == failed
+    assert find_resumable_run(store, names["experiment"], "new", "d2") is None
+    live = run("RUNNING", "d1", os.getpid())  # a concurrent flow in this very process
+    assert find_resumable_run(store, names["experiment"], "new", "d1") == failed
+    dead = run("RUNNING", "d1", 2**22 + 12345)  # no such process: it was killed
+    assert find_resumable_run(store, names["experiment"], "new", "d1") == dead
+    client = MlflowClient(store)
+    assert client.get_run(dead).info.status == "KILLED"
+    assert client.get_run(live).info.status == "RUNNING"
+    retried = run("FINISHED", "d3", 1, flow_run="retry-me")
+    assert find_resumable_run(store, names["experiment"], "retry-me", "d3") == retried
