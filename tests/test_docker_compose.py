@@ -1,0 +1,73 @@
+"""docker-compose.yml is wired: URLs name real services, shared state is shared, ports stay local."""
+
+import re
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).parents[1]
+COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+SERVICES = COMPOSE["services"]
+
+
+def _environment(service: dict) -> dict[str, str]:
+    return {k: str(v) for k, v in service.get("environment", {}).items()}
+
+
+def _texts(service: dict) -> list[str]:
+    return [*_environment(service).values(), str(service.get("command", ""))]
+
+
+def test_every_url_points_at_a_service_that_exists_on_its_port():
+    ports = {"postgres": "5432", "prefect-server": "4200", "mlflow": "5000"}
+    found = 0
+    for name, service in SERVICES.items():
+        for text in _texts(service):
+            for host, port in re.findall(r"://(?:[^@/\s]+@)?([a-z][a-z0-9-]*):(\d+)", text):
+                if host in ("127", "localhost"):
+                    continue
+                assert host in SERVICES, f"{name} points at unknown service {host!r}"
+                assert ports[host] == port, f"{name} uses {host}:{port}, the service listens on {ports[host]}"
+                found += 1
+    assert found >= 4
+
+
+def test_the_worker_talks_to_both_servers_and_reserves_a_gpu():
+    worker = SERVICES["worker"]
+    env = _environment(worker)
+    assert env["PREFECT_API_URL"] == "http://prefect-server:4200/api"
+    assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    (device,) = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert device["capabilities"] == ["gpu"] and device["count"] == 1
+    assert set(worker["depends_on"]) == {"prefect-server", "mlflow"}
+
+
+def test_state_lives_in_named_volumes_shared_where_results_must_be():
+    volumes = set(COMPOSE["volumes"])
+    mounts = {name: {m.split(":")[0] for m in s.get("volumes", [])} for name, s in SERVICES.items()}
+    assert "seal-home" in mounts["worker"] and _environment(SERVICES["worker"])["SEAL_HOME"] == "/seal"
+    assert _environment(SERVICES["worker"])["PREFECT_LOCAL_STORAGE_PATH"].startswith("/seal/")
+    assert "mlflow-artifacts" in mounts["mlflow"] and "postgres-data" in mounts["postgres"]
+    used = {m for ms in mounts.values() for m in ms if not m.startswith(".")}
+    assert used <= volumes
+
+
+def test_one_postgres_holds_both_databases():
+    sql = (ROOT / "deployments" / "docker" / "init-databases.sql").read_text()
+    assert "CREATE DATABASE prefect" in sql and "CREATE DATABASE mlflow" in sql
+    assert "@postgres:5432/prefect" in _environment(SERVICES["prefect-server"])["PREFECT_API_DATABASE_CONNECTION_URL"]
+    assert "@postgres:5432/mlflow" in SERVICES["mlflow"]["command"]
+
+
+def test_ports_bind_to_localhost_by_default_and_services_have_health_checks():
+    for name, service in SERVICES.items():
+        for port in service.get("ports", []):
+            assert port.startswith("${SEAL_BIND:-127.0.0.1}:"), f"{name} publishes {port} beyond localhost"
+        if name != "worker":
+            assert "healthcheck" in service, name
+
+
+def test_mlflow_basic_auth_is_an_option():
+    command = SERVICES["mlflow"]["command"]
+    assert "${MLFLOW_APP_NAME:+--app-name $MLFLOW_APP_NAME}" in command
+    assert "MLFLOW_AUTH_ADMIN_PASSWORD" in _environment(SERVICES["mlflow"])
