@@ -34,7 +34,7 @@ def resolve_policy(policy: str, base: PolicyRef) -> PolicyRef:
                      path=str(resolved.path), digest=resolved.digest)
 
 
-@flow(name="seal-evaluation", log_prints=True)
+@flow(name="seal-evaluation")
 def seal_evaluation(config: SealConfig, policy: str = "base") -> HeldOutResult:
     """Score ``policy`` on held-out contexts: no adaptation, passage only, passage + self-edits
     from the base model, passage + self-edits from the policy."""

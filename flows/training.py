@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 from pathlib import Path
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_table_artifact
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -204,7 +204,9 @@ class TrainingResult:
     tracking_uri: str
 
 
-@flow(name="seal-training", log_prints=True)
+# No log_prints: it patches print(), which breaks libraries that capture their own stdout
+# (dill's global-variable detection, used by datasets' fingerprints, then floods the log).
+@flow(name="seal-training")
 def seal_training(config: SealConfig) -> TrainingResult:
     """Train a policy to write better self-edits (ReST-EM); see the module docstring."""
     tracking_uri = default_tracking_uri(seal_home())
@@ -218,7 +220,7 @@ def seal_training(config: SealConfig) -> TrainingResult:
         run_id=resumed,
     )
     if resumed:
-        print(f"continuing MLflow run {resumed}")
+        get_run_logger().info("continuing MLflow run %s", resumed)
     create_link_artifact(
         link=f"{os.environ.get('SEAL_MLFLOW_UI', 'http://127.0.0.1:5000')}/#/experiments/"
         f"{tracker.experiment_id}/runs/{tracker.run_id}",
