@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 # Offline and quiet by default; a user who wants the hub can export these as 0.
 _QUIET = {
@@ -80,8 +81,12 @@ def prefect_environment() -> None:
 
     prefect_home = seal_home() / "prefect"
     os.environ.setdefault("PREFECT_HOME", str(prefect_home))
+    # Prefect creates its database file but not the folders above it.
+    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(prefect_home / "storage"))
     os.environ.setdefault("PREFECT_RESULTS_PERSIST_BY_DEFAULT", "true")
+    # The temporary server takes 8-16 s to start on 2 busy cores; Prefect's default gives up at 20.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -49,7 +49,7 @@ from tasks.knowledge import (
     train_adapter,
     update_policy,
 )
-from tasks.records import Context, EvalRecord, PolicyRef, SelectionRecord, SelfEditRecord, stable_seed
+from tasks.records import AdapterRecord, Context, EvalRecord, PolicyRef, SelectionRecord, SelfEditRecord, stable_seed
 
 HELD_OUT_COLUMNS = ("no_adaptation", "passage_only", "base_self_edits", "policy_self_edits")
 
@@ -75,11 +75,18 @@ class HeldOutResult:
         return self.correct[column] / self.total if self.total else 0.0
 
 
-def _adapt_and_score(policy: PolicyRef, config: SealConfig, context: Context,
-                     edit: SelfEditRecord | None, label: str):
-    """Submit one inner loop; returns the (adapter, evaluation) futures."""
-    adapter = train_adapter.submit(policy, config.model, context, edit, label, config.lora, config.inner_loop)
-    return adapter, evaluate_adapter.submit(policy, config.model, context, adapter, label, config.eval)
+class InnerLoop:
+    """The futures of one submitted inner loop: train an adapter, then evaluate it."""
+
+    def __init__(self, policy: PolicyRef, config: SealConfig, context: Context,
+                 edit: SelfEditRecord | None, label: str) -> None:
+        self.adapter = train_adapter.submit(policy, config.model, context, edit, label, config.lora, config.inner_loop)
+        self.score = evaluate_adapter.submit(policy, config.model, context, self.adapter, label, config.eval)
+
+    def result(self) -> tuple[AdapterRecord, EvalRecord]:
+        # The adapter first: if training raised, that is the error to report, not the
+        # evaluation left pending behind it.
+        return self.adapter.result(), self.score.result()
 
 
 # Inner loops share one in-memory model per process and would only queue on its lock (and
@@ -102,17 +109,17 @@ def run_iteration(config: SealConfig, policy: PolicyRef, iteration: int) -> Iter
     baselines = {c.id: evaluate_adapter.submit(policy, config.model, c, None, "baseline", config.eval)
                  for c in contexts}
     scores = {
-        c.id: [_adapt_and_score(policy, config, c, edit, f"edit{edit.index}") for edit in samples[c.id].result()]
+        c.id: [InnerLoop(policy, config, c, edit, f"edit{edit.index}") for edit in samples[c.id].result()]
         for c in contexts
     }
     selections = [
-        select_self_edits(c.id, baselines[c.id].result(), [e.result() for _, e in scores[c.id]])
+        select_self_edits(c.id, baselines[c.id].result(), [loop.result()[1] for loop in scores[c.id]])
         for c in contexts
     ]
     rows, pairs = [], []
     for c, selection in zip(contexts, selections):
-        for edit, (adapter, score), reward in zip(samples[c.id].result(), scores[c.id], selection.rewards):
-            adapter, score = adapter.result(), score.result()
+        for edit, loop, reward in zip(samples[c.id].result(), scores[c.id], selection.rewards):
+            adapter, score = loop.result()
             rows.append({
                 "iteration": iteration, "context_id": c.id, "self_edit": edit.index,
                 "reward": reward, "kept": selection.kept == edit.index,
@@ -154,22 +161,24 @@ def evaluate_policy(config: SealConfig, policy: PolicyRef, base: PolicyRef) -> H
     for c in contexts:
         seed = stable_seed(config.seed, "held-out", c.id)
         base_edit = sample_self_edits.submit(base, config.model, c, config.self_edit, seed=seed, num_samples=1)
-        base_score = _adapt_and_score(policy, config, c, base_edit.result()[0], "base-edit")[1]
+        base_score = InnerLoop(policy, config, c, base_edit.result()[0], "base-edit")
         if policy.digest == base.digest:  # before any update both columns are the same work
             policy_score = base_score
         else:
             policy_edit = sample_self_edits.submit(policy, config.model, c, config.self_edit, seed=seed, num_samples=1)
-            policy_score = _adapt_and_score(policy, config, c, policy_edit.result()[0], "policy-edit")[1]
+            policy_score = InnerLoop(policy, config, c, policy_edit.result()[0], "policy-edit")
         futures.append({
             "no_adaptation": evaluate_adapter.submit(policy, config.model, c, None, "baseline", config.eval),
-            "passage_only": _adapt_and_score(policy, config, c, None, "passage")[1],
+            "passage_only": InnerLoop(policy, config, c, None, "passage"),
             "base_self_edits": base_score,
             "policy_self_edits": policy_score,
         })
     correct = dict.fromkeys(HELD_OUT_COLUMNS, 0)
     per_context = []
     for c, columns in zip(contexts, futures):
-        scores: dict[str, EvalRecord] = {name: f.result() for name, f in columns.items()}
+        scores: dict[str, EvalRecord] = {
+            name: f.result()[1] if isinstance(f, InnerLoop) else f.result() for name, f in columns.items()
+        }
         for name, score in scores.items():
             correct[name] += score.num_correct
         per_context.append({"context_id": c.id, "questions": len(c.questions),

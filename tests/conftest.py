@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import pytest
+
+TINY = Path(__file__).parents[1] / "deployments" / "configs" / "knowledge-tiny.yaml"
 
 os.environ.update(
     {
@@ -32,3 +36,37 @@ def tiny(tmp_path_factory):
     from models.base_model import load_model
 
     return load_model("tiny-random", home=tmp_path_factory.mktemp("tiny-home"), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def prefect_env(tmp_path_factory):
+    """Prefect's test server, with persisted results, MLflow and SEAL_HOME in a temp folder."""
+    root = tmp_path_factory.mktemp("flow")
+    env = {
+        "SEAL_HOME": str(root / "seal"),
+        "PREFECT_LOCAL_STORAGE_PATH": str(root / "seal" / "prefect" / "storage"),
+        "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db",
+    }
+    patch = pytest.MonkeyPatch()
+    for key, value in env.items():
+        patch.setenv(key, value)
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield root
+    patch.undo()
+
+
+def squad_file(path: Path) -> Path:
+    """Articles whose answer is a word the tiny model can learn to say from the passage alone."""
+    articles = [
+        {"title": f"Article {i}", "paragraphs": [{
+            "context": " ".join(["zq"] * 40),
+            "qas": [{"id": f"{i}-{q}", "question": f"What is thing {q}?",
+                     "answers": [{"text": "zq", "answer_start": 0}]} for q in range(2)],
+        }]}
+        for i in range(12)
+    ]
+    path.write_text(json.dumps({"version": "1.1", "data": articles}))
+    return path

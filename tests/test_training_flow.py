@@ -1,45 +1,6 @@
 """The whole training flow at tiny size: MLflow records, registered policies, a cached rerun."""
 
-import json
-from pathlib import Path
-
-import pytest
-
-TINY = Path(__file__).parents[1] / "deployments" / "configs" / "knowledge-tiny.yaml"
-
-
-@pytest.fixture(scope="module")
-def prefect_env(tmp_path_factory):
-    """Prefect's test server, with persisted results, MLflow and SEAL_HOME in a temp folder."""
-    root = tmp_path_factory.mktemp("flow")
-    env = {
-        "SEAL_HOME": str(root / "seal"),
-        "PREFECT_LOCAL_STORAGE_PATH": str(root / "seal" / "prefect" / "storage"),
-        "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
-        "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db",
-    }
-    patch = pytest.MonkeyPatch()
-    for key, value in env.items():
-        patch.setenv(key, value)
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield root
-    patch.undo()
-
-
-def _squad(path: Path) -> Path:
-    """Articles whose answer is a word the tiny model can learn to say from the passage alone."""
-    articles = [
-        {"title": f"Article {i}", "paragraphs": [{
-            "context": " ".join(["zq"] * 40),
-            "qas": [{"id": f"{i}-{q}", "question": f"What is thing {q}?",
-                     "answers": [{"text": "zq", "answer_start": 0}]} for q in range(2)],
-        }]}
-        for i in range(12)
-    ]
-    path.write_text(json.dumps({"version": "1.1", "data": articles}))
-    return path
+from conftest import TINY, squad_file as _squad
 
 
 def test_training_flow_tracks_everything_and_reruns_from_cache(prefect_env, monkeypatch):
@@ -53,6 +14,7 @@ def test_training_flow_tracks_everything_and_reruns_from_cache(prefect_env, monk
         "data.source=squad", f"data.path={_squad(prefect_env / 'squad.json')}",
         "data.num_train_contexts=2", "data.num_eval_contexts=2", "self_edit.num_samples=2",
         "rl.iterations=1", "inner_loop.epochs=8", "inner_loop.learning_rate=3e-2",
+        "tracking.registered_model=flow-test-policy",
     ])
     first = seal_training(config)
 
@@ -73,10 +35,10 @@ def test_training_flow_tracks_everything_and_reruns_from_cache(prefect_env, monk
     assert len(first.held_out) == 2
     assert "no adaptation" in format_held_out(first.held_out)
     if iteration.metrics["kept_count"]:
-        versions = client.search_model_versions("name='seal-policy'")
+        versions = client.search_model_versions("name='flow-test-policy'")
         assert len(versions) == 1
-        assert client.get_model_version_by_alias("seal-policy", "latest").version == versions[0].version
-        assert client.get_model_version_by_alias("seal-policy", "best").version == versions[0].version
+        assert client.get_model_version_by_alias("flow-test-policy", "latest").version == versions[0].version
+        assert client.get_model_version_by_alias("flow-test-policy", "best").version == versions[0].version
         assert first.policy.name == "iteration-1"
 
     # Same config, new flow run: no sampling, training or evaluation runs again.
