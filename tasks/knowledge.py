@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from models import inner_loop, policy, rest_em, self_edit
@@ -28,6 +28,7 @@ from tasks.records import (
     adapter_dir,
     stable_seed,
 )
+from tasks.faults import maybe_fail
 from tasks.runtime import clear_models, use_model
 
 # Keys from content and code, not the run id; "label" only names the task run in the UI.
@@ -54,6 +55,7 @@ def sample_self_edits(
     policy_ref: PolicyRef, model: ModelConfig, context: Context, config: SelfEditConfig, seed: int, num_samples: int
 ) -> list[SelfEditRecord]:
     """K self-edits for one context, sampled from the policy in one batched call."""
+    maybe_fail("sample_self_edits", context.id)
     prompt = self_edit.self_edit_prompt(config.prompt, context.title, context.context)
     with use_model(policy_ref, model) as loaded:
         edits = self_edit.sample_self_edits(
@@ -74,6 +76,7 @@ def train_adapter(
 ) -> AdapterRecord:
     """A fresh LoRA adapter trained on the self-edit plus the passage (the passage alone when
     ``edit`` is None), saved under ``$SEAL_HOME/adapters``. Failures are recorded, not raised."""
+    maybe_fail("train_adapter", label)
     if edit is not None and not edit.documents:
         return AdapterRecord(path=None, failure="empty self-edit: no usable line in the generation")
     documents = self_edit.training_documents(
@@ -101,6 +104,7 @@ def evaluate_adapter(
     label: str, config: EvalConfig,
 ) -> EvalRecord:
     """Closed-book answers to the context's questions with the adapter (none: the baseline)."""
+    maybe_fail("evaluate_adapter", label)
     if adapter is not None and adapter.failure is not None:
         return EvalRecord(predictions=[], correct=[False] * len(context.questions),
                           f1=[0.0] * len(context.questions), failure=adapter.failure)
@@ -135,6 +139,7 @@ def update_policy(
     config: PolicyUpdateConfig, target_modules: list[str],
 ) -> PolicyRef:
     """The M-step: SFT of the policy on kept (prompt, self-edit) pairs, merged, saved."""
+    maybe_fail("update_policy", name)
     start = time.perf_counter()
     # A private copy: the update merges LoRA into the weights it is given.
     loaded = load_model(policy_ref.path, device=model.device, dtype=model.dtype)
@@ -146,6 +151,8 @@ def update_policy(
     )
     del loaded
     clear_models()
-    print(f"policy {name}: {result.pairs} pairs, {result.steps} steps, loss {result.mean_loss:.3f}, "
-          f"{time.perf_counter() - start:.1f}s")
+    get_run_logger().info(
+        "policy %s: %d pairs, %d steps, loss %.3f, %.1fs",
+        name, result.pairs, result.steps, result.mean_loss, time.perf_counter() - start,
+    )
     return PolicyRef(name=name, path=str(result.path), digest=result.digest)

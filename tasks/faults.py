@@ -1,0 +1,33 @@
+"""Fault injection for resume tests: make a chosen task fail on its first attempt only.
+
+    SEAL_FAIL_ONCE="train_adapter:edit1"   # the first train-adapter task whose label is edit1
+    SEAL_FAIL_ONCE="update_policy"         # the first policy update
+
+A fault fires once per SEAL_HOME (a marker file records it), so the retry or the rerun that
+follows goes through: exactly what a transient crash looks like to the flow.
+"""
+
+from __future__ import annotations
+
+import os
+
+from models.base_model import seal_home
+
+
+class InjectedFault(RuntimeError):
+    """A failure asked for by SEAL_FAIL_ONCE."""
+
+
+def maybe_fail(task: str, label: str = "") -> None:
+    """Raise :class:`InjectedFault` if SEAL_FAIL_ONCE names this task (and label) and has not fired."""
+    for spec in filter(None, os.environ.get("SEAL_FAIL_ONCE", "").split(",")):
+        name, _, wanted = spec.strip().partition(":")
+        if name != task or (wanted and wanted != label):
+            continue
+        marker = seal_home() / "faults" / spec.strip().replace(":", "-").replace("/", "_")
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            marker.touch(exist_ok=False)  # atomic: one attempt wins, every later one passes
+        except FileExistsError:
+            return
+        raise InjectedFault(f"SEAL_FAIL_ONCE={spec}: injected failure of {task} {label}".strip())

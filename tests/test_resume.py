@@ -1,0 +1,92 @@
+"""Rerun only what failed: an injected task failure, then a SIGKILL in the middle of a run."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY, squad_file as _squad
+
+ROOT = Path(__file__).parents[1]
+
+
+def _overrides(path: Path, seed: int) -> list[str]:
+    return [f"data.path={path}", "data.source=squad", "data.num_train_contexts=2", "data.num_eval_contexts=2",
+            "self_edit.num_samples=2", "rl.iterations=2", "inner_loop.epochs=8", "inner_loop.learning_rate=3e-2",
+            f"seed={seed}", f"tracking.experiment=resume-{seed}"]
+
+
+def test_a_failed_task_reruns_alone_and_the_mlflow_run_continues(prefect_env, monkeypatch):
+    from mlflow import MlflowClient
+
+    from flows.training import seal_training
+    from models import inner_loop
+    from models.config import load_config
+
+    config = load_config(TINY, _overrides(_squad(prefect_env / "squad-fault.json"), seed=7))
+    # Adapter folders are named by policy, context and content: one saved twice was recomputed.
+    saved = []
+    real = inner_loop.save_adapter
+    monkeypatch.setattr(inner_loop, "save_adapter", lambda model, folder: saved.append(folder) or real(model, folder))
+    monkeypatch.setenv("SEAL_FAIL_ONCE", "train_adapter:edit1")
+    with pytest.raises(Exception, match="SEAL_FAIL_ONCE|injected|edit1"):
+        seal_training(config)
+    done_before = len(saved)
+    client = MlflowClient(f"sqlite:///{prefect_env}/mlflow.db")
+    experiment = client.get_experiment_by_name("resume-7").experiment_id
+    (failed,) = client.search_runs([experiment])
+    assert failed.info.status == "FAILED"
+
+    result = seal_training(config)  # same config: only what had not completed runs
+    assert len(set(saved)) == len(saved), "a finished inner loop was trained again"
+    assert done_before > 0 and len(saved) > done_before
+    (run,) = client.search_runs([experiment])  # the same MLflow run, continued
+    assert run.info.run_id == failed.info.run_id == result.run_id and run.info.status == "FINISHED"
+    history = client.get_metric_history(run.info.run_id, "held_out/no_adaptation")
+    assert sorted(m.step for m in history) == [0, 2]  # each point once
+
+
+def test_sigkill_mid_iteration_then_rerun_matches_an_uninterrupted_run(tmp_path):
+    squad = _squad(tmp_path / "squad.json")
+    def environment(name: str) -> dict[str, str]:
+        home = tmp_path / name
+        return {**os.environ, "SEAL_HOME": str(home), "PREFECT_HOME": str(home / "prefect"),
+                "PREFECT_LOCAL_STORAGE_PATH": str(home / "prefect" / "storage"),
+                "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/{name}.db"}
+
+    env = environment("killed")
+    command = [sys.executable, "-m", "flows.cli", "run", str(TINY), *_overrides(squad, seed=3)]
+    process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    adapters = tmp_path / "killed" / "adapters"
+    deadline = time.monotonic() + 300
+    # Kill once the first iteration has trained a few adapters (held-out ones come first).
+    while time.monotonic() < deadline and process.poll() is None:
+        if adapters.exists() and sum(1 for _ in adapters.rglob("adapter_model.safetensors")) >= 6:
+            break
+        time.sleep(0.2)
+    assert process.poll() is None, "the run ended before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    finished_before = sum(1 for _ in adapters.rglob("adapter_model.safetensors"))
+
+    rerun = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    uninterrupted = subprocess.run(
+        command, env=environment("clean"), cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-2000:]
+
+    def table(output: str) -> str:
+        return output[output.index("held-out closed-book accuracy"):output.index("final policy")]
+
+    assert table(rerun.stdout) == table(uninterrupted.stdout)
+    assert finished_before >= 6
+    from mlflow import MlflowClient
+
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("resume-3").experiment_id])
+    assert [r.info.status for r in runs] == ["FINISHED"]  # the killed run was continued, not duplicated
