@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from flows.cli import _QUIET, prefect_environment
+from flows.cli import QUIET_ENV, prefect_environment
 
 DEFAULT_CONFIG = Path(__file__).parents[1] / "deployments" / "configs" / "knowledge-smollm2.yaml"
 
@@ -50,7 +50,7 @@ def main() -> int:
     parser.add_argument("--json", help="also write the measurements to this file")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    for key, value in _QUIET.items():
+    for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
     prefect_environment()
 

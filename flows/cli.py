@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 # Offline and quiet by default; a user who wants the hub can export these as 0.
-_QUIET = {
+QUIET_ENV = {
     "DO_NOT_TRACK": "true",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -123,7 +123,7 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    for key, value in _QUIET.items():
+    for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
     args = _parser().parse_args(argv)
     from models.config import ConfigError

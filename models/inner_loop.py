@@ -238,20 +238,28 @@ def evaluate_adapter(
     )
 
 
-def save_adapter(model: peft.PeftModel, folder: Path) -> Path:
-    """Save the attached adapter in PEFT's safetensors format, atomically."""
+@contextmanager
+def atomic_folder(folder: Path) -> Iterator[Path]:
+    """Yield a temporary folder beside ``folder``; on success it replaces ``folder`` in one rename,
+    so a killed process never leaves a half-written folder under the final name."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        yield tmp
         if folder.exists():
             shutil.rmtree(folder)
         tmp.rename(folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return folder
+
+
+def save_adapter(model: peft.PeftModel, folder: Path) -> Path:
+    """Save the attached adapter in PEFT's safetensors format, atomically."""
+    with atomic_folder(folder) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+    return Path(folder)
 
 
 @contextmanager

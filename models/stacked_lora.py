@@ -19,8 +19,6 @@ and step count), and AdamW is elementwise, so its state is per adapter too.
 from __future__ import annotations
 
 import math
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -36,6 +34,7 @@ from models.inner_loop import (
     EvalResult,
     NonFiniteLossError,
     TrainResult,
+    atomic_folder,
     first_line,
     is_correct,
     lora_config,
@@ -93,23 +92,14 @@ class AdapterStack:
 
     def save(self, index: int, folder: Path) -> Path:
         """Adapter ``index`` in PEFT's format (safetensors + adapter_config.json), atomically."""
-        folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-        try:
+        with atomic_folder(folder) as tmp:
             tensors = {}
             for name, layer in self.layers.items():
                 tensors[f"base_model.model.{name}.lora_A.weight"] = layer.lora_A[index].detach().contiguous().cpu()
                 tensors[f"base_model.model.{name}.lora_B.weight"] = layer.lora_B[index].detach().contiguous().cpu()
             save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
             lora_config(self.lora).save_pretrained(tmp)
-            if folder.exists():
-                shutil.rmtree(folder)
-            tmp.rename(folder)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return folder
+        return Path(folder)
 
 
 @contextmanager

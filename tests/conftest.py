@@ -10,17 +10,9 @@ import pytest
 
 TINY = Path(__file__).parents[1] / "deployments" / "configs" / "knowledge-tiny.yaml"
 
-os.environ.update(
-    {
-        "DO_NOT_TRACK": "true",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "TRANSFORMERS_VERBOSITY": "error",
-    }
-)
+from flows.cli import QUIET_ENV  # noqa: E402  (offline and quiet, as the seal command runs)
+
+os.environ.update(QUIET_ENV)
 
 
 @pytest.fixture
