@@ -125,9 +125,6 @@ class RLConfig(_Section):
         0, ge=0, description="Held-out evaluation every k iterations (0: before the first and "
         "after the last only)."
     )
-    eval_baseline_self_edits: bool = Field(
-        True, description="Also score held-out passages with self-edits from the base model."
-    )
 
 
 class TrackingConfig(_Section):
