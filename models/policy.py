@@ -180,6 +180,26 @@ def update_policy(
     )
 
 
+def accumulate_gradients(model: peft.PeftModel, examples: Sequence[Example], pad_id: int) -> float:
+    """Backpropagate the mean loss over ``examples``' self-edit tokens; return that loss.
+
+    One example at a time, each loss summed and divided by the step's self-edit token count:
+    the gradient of one padded batch (up to float rounding), with one example's activations in
+    memory instead of the whole batch's (the logits alone are tokens x vocabulary floats).
+    Stops at the first non-finite part and returns it, leaving the gradients partial.
+    """
+    targets = sum(len(self_edit) for _, self_edit in examples)
+    total = 0.0
+    for example in examples:
+        batch = {k: v.to(model.device) for k, v in collate_pairs([example], pad_id).items()}
+        loss = model(**batch, num_items_in_batch=targets).loss
+        if not torch.isfinite(loss):
+            return loss.item()
+        loss.backward()
+        total += loss.item()
+    return total
+
+
 def _train(
     model: peft.PeftModel, examples: list[Example], config: PolicyUpdateConfig, pad_id: int
 ) -> list[float]:
@@ -194,19 +214,17 @@ def _train(
         for epoch in range(config.epochs):
             order = torch.randperm(len(examples), generator=generator).tolist()
             for first in range(0, len(order), config.batch_size):
-                batch = collate_pairs([examples[i] for i in order[first : first + config.batch_size]], pad_id)
-                batch = {k: v.to(model.device) for k, v in batch.items()}
-                loss = model(**batch).loss  # mean over the batch's self-edit tokens
-                if not torch.isfinite(loss):
+                step = [examples[i] for i in order[first : first + config.batch_size]]
+                loss = accumulate_gradients(model, step, pad_id)
+                if not math.isfinite(loss):
                     raise NonFiniteLossError(
-                        f"policy update loss became {loss.item()} at epoch {epoch}, step {len(losses)}; "
+                        f"policy update loss became {loss} at epoch {epoch}, step {len(losses)}; "
                         f"lower policy_update.learning_rate (now {config.learning_rate})"
                     )
-                loss.backward()
                 optimizer.step()
                 schedule.step()
                 optimizer.zero_grad(set_to_none=True)
-                losses.append(loss.item())
+                losses.append(loss)
     finally:
         model.eval()
     return losses

@@ -148,3 +148,31 @@ def test_non_finite_loss_is_an_error_and_writes_nothing(tmp_path):
         update_policy(policy.model, policy.tokenizer, PAIRS, CONFIG, TARGETS, tmp_path / "p", source="test")
     assert not (tmp_path / "p").exists()
     assert set(policy.model.state_dict()) == keys  # the adapter was removed again
+
+
+def test_accumulated_gradients_equal_one_padded_batch(tiny):
+    from models.inner_loop import lora_config
+    from models.policy import accumulate_gradients
+    import peft
+
+    examples, _ = tokenize_pairs(tiny.tokenizer, PAIRS, max_length=512)
+    torch.manual_seed(0)
+    adapted = peft.get_peft_model(tiny.model, lora_config(LoraConfig(rank=4, alpha=8, target_modules=TARGETS)))
+    try:
+        for name, param in adapted.named_parameters():  # B is zero at init: give it weight
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.1)
+        batch = collate_pairs(examples, tiny.tokenizer.pad_token_id)
+        padded_loss = adapted(**batch).loss
+        padded_loss.backward()
+        padded = {n: p.grad.clone() for n, p in adapted.named_parameters() if p.requires_grad}
+        adapted.zero_grad(set_to_none=True)
+
+        loss = accumulate_gradients(adapted, examples, tiny.tokenizer.pad_token_id)
+
+        assert loss == pytest.approx(padded_loss.item(), rel=1e-5)
+        for name, param in adapted.named_parameters():
+            if param.requires_grad:
+                torch.testing.assert_close(param.grad, padded[name], rtol=1e-4, atol=1e-6)
+    finally:
+        adapted.unload()
