@@ -3,6 +3,7 @@
     seal run CONFIG [section.key=value ...]          train (the SEAL outer loop)
     seal eval CONFIG POLICY [section.key=value ...]  held-out evaluation of a policy
     seal inner-loop CONFIG [section.key=value ...]   the inner-loop demo table
+    seal clean [--yes]                               prune results and artifacts no run references
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("config", help="YAML config, e.g. deployments/configs/knowledge-smollm2.yaml")
     demo.add_argument("overrides", nargs="*", help="section.key=value overrides")
     demo.add_argument("--contexts", type=int, default=None, help="default: data.num_eval_contexts")
+    clean = commands.add_parser(
+        "clean", help="list (or with --yes delete) results and adapters that no Prefect run references"
+    )
+    clean.add_argument("--yes", action="store_true", help="delete; the default only lists")
     return parser
 
 
@@ -122,6 +127,19 @@ def evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def clean(args: argparse.Namespace) -> int:
+    prefect_environment()
+    from flows.clean import delete, format_plan, plan_clean, referenced_storage_keys
+    from models.base_model import seal_home
+
+    storage = Path(os.environ["PREFECT_LOCAL_STORAGE_PATH"])
+    plan = plan_clean(storage, seal_home(), referenced_storage_keys())
+    if args.yes:
+        delete(plan)
+    print(format_plan(plan, seal_home(), storage, dry_run=not args.yes))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
@@ -131,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     from models.knowledge_data import DatasetError
 
     try:
-        return {"run": run, "eval": evaluate, "inner-loop": inner_loop}[args.command](args)
+        return {"run": run, "eval": evaluate, "inner-loop": inner_loop, "clean": clean}[args.command](args)
     except (ConfigError, ModelNotFoundError, DatasetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
