@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 from pathlib import Path
 
+import torch
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_table_artifact
 from prefect.runtime import flow_run
@@ -49,7 +50,16 @@ from tasks.knowledge import (
     train_adapter,
     update_policy,
 )
-from tasks.records import AdapterRecord, Context, EvalRecord, PolicyRef, SelectionRecord, SelfEditRecord, stable_seed
+from tasks.records import (
+    AdapterRecord,
+    Context,
+    EvalRecord,
+    InnerLoopOutOfMemory,
+    PolicyRef,
+    SelectionRecord,
+    SelfEditRecord,
+    stable_seed,
+)
 
 HELD_OUT_COLUMNS = ("no_adaptation", "passage_only", "base_self_edits", "policy_self_edits")
 
@@ -75,18 +85,46 @@ class HeldOutResult:
         return self.correct[column] / self.total if self.total else 0.0
 
 
+OUT_OF_MEMORY = "out of memory"
+
+
+class IterationFailed(RuntimeError):
+    """Too few inner loops of an iteration ran to the end to trust its selection."""
+
+
 class InnerLoop:
     """The futures of one submitted inner loop: train an adapter, then evaluate it."""
 
     def __init__(self, policy: PolicyRef, config: SealConfig, context: Context,
                  edit: SelfEditRecord | None, label: str) -> None:
+        self.questions = len(context.questions)
         self.adapter = train_adapter.submit(policy, config.model, context, edit, label, config.lora, config.inner_loop)
         self.score = evaluate_adapter.submit(policy, config.model, context, self.adapter, label, config.eval)
 
     def result(self) -> tuple[AdapterRecord, EvalRecord]:
-        # The adapter first: if training raised, that is the error to report, not the
-        # evaluation left pending behind it.
-        return self.adapter.result(), self.score.result()
+        """The adapter and its score; an inner loop that ran out of memory scores zero, with the
+        reason (its task run stays Failed, so a rerun tries it again)."""
+        try:
+            # The adapter first: if training raised, that is the error to report, not the
+            # evaluation left pending behind it.
+            return self.adapter.result(), self.score.result()
+        except (InnerLoopOutOfMemory, torch.OutOfMemoryError, MemoryError) as exc:
+            failure = f"{OUT_OF_MEMORY}: {str(exc)[:200]}"
+            return AdapterRecord(path=None, failure=failure), EvalRecord.failed(self.questions, failure)
+
+
+def check_success_fraction(rows: list[dict], minimum: float, iteration: int) -> None:
+    """Fail the iteration, saying what happened, when too few of its inner loops ran."""
+    crashed = [r for r in rows if (r["failure"] or "").startswith(OUT_OF_MEMORY)]
+    ran = 1 - len(crashed) / len(rows) if rows else 0.0
+    if ran < minimum:
+        examples = "; ".join(f"{r['context_id']} edit{r['self_edit']}: {r['failure']}" for r in crashed[:3])
+        raise IterationFailed(
+            f"iteration {iteration}: {len(crashed)} of {len(rows)} inner loops ran out of memory, "
+            f"so only {ran:.0%} ran to the end (inner_loop.min_success_fraction={minimum}). "
+            f"For example: {examples}. Lower inner_loop.max_length or inner_loop.batch_size, "
+            f"or free memory, then run again: the finished inner loops are cached."
+        )
 
 
 # Inner loops share one in-memory model per process and would only queue on its lock (and
@@ -130,6 +168,7 @@ def run_iteration(config: SealConfig, policy: PolicyRef, iteration: int) -> Iter
             })
             if selection.kept == edit.index:
                 pairs.append((edit.prompt, edit.text))
+    check_success_fraction(rows, config.inner_loop.min_success_fraction, iteration)
     e_step_seconds = time.perf_counter() - start
     new_policy = policy
     if pairs:

@@ -98,6 +98,12 @@ class InnerLoopConfig(_Section):
     batch_size: int = Field(1, ge=1, description="Documents per step.")  # paper: 1
     max_length: int = Field(256, ge=8, description="Documents are truncated to this many tokens.")
     seed: int = Field(0, description="Seed of adapter init and document order.")
+    min_success_fraction: float = Field(
+        0.5, ge=0, le=1,
+        description="An iteration fails unless at least this share of its inner loops ran to the "
+        "end; those that ran out of memory did not (an empty self-edit or a non-finite loss did: "
+        "reward 0, recorded).",
+    )
 
 
 class EvalConfig(_Section):

@@ -54,12 +54,22 @@ class AdapterRecord(_Record):
     failure: str | None = None
 
 
+class InnerLoopOutOfMemory(RuntimeError):
+    """An inner loop ran out of memory. Raised (not recorded) so the task run fails and is not
+    cached: a rerun, perhaps on a bigger machine, tries that self-edit again."""
+
+
 class EvalRecord(_Record):
     predictions: list[str]
     correct: list[bool]
     f1: list[float]
     seconds: float = 0.0
     failure: str | None = None
+
+    @classmethod
+    def failed(cls, questions: int, failure: str) -> EvalRecord:
+        """Every question wrong, with the reason: how a failed inner loop is scored."""
+        return cls(predictions=[], correct=[False] * questions, f1=[0.0] * questions, failure=failure)
 
     @property
     def num_correct(self) -> int:

@@ -90,3 +90,27 @@ def test_sigkill_mid_iteration_then_rerun_matches_an_uninterrupted_run(tmp_path)
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     runs = client.search_runs([client.get_experiment_by_name("resume-3").experiment_id])
     assert [r.info.status for r in runs] == ["FINISHED"]  # the killed run was continued, not duplicated
+
+
+def test_out_of_memory_scores_zero_then_reruns_and_too_many_fail_the_iteration(prefect_env, monkeypatch):
+    from flows.training import IterationFailed, seal_training
+    from models.config import load_config
+
+    overrides = _overrides(_squad(prefect_env / "squad-oom.json"), seed=11)
+    config = load_config(TINY, [*overrides, "rl.iterations=1"])
+    monkeypatch.setenv("SEAL_FAIL_ONCE", "train_adapter:edit1=oom")
+    result = seal_training(config)  # 1 of 4 inner loops failed: 75% ran, the iteration goes on
+    (iteration,) = result.iterations
+    (oom,) = [row for row in iteration.rows if row["failure"]]
+    assert oom["self_edit"] == 1 and oom["failure"].startswith("out of memory") and oom["reward"] == 0
+    assert iteration.metrics["failed_self_edits"] == 1
+
+    # The failed task run was not cached: the rerun trains that self-edit (and only it).
+    again = seal_training(config)
+    assert not any(row["failure"] for row in again.iterations[0].rows)
+
+    # Below inner_loop.min_success_fraction the iteration fails and says why.
+    strict = load_config(TINY, [*overrides, "rl.iterations=1", "seed=12", "inner_loop.min_success_fraction=1"])
+    monkeypatch.setenv("SEAL_FAIL_ONCE", "train_adapter:edit0=oom")
+    with pytest.raises(IterationFailed, match=r"1 of 4 inner loops ran out of memory.*min_success_fraction=1"):
+        seal_training(strict)

@@ -55,3 +55,11 @@ def test_an_empty_self_edit_is_not_trained(base, monkeypatch):
     empty = SelfEditRecord(index=1, text="!!!", documents=[], prompt="p")
     adapter = knowledge.train_adapter.fn(base, MODEL, CONTEXT, empty, "edit1", LORA, TRAIN)
     assert adapter.failure.startswith("empty self-edit")
+
+
+def test_a_failed_eval_record_scores_every_question_zero():
+    from tasks.records import EvalRecord
+
+    record = EvalRecord.failed(3, "out of memory: CUDA")
+    assert record.correct == [False] * 3 and record.f1 == [0.0] * 3 and record.accuracy == 0.0
+    assert record.failure == "out of memory: CUDA"
