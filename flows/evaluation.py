@@ -10,7 +10,7 @@ from pathlib import Path
 from prefect import flow
 
 from flows.tracking import default_tracking_uri, resolve_policy_uri
-from flows.training import HeldOutResult, evaluate_policy
+from flows.training import HeldOutResult, evaluate_policy, verified_policy
 from models.base_model import ModelNotFoundError, resolve_model, seal_home
 from models.config import SealConfig
 from tasks.knowledge import resolve_base_policy
@@ -38,5 +38,5 @@ def resolve_policy(policy: str, base: PolicyRef) -> PolicyRef:
 def seal_evaluation(config: SealConfig, policy: str = "base") -> HeldOutResult:
     """Score ``policy`` on held-out contexts: no adaptation, passage only, passage + self-edits
     from the base model, passage + self-edits from the policy."""
-    base = resolve_base_policy(config.model)
+    base = verified_policy(resolve_base_policy, config.model)
     return evaluate_policy(config, resolve_policy(policy, base), base)

@@ -109,6 +109,52 @@ class NullTracker:
         pass
 
 
+# MLflow error codes worth another try: the server or its database was briefly unavailable.
+_TRANSIENT_CODES = {"TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "ABORTED"}
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether a tracking call failed for a reason that may pass: I/O, the network, a locked or
+    restarting store. "Not found" or "invalid value" are answers, not transient failures."""
+    if isinstance(error, (OSError, ConnectionError, TimeoutError)):
+        return True
+    if isinstance(error, MlflowException):
+        return error.error_code in _TRANSIENT_CODES or "database is locked" in str(error)
+    return type(error).__module__.startswith(("requests", "urllib3", "sqlalchemy"))
+
+
+class RetryingClient:
+    """An ``MlflowClient`` whose calls retry transient failures with exponential backoff.
+
+    Args:
+        client: the client to wrap.
+        attempts: tries per call, the first included.
+        first_delay: seconds before the second try; doubled before each next one.
+    """
+
+    def __init__(self, client: MlflowClient, attempts: int = 4, first_delay: float = 0.5) -> None:
+        self._client = client
+        self._attempts = attempts
+        self._first_delay = first_delay
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._client, name)
+        if not callable(attribute):
+            return attribute
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            for attempt in range(self._attempts):
+                try:
+                    return attribute(*args, **kwargs)
+                except Exception as error:
+                    if attempt == self._attempts - 1 or not is_transient(error):
+                        raise
+                    time.sleep(self._first_delay * 2**attempt)
+            raise AssertionError("unreachable")
+
+        return call
+
+
 class MlflowTracker:
     """One MLflow run, addressed by id in every call so any thread may log to it.
 
@@ -136,7 +182,7 @@ class MlflowTracker:
     ) -> None:
         self.tracking_uri = tracking_uri
         self.registered_model = registered_model
-        self.client = MlflowClient(tracking_uri)
+        self.client = RetryingClient(MlflowClient(tracking_uri))
         self.experiment_id = _experiment_id(self.client, tracking_uri, experiment)
         if run_id is None:
             run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)

@@ -39,7 +39,7 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.tracking import MlflowTracker, Tracker, default_tracking_uri, find_resumable_run
-from models.base_model import seal_home
+from models.base_model import seal_home, weights_digest
 from models.config import SealConfig
 from tasks.knowledge import (
     evaluate_adapter,
@@ -56,6 +56,7 @@ from tasks.records import (
     EvalRecord,
     InnerLoopOutOfMemory,
     PolicyRef,
+    StaleArtifact,
     SelectionRecord,
     SelfEditRecord,
     stable_seed,
@@ -98,19 +99,48 @@ class InnerLoop:
     def __init__(self, policy: PolicyRef, config: SealConfig, context: Context,
                  edit: SelfEditRecord | None, label: str) -> None:
         self.questions = len(context.questions)
-        self.adapter = train_adapter.submit(policy, config.model, context, edit, label, config.lora, config.inner_loop)
-        self.score = evaluate_adapter.submit(policy, config.model, context, self.adapter, label, config.eval)
+        self._inputs = (policy, config, context, edit, label)
+        self._submit(refresh=False)
+
+    def _submit(self, refresh: bool) -> None:
+        policy, config, context, edit, label = self._inputs
+        train = train_adapter.with_options(refresh_cache=True) if refresh else train_adapter
+        evaluate = evaluate_adapter.with_options(refresh_cache=True) if refresh else evaluate_adapter
+        self.adapter = train.submit(policy, config.model, context, edit, label, config.lora, config.inner_loop)
+        self.score = evaluate.submit(policy, config.model, context, self.adapter, label, config.eval)
 
     def result(self) -> tuple[AdapterRecord, EvalRecord]:
-        """The adapter and its score; an inner loop that ran out of memory scores zero, with the
-        reason (its task run stays Failed, so a rerun tries it again)."""
+        """The adapter and its score.
+
+        A cached adapter whose folder is gone or altered is trained again. An inner loop that
+        ran out of memory scores zero, with the reason (its task run stays Failed, so a rerun
+        tries it again).
+        """
         try:
-            # The adapter first: if training raised, that is the error to report, not the
-            # evaluation left pending behind it.
-            return self.adapter.result(), self.score.result()
+            try:
+                return self._resolve()
+            except StaleArtifact as exc:
+                get_run_logger().warning("%s; training that adapter again", exc)
+                self._submit(refresh=True)
+                return self._resolve()
         except (InnerLoopOutOfMemory, torch.OutOfMemoryError, MemoryError) as exc:
             failure = f"{OUT_OF_MEMORY}: {str(exc)[:200]}"
             return AdapterRecord(path=None, failure=failure), EvalRecord.failed(self.questions, failure)
+
+    def _resolve(self) -> tuple[AdapterRecord, EvalRecord]:
+        # The adapter first: if training raised, that is the error to report, not the
+        # evaluation left pending behind it.
+        return self.adapter.result(), self.score.result()
+
+
+def verified_policy(make, *args) -> PolicyRef:
+    """``make(*args)`` (a policy-producing task), run again if its cached checkpoint is gone or
+    its weights no longer match the recorded digest."""
+    policy = make(*args)
+    if weights_digest(Path(policy.path)) != policy.digest and not policy.digest.startswith("hf-"):
+        get_run_logger().warning("policy %s at %s is missing or altered; recomputing it", policy.name, policy.path)
+        policy = make.with_options(refresh_cache=True)(*args)
+    return policy
 
 
 def check_success_fraction(rows: list[dict], minimum: float, iteration: int) -> None:
@@ -172,8 +202,8 @@ def run_iteration(config: SealConfig, policy: PolicyRef, iteration: int) -> Iter
     e_step_seconds = time.perf_counter() - start
     new_policy = policy
     if pairs:
-        new_policy = update_policy(policy, config.model, pairs, f"iteration-{iteration}",
-                                   config.policy_update, config.lora.target_modules)
+        new_policy = verified_policy(update_policy, policy, config.model, pairs, f"iteration-{iteration}",
+                                     config.policy_update, config.lora.target_modules)
     rewards = [r["reward"] for r in rows]
     metrics = {
         "reward_mean": sum(rewards) / len(rewards),
@@ -292,7 +322,7 @@ def seal_training(config: SealConfig) -> TrainingResult:
 
 def _train(config: SealConfig, tracker: Tracker) -> TrainingResult:
     tracker.log_params(config.flat())
-    base = resolve_base_policy(config.model)
+    base = verified_policy(resolve_base_policy, config.model)
     policy = base
     held_out = [("base", evaluate_policy(config, base, base))]
     _log_held_out(tracker, held_out[-1][1], step=0)

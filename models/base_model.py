@@ -157,14 +157,23 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folde
         tokenizer.save_pretrained(tmp)
         digest = _hash_weights(tmp)
         (tmp / _MANIFEST).write_text(json.dumps({"source": source, "digest": digest}, indent=2))
-        if folder.exists():  # another process finished first; its copy is as good as ours
-            shutil.rmtree(tmp)
+        if folder.exists() and weights_digest(folder) == digest:
+            shutil.rmtree(tmp)  # another process finished first; its copy is as good as ours
         else:
-            tmp.rename(folder)
+            _replace_folder(tmp, folder)  # absent, or torn or altered: ours replaces it
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return digest
+
+
+def _replace_folder(new: Path, folder: Path) -> None:
+    """Move ``new`` to ``folder``; an existing ``folder`` is first renamed aside, then deleted."""
+    if folder.exists():
+        stale = folder.with_name(f".{folder.name}-stale-{os.getpid()}")
+        folder.rename(stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    new.rename(folder)
 
 
 def _materialize(folder: Path, spec: str, build) -> ResolvedModel:
@@ -255,6 +264,15 @@ def _resolve_hub(model_id: str) -> ResolvedModel:
         ) from exc
     # Hub snapshots live in a folder named after the commit: that is their content digest.
     return ResolvedModel(model_id, path, f"hf-{path.name[:16]}")
+
+
+def weights_digest(folder: Path) -> str | None:
+    """The content digest of the weight files in ``folder`` (a model or a LoRA adapter), as
+    recorded when it was saved; ``None`` if the folder or its weights are missing."""
+    folder = Path(folder)
+    if not folder.is_dir() or not any(p.suffix in _WEIGHT_SUFFIXES for p in folder.iterdir()):
+        return None
+    return _hash_weights(folder)
 
 
 def _hash_weights(folder: Path) -> str:

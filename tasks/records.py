@@ -52,6 +52,12 @@ class AdapterRecord(_Record):
     mean_loss: float | None = None
     seconds: float = 0.0
     failure: str | None = None
+    digest: str | None = None  # of the adapter's weights, checked when the folder is loaded
+
+
+class StaleArtifact(RuntimeError):
+    """A cached result points at an artifact (adapter, policy) that is gone or whose content no
+    longer matches its recorded digest. The flow recomputes the task that made it."""
 
 
 class InnerLoopOutOfMemory(RuntimeError):

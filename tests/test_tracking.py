@@ -294,3 +294,35 @@ def test_find_resumable_run(store, names):
     assert client.get_run(live).info.status == "RUNNING"
     retried = run("FINISHED", "d3", 1, flow_run="retry-me")
     assert find_resumable_run(store, names["experiment"], "retry-me", "d3") == retried
+
+
+def test_transient_tracking_failures_are_retried_with_backoff_and_answers_are_not(monkeypatch):
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
+
+    from flows import tracking
+
+    calls, sleeps = [], []
+    monkeypatch.setattr(tracking.time, "sleep", sleeps.append)
+
+    class Flaky:
+        def log_batch(self, run_id):
+            calls.append(run_id)
+            if len(calls) < 3:
+                raise OSError("disk I/O error")
+            return "ok"
+
+        def get_run(self, run_id):
+            raise MlflowException("no run", error_code=RESOURCE_DOES_NOT_EXIST)
+
+    client = tracking.RetryingClient(Flaky(), attempts=4, first_delay=0.5)
+    assert client.log_batch("r1") == "ok"
+    assert len(calls) == 3 and sleeps == [0.5, 1.0]
+    with pytest.raises(MlflowException, match="no run"):
+        client.get_run("r1")
+    assert sleeps == [0.5, 1.0]  # "not found" is an answer: no retry
+    calls.clear()
+    always = tracking.RetryingClient(type("Down", (), {"log_batch": lambda self, r: (_ for _ in ()).throw(OSError("down"))})(),
+                                     attempts=3, first_delay=0.1)
+    with pytest.raises(OSError, match="down"):
+        always.log_batch("r1")
