@@ -38,7 +38,7 @@ def task_seconds(since) -> tuple[float, int, dict[str, int]]:
             offset += len(batch)
         runs = list(runs.values())
     # A subflow shows up as a task run wrapping it; its time is its tasks' time.
-    leaves = [r for r in runs if not r.name.startswith(("iteration-", "held-out-"))]
+    leaves = [r for r in runs if not (r.state and r.state.state_details.child_flow_run_id)]
     states: dict[str, int] = {}
     for run in leaves:
         states[run.state_name] = states.get(run.state_name, 0) + 1

@@ -8,41 +8,53 @@ finished task and a changed setting recomputes only what depends on it.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
+from prefect.tasks import exponential_backoff
 
 from models import inner_loop, policy, rest_em, self_edit
-from models.base_model import load_model, resolve_model, seal_home
+from models.base_model import load_model, resolve_model, seal_home, weights_digest
 from models.config import DataConfig, EvalConfig, InnerLoopConfig, LoraConfig, ModelConfig, PolicyUpdateConfig, SelfEditConfig
 from models.knowledge_data import load_contexts, select_contexts
 from tasks.records import (
     AdapterRecord,
     Context,
     EvalRecord,
+    InnerLoopOutOfMemory,
     PolicyRef,
     SelectionRecord,
     SelfEditRecord,
+    StaleArtifact,
     adapter_dir,
     stable_seed,
 )
 from tasks.faults import maybe_fail
+from tasks.locking import FlockLockManager
 from tasks.runtime import clear_models, use_model
 
 # Keys from content and code, not the run id; "label" only names the task run in the UI.
-CACHED = TASK_SOURCE + (INPUTS - "label")
+# Serializable: when two runs on one SEAL_HOME reach the same key, the second waits for the
+# first's result instead of computing and writing the same files at the same time.
+CACHED = (TASK_SOURCE + (INPUTS - "label")).configure(
+    isolation_level="SERIALIZABLE", lock_manager=FlockLockManager()
+)
+# Tasks that only read (files, the model hub) retry with backoff: 2, 4, 8 s. Training and
+# evaluation do not retry: their failures are recorded, or mean a bug or a lack of memory.
+TRANSIENT_BACKOFF = exponential_backoff(backoff_factor=2)
 
 
-@task(cache_policy=CACHED, persist_result=True, retries=2, retry_delay_seconds=2)
+@task(cache_policy=CACHED, persist_result=True, retries=3, retry_delay_seconds=TRANSIENT_BACKOFF)
 def resolve_base_policy(model: ModelConfig) -> PolicyRef:
     """The base model as a policy checkpoint (converted or built on first use)."""
     resolved = resolve_model(model.name)
     return PolicyRef(name="base", path=str(resolved.path), digest=resolved.digest)
 
 
-@task(cache_policy=CACHED, persist_result=True, retries=2, retry_delay_seconds=2,
+@task(cache_policy=CACHED, persist_result=True, retries=3, retry_delay_seconds=TRANSIENT_BACKOFF,
       task_run_name="fetch-contexts-{split}")
 def fetch_contexts(data: DataConfig, split: str, count: int, seed: int) -> list[Context]:
     """``count`` contexts of ``split``, chosen by ``seed``."""
@@ -75,7 +87,11 @@ def train_adapter(
     label: str, lora: LoraConfig, config: InnerLoopConfig,
 ) -> AdapterRecord:
     """A fresh LoRA adapter trained on the self-edit plus the passage (the passage alone when
-    ``edit`` is None), saved under ``$SEAL_HOME/adapters``. Failures are recorded, not raised."""
+    ``edit`` is None), saved under ``$SEAL_HOME/adapters``.
+
+    What the self-edit causes is recorded, with reward 0 to follow: no usable line, a non-finite
+    loss. Running out of memory is raised instead (InnerLoopOutOfMemory): the task run fails,
+    is not cached, and a rerun tries again."""
     maybe_fail("train_adapter", label)
     if edit is not None and not edit.documents:
         return AdapterRecord(path=None, failure="empty self-edit: no usable line in the generation")
@@ -91,11 +107,12 @@ def train_adapter(
             except inner_loop.NonFiniteLossError as exc:
                 return AdapterRecord(path=None, failure=f"non-finite loss: {exc}")
             except torch.OutOfMemoryError as exc:
-                # One oversized self-edit must not sink the iteration: it earns no reward.
-                return AdapterRecord(path=None, failure=f"out of memory: {str(exc)[:200]}")
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                raise InnerLoopOutOfMemory(f"{context.id} {label}: {str(exc)[:200]}") from None
             inner_loop.save_adapter(adapted, folder)
     return AdapterRecord(path=str(folder), steps=result.steps, tokens=result.tokens,
-                         mean_loss=result.mean_loss, seconds=result.seconds)
+                         mean_loss=result.mean_loss, seconds=result.seconds, digest=weights_digest(folder))
 
 
 @task(cache_policy=CACHED, persist_result=True, task_run_name="evaluate-adapter-{context.id}-{label}")
@@ -106,8 +123,12 @@ def evaluate_adapter(
     """Closed-book answers to the context's questions with the adapter (none: the baseline)."""
     maybe_fail("evaluate_adapter", label)
     if adapter is not None and adapter.failure is not None:
-        return EvalRecord(predictions=[], correct=[False] * len(context.questions),
-                          f1=[0.0] * len(context.questions), failure=adapter.failure)
+        return EvalRecord.failed(len(context.questions), adapter.failure)
+    if adapter is not None:  # a cached record may outlive its folder (seal clean, a full disk)
+        found = weights_digest(Path(adapter.path))
+        if found is None or (adapter.digest and found != adapter.digest):
+            raise StaleArtifact(f"adapter {adapter.path} is missing or altered "
+                                f"(weights digest {found}, recorded {adapter.digest})")
     with use_model(policy_ref, model) as loaded:
         if adapter is None:
             result = inner_loop.evaluate_adapter(

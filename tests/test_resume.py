@@ -114,3 +114,34 @@ def test_out_of_memory_scores_zero_then_reruns_and_too_many_fail_the_iteration(p
     monkeypatch.setenv("SEAL_FAIL_ONCE", "train_adapter:edit0=oom")
     with pytest.raises(IterationFailed, match=r"1 of 4 inner loops ran out of memory.*min_success_fraction=1"):
         seal_training(strict)
+
+
+def test_a_missing_adapter_or_altered_policy_is_recomputed_not_trusted(prefect_env, monkeypatch):
+    import shutil
+
+    from flows.training import seal_training
+    from models.config import load_config
+
+    config = load_config(TINY, [*_overrides(_squad(prefect_env / "squad-stale.json"), seed=13), "rl.iterations=1"])
+    # The run stops with adapters trained (cached) but not all of them evaluated ...
+    monkeypatch.setenv("SEAL_FAIL_ONCE", "evaluate_adapter:edit0")
+    with pytest.raises(Exception, match="SEAL_FAIL_ONCE"):
+        seal_training(config)
+    # ... and then their folders are lost: the cached records point at nothing.
+    home = Path(os.environ["SEAL_HOME"])
+    shutil.rmtree(home / "adapters")
+    result = seal_training(config)
+    rows = result.iterations[0].rows
+    assert not any(row["failure"] for row in rows)
+    # The adapters whose evaluation was still to come were trained again; the evaluated ones
+    # are not needed any more (their scores are cached) and stay gone.
+    assert 0 < sum(Path(row["adapter"]).is_dir() for row in rows) < len(rows)
+
+    # A policy checkpoint altered on disk is not loaded: the update that made it runs again.
+    assert result.policy.name == "iteration-1"
+    weights = Path(result.policy.path) / "model.safetensors"
+    original = weights.read_bytes()
+    weights.write_bytes(original[:-64] + bytes(64))
+    again = seal_training(config)
+    assert again.policy.digest == result.policy.digest
+    assert weights.read_bytes() == original

@@ -32,22 +32,42 @@ def test_adapter_is_saved_and_scored(base):
     assert len(score.predictions) == 2 and score.failure is None
 
 
-@pytest.mark.parametrize(
-    "error, reason",
-    [(inner_loop.NonFiniteLossError("loss became nan"), "non-finite loss"),
-     (torch.OutOfMemoryError("CUDA out of memory"), "out of memory")],
-)
-def test_training_failures_are_recorded_and_score_zero(base, monkeypatch, error, reason):
+def test_a_non_finite_loss_is_recorded_and_scores_zero(base, monkeypatch):
     def fail(*args, **kwargs):
-        raise error
+        raise inner_loop.NonFiniteLossError("loss became nan")
 
     monkeypatch.setattr(inner_loop, "train_adapter", fail)
     adapter = knowledge.train_adapter.fn(base, MODEL, CONTEXT, EDIT, "edit0", LORA, TRAIN)
-    assert adapter.path is None and adapter.failure.startswith(reason)
+    assert adapter.path is None and adapter.failure.startswith("non-finite loss")
     score = knowledge.evaluate_adapter.fn(base, MODEL, CONTEXT, adapter, "edit0", EVAL)
     assert score.correct == [False, False] and score.failure == adapter.failure
     selection = knowledge.select_self_edits.fn("ctx1", score, [score])
     assert selection.rewards == [0] and selection.kept is None and selection.outcome == "no-valid-self-edit"
+
+
+def test_out_of_memory_is_raised_so_the_task_run_fails_and_is_not_cached(base, monkeypatch):
+    from tasks.records import InnerLoopOutOfMemory
+
+    def fail(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(inner_loop, "train_adapter", fail)
+    with pytest.raises(InnerLoopOutOfMemory, match="ctx1 edit0: CUDA out of memory"):
+        knowledge.train_adapter.fn(base, MODEL, CONTEXT, EDIT, "edit0", LORA, TRAIN)
+
+
+def test_a_missing_or_altered_adapter_is_stale_not_loaded(base):
+    from tasks.records import StaleArtifact
+
+    adapter = knowledge.train_adapter.fn(base, MODEL, CONTEXT, EDIT, "edit0", LORA, TRAIN)
+    assert adapter.digest
+    weights = Path(adapter.path) / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + bytes(8))
+    with pytest.raises(StaleArtifact, match="missing or altered"):
+        knowledge.evaluate_adapter.fn(base, MODEL, CONTEXT, adapter, "edit0", EVAL)
+    weights.unlink()
+    with pytest.raises(StaleArtifact, match="missing or altered"):
+        knowledge.evaluate_adapter.fn(base, MODEL, CONTEXT, adapter, "edit0", EVAL)
 
 
 def test_an_empty_self_edit_is_not_trained(base, monkeypatch):
