@@ -101,6 +101,81 @@ def fresh_adapter(model: PreTrainedModel, lora: LoraConfig, seed: int) -> Iterat
         adapted.unload()
 
 
+class AdapterSlot:
+    """LoRA layers attached to a model once and reused by every inner loop on it.
+
+    Attaching LoRA layers (``get_peft_model``) and removing them again costs about a second per
+    inner loop for SmolLM2 on a CPU, and loading a saved adapter as many again; a slot pays that
+    once. :meth:`fresh` re-initializes the layers in place from a seed (A as ``nn.Linear`` does,
+    B zero, so training starts at the base model), :meth:`loaded` fills them from a saved
+    adapter. Outside those blocks the layers are disabled and the model answers exactly as the
+    base model, so one cached model serves sampling, baselines and inner loops alike.
+
+    Use a slot only on a model you own (a worker's cache, not a model shared with other code):
+    it stays wrapped until :meth:`close`.
+
+        slot = AdapterSlot(model, config.lora)
+        with slot.fresh(seed=0) as adapted:
+            train_adapter(adapted, tokenizer, documents, config.inner_loop)
+            save_adapter(adapted, folder)
+        with slot.loaded(folder) as adapted:
+            evaluate_adapter(adapted, tokenizer, questions, answers, config.eval)
+    """
+
+    def __init__(self, model: PreTrainedModel, lora: LoraConfig) -> None:
+        self.lora = lora
+        try:
+            self.peft = peft.get_peft_model(model, lora_config(lora))
+        except ValueError as exc:
+            raise ValueError(
+                f"lora.target_modules {lora.target_modules} matched no layer of the model: {exc}"
+            ) from exc
+        self._layers = [m for m in self.peft.modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
+        self.peft.base_model.disable_adapter_layers()
+
+    def matches(self, lora: LoraConfig) -> bool:
+        """Whether ``lora`` describes this slot's layers (module order aside)."""
+        return (lora.rank, lora.alpha, lora.dropout, set(lora.target_modules)) == (
+            self.lora.rank, self.lora.alpha, self.lora.dropout, set(self.lora.target_modules))
+
+    @contextmanager
+    def fresh(self, seed: int) -> Iterator[peft.PeftModel]:
+        """A freshly initialized adapter for the block (the same for the same seed)."""
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for layer in self._layers:
+                layer.reset_lora_parameters("default", init_lora_weights=True)
+        with self._enabled():
+            yield self.peft
+
+    @contextmanager
+    def loaded(self, folder: Path) -> Iterator[peft.PeftModel]:
+        """The adapter saved in ``folder`` (by :func:`save_adapter`, with this slot's LoRA
+        settings) for the block."""
+        from safetensors.torch import load_file
+
+        state = load_file(Path(folder) / "adapter_model.safetensors", device=str(self.peft.device))
+        result = peft.set_peft_model_state_dict(self.peft, state)
+        if result.unexpected_keys:
+            raise ValueError(f"adapter {folder} does not fit this slot's LoRA layers: "
+                             f"unexpected {result.unexpected_keys[:3]}")
+        with self._enabled():
+            self.peft.eval()
+            yield self.peft
+
+    @contextmanager
+    def _enabled(self) -> Iterator[None]:
+        self.peft.base_model.enable_adapter_layers()
+        try:
+            yield
+        finally:
+            self.peft.base_model.disable_adapter_layers()
+
+    def close(self) -> None:
+        """Remove the LoRA layers: the model is as it was before the slot."""
+        self.peft.unload()
+
+
 def tokenize_documents(
     tokenizer: PreTrainedTokenizerBase, documents: Sequence[str], max_length: int
 ) -> list[list[int]]:
@@ -253,6 +328,13 @@ def atomic_folder(folder: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def saved_lora(folder: Path) -> LoraConfig:
+    """The LoRA settings an adapter was saved with (its ``adapter_config.json``)."""
+    saved = peft.LoraConfig.from_pretrained(str(folder))
+    return LoraConfig(rank=saved.r, alpha=saved.lora_alpha, dropout=saved.lora_dropout,
+                      target_modules=sorted(saved.target_modules))
 
 
 def save_adapter(model: peft.PeftModel, folder: Path) -> Path:

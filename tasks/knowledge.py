@@ -34,7 +34,7 @@ from tasks.records import (
 )
 from tasks.faults import maybe_fail
 from tasks.locking import FlockLockManager
-from tasks.runtime import clear_models, use_model
+from tasks.runtime import adapter_slot, clear_models, use_model
 
 # Keys from content and code, not the run id; "label" only names the task run in the UI.
 # Serializable: when two runs on one SEAL_HOME reach the same key, the second waits for the
@@ -101,7 +101,7 @@ def train_adapter(
     key = f"{stable_seed(edit.text if edit else '', lora, config):08x}"
     folder = adapter_dir(seal_home(), policy_ref, context.id, key)
     with use_model(policy_ref, model) as loaded:
-        with inner_loop.fresh_adapter(loaded.model, lora, seed=config.seed) as adapted:
+        with adapter_slot(loaded, lora).fresh(seed=config.seed) as adapted:
             try:
                 result = inner_loop.train_adapter(adapted, loaded.tokenizer, documents, config)
             except inner_loop.NonFiniteLossError as exc:
@@ -134,7 +134,8 @@ def evaluate_adapter(
             result = inner_loop.evaluate_adapter(
                 loaded.model, loaded.tokenizer, context.questions, context.answers, config)
         else:
-            with inner_loop.loaded_adapter(loaded.model, adapter.path) as adapted:
+            slot = adapter_slot(loaded, inner_loop.saved_lora(Path(adapter.path)))
+            with slot.loaded(Path(adapter.path)) as adapted:
                 result = inner_loop.evaluate_adapter(
                     adapted, loaded.tokenizer, context.questions, context.answers, config)
     return EvalRecord(predictions=list(result.predictions), correct=list(result.correct),

@@ -13,12 +13,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from models.base_model import LoadedModel, load_model
-from models.config import ModelConfig
+from models.config import LoraConfig, ModelConfig
+from models.inner_loop import AdapterSlot
 from tasks.records import PolicyRef
 
 _MAX_LOADED = 2  # the base policy and the current one
 _models: OrderedDict[tuple[str, str, str, str], tuple[LoadedModel, threading.Lock]] = OrderedDict()
 _registry_lock = threading.Lock()
+_slots: dict[int, AdapterSlot] = {}  # id(model) -> its reusable LoRA layers
 
 
 @contextmanager
@@ -30,14 +32,27 @@ def use_model(policy: PolicyRef, model: ModelConfig) -> Iterator[LoadedModel]:
             loaded = load_model(policy.path, device=model.device, dtype=model.dtype)
             _models[key] = (loaded, threading.Lock())
             while len(_models) > _MAX_LOADED:
-                _models.popitem(last=False)
+                _, (evicted, _) = _models.popitem(last=False)
+                _slots.pop(id(evicted.model), None)
         _models.move_to_end(key)
         loaded, lock = _models[key]
     with lock:
         yield loaded
 
 
+def adapter_slot(loaded: LoadedModel, lora: LoraConfig) -> AdapterSlot:
+    """The reusable LoRA layers of a cached model (call inside ``use_model``, which holds its
+    lock). Inner loops on this worker reset them instead of attaching new layers each time."""
+    slot = _slots.get(id(loaded.model))
+    if slot is None or not slot.matches(lora):
+        if slot is not None:
+            slot.close()
+        slot = _slots[id(loaded.model)] = AdapterSlot(loaded.model, lora)
+    return slot
+
+
 def clear_models() -> None:
     """Forget every loaded model (tests, and before a policy update frees memory)."""
     with _registry_lock:
         _models.clear()
+        _slots.clear()

@@ -128,3 +128,36 @@ def test_token_f1(prediction, gold, f1):
 
 def test_normalize_answer():
     assert normalize_answer("  The  Quillmarsh, Lantern! ") == "quillmarsh lantern"
+
+
+def test_an_adapter_slot_trains_like_a_fresh_adapter_and_answers_as_the_base_between_uses(tiny, tmp_path):
+    from models.inner_loop import AdapterSlot, saved_lora
+
+    base = _base_state(tiny.model)
+    before = evaluate_adapter(tiny.model, tiny.tokenizer, QUESTIONS, ANSWERS, EVAL)
+    logits = tiny.model(**tiny.tokenizer(DOCS[:1], return_tensors="pt")).logits
+    slot = AdapterSlot(tiny.model, LORA)
+    try:
+        assert slot.matches(LORA) and not slot.matches(LoraConfig(rank=8, alpha=16))
+        assert slot.matches(LoraConfig(rank=4, alpha=8, target_modules=sorted(LORA.target_modules)))
+        results = []
+        for attempt in range(2):  # the same seed gives the same adapter, however often reused
+            with slot.fresh(seed=0) as adapted:
+                result = train_adapter(adapted, tiny.tokenizer, DOCS, TRAIN)
+                trained = evaluate_adapter(adapted, tiny.tokenizer, QUESTIONS, ANSWERS, EVAL)
+                folder = save_adapter(adapted, tmp_path / f"adapter{attempt}")
+            results.append((result.mean_loss, trained.predictions))
+            # Disabled between uses: the wrapped model answers exactly as the base.
+            torch.testing.assert_close(tiny.model(**tiny.tokenizer(DOCS[:1], return_tensors="pt")).logits, logits)
+            assert evaluate_adapter(tiny.model, tiny.tokenizer, QUESTIONS, ANSWERS, EVAL).predictions == before.predictions
+        assert results[0] == results[1]
+        assert result.final_loss < result.mean_loss  # it learns
+        with slot.fresh(seed=1):
+            pass
+        assert slot.matches(saved_lora(folder))
+        with slot.loaded(folder) as reloaded:  # a saved adapter comes back exactly
+            assert evaluate_adapter(reloaded, tiny.tokenizer, QUESTIONS, ANSWERS, EVAL).predictions == trained.predictions
+    finally:
+        slot.close()
+    after = tiny.model.state_dict()
+    assert after.keys() == base.keys() and all(torch.equal(after[k], base[k]) for k in base)
