@@ -38,6 +38,7 @@ from prefect.artifacts import create_link_artifact, create_table_artifact
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.progress import Progress
 from flows.tracking import MlflowTracker, Tracker, default_tracking_uri, find_resumable_run
 from models.base_model import seal_home, weights_digest
 from models.config import SealConfig
@@ -176,10 +177,23 @@ def run_iteration(config: SealConfig, policy: PolicyRef, iteration: int) -> Iter
     }
     baselines = {c.id: evaluate_adapter.submit(policy, config.model, c, None, "baseline", config.eval)
                  for c in contexts}
-    scores = {
-        c.id: [InnerLoop(policy, config, c, edit, f"edit{edit.index}") for edit in samples[c.id].result()]
-        for c in contexts
-    }
+    edits = len(contexts) * config.self_edit.num_samples
+    progress = Progress(f"iteration-{iteration}", {
+        "sampling": len(contexts), "training": edits, "evaluation": edits + len(contexts)})
+    scores = {}
+    for c in contexts:
+        scores[c.id] = [InnerLoop(policy, config, c, edit, f"edit{edit.index}") for edit in samples[c.id].result()]
+        progress.advance("sampling")
+    loops = [loop for c in contexts for loop in scores[c.id]]
+    for c in contexts:
+        baselines[c.id].wait()
+        progress.advance("evaluation")
+    for loop in loops:
+        loop.adapter.wait()
+        progress.advance("training")
+        loop.score.wait()
+        progress.advance("evaluation")
+    progress.close()
     selections = [
         select_self_edits(c.id, baselines[c.id].result(), [loop.result()[1] for loop in scores[c.id]])
         for c in contexts
@@ -232,8 +246,10 @@ def evaluate_policy(config: SealConfig, policy: PolicyRef, base: PolicyRef) -> H
     """
     start = time.perf_counter()
     contexts = fetch_contexts(config.data, "validation", config.data.num_eval_contexts, seed=config.data.seed)
+    progress = Progress(f"held-out-{policy.name}", {"contexts": len(contexts)})
     futures = []
     for c in contexts:
+        _advance_finished(futures, progress)
         seed = stable_seed(config.seed, "held-out", c.id)
         base_edit = sample_self_edits.submit(base, config.model, c, config.self_edit, seed=seed, num_samples=1)
         base_score = InnerLoop(base, config, c, base_edit.result()[0], "base-edit")
@@ -258,8 +274,20 @@ def evaluate_policy(config: SealConfig, policy: PolicyRef, base: PolicyRef) -> H
             correct[name] += score.num_correct
         per_context.append({"context_id": c.id, "questions": len(c.questions),
                             **{name: s.num_correct for name, s in scores.items()}})
+    progress.advance("contexts", len(contexts) - progress.done["contexts"])
+    progress.close()
     total = sum(len(c.questions) for c in contexts)
     return HeldOutResult(policy, correct, total, time.perf_counter() - start, per_context)
+
+
+def _advance_finished(submitted: list[dict], progress: Progress) -> None:
+    """Count the held-out contexts whose every column has finished since the last call."""
+    def finished(column) -> bool:
+        futures = (column.adapter, column.score) if isinstance(column, InnerLoop) else (column,)
+        return all(f.state.is_final() for f in futures)
+
+    done = sum(1 for columns in submitted if all(finished(c) for c in columns.values()))
+    progress.advance("contexts", done - progress.done["contexts"])
 
 
 def format_held_out(results: list[tuple[str, HeldOutResult]]) -> str:

@@ -29,6 +29,17 @@ def test_training_flow_tracks_everything_and_reruns_from_cache(prefect_env, monk
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"self_edits", "held_out", "curves.png"} <= artifacts
 
+    # Prefect shows each phase's progress, finished, and the iteration's self-edit table.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as prefect:
+        for key in ("progress-held-out-base", "progress-iteration-1", "progress-held-out-iteration-1",
+                    "self-edits-iteration-1"):
+            (artifact, *_) = prefect.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+            if key.startswith("progress"):
+                assert artifact.type == "progress" and float(artifact.data) == 100.0, key
+
     # The tiny model learns to say "zq" from the passage, so adapted beats unadapted.
     (iteration,) = first.iterations
     assert iteration.metrics["adapted_accuracy"] > iteration.metrics["baseline_accuracy"]
@@ -82,3 +93,26 @@ def test_seal_run_then_eval_a_registered_policy(prefect_env, capsys):
     assert "policy self edits" in capsys.readouterr().out
     assert main(["eval", str(TINY), "models:/no-such-policy@best", *data]) == 2
     assert "no-such-policy" in capsys.readouterr().err
+
+
+def test_progress_draws_bars_only_on_a_terminal(prefect_env):
+    import io
+
+    from flows.progress import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    plain, terminal = io.StringIO(), Terminal()
+    quiet = Progress("test-plain", {"training": 2}, stream=plain)
+    drawn = Progress("test-terminal", {"sampling": 1, "training": 2}, stream=terminal)
+    for progress in (quiet, drawn):
+        progress.advance("training")
+        progress.advance("training", 5)  # never past the total
+    drawn.advance("sampling")
+    assert quiet.fraction == 1.0 and drawn.fraction == 1.0
+    quiet.close()
+    drawn.close()
+    assert plain.getvalue() == ""
+    assert "test-terminal training" in terminal.getvalue() and "2/2" in terminal.getvalue()
