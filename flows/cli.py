@@ -4,6 +4,7 @@
     seal eval CONFIG POLICY [section.key=value ...]  held-out evaluation of a policy
     seal inner-loop CONFIG [section.key=value ...]   the inner-loop demo table
     seal clean [--yes]                               prune results and artifacts no run references
+    seal serve [--prefect-port P] [--mlflow-port M]  Prefect + MLflow UIs, the flows as deployments
 """
 
 from __future__ import annotations
@@ -47,6 +48,10 @@ def _parser() -> argparse.ArgumentParser:
         "clean", help="list (or with --yes delete) results and adapters that no Prefect run references"
     )
     clean.add_argument("--yes", action="store_true", help="delete; the default only lists")
+    serve = commands.add_parser("serve", help="start the Prefect and MLflow servers and serve the flows")
+    serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default: localhost only)")
+    serve.add_argument("--prefect-port", type=int, default=4200)
+    serve.add_argument("--mlflow-port", type=int, default=5000)
     return parser
 
 
@@ -140,6 +145,17 @@ def clean(args: argparse.Namespace) -> int:
     return 0
 
 
+def serve(args: argparse.Namespace) -> int:
+    from models.base_model import seal_home
+
+    os.environ["PREFECT_HOME"] = str(seal_home() / "prefect")  # the served server's database
+    prefect_environment()
+    from flows.serve import Endpoints
+    from flows.serve import serve as serve_flows
+
+    return serve_flows(Endpoints(args.host, args.prefect_port, args.mlflow_port), seal_home())
+
+
 def main(argv: list[str] | None = None) -> int:
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
@@ -149,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     from models.knowledge_data import DatasetError
 
     try:
-        return {"run": run, "eval": evaluate, "inner-loop": inner_loop, "clean": clean}[args.command](args)
+        return {"run": run, "eval": evaluate, "inner-loop": inner_loop, "clean": clean,
+                "serve": serve}[args.command](args)
     except (ConfigError, ModelNotFoundError, DatasetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,81 @@
+"""`seal serve`: both servers answer, the deployments are registered and run, Ctrl-C stops all."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def served(tmp_path):
+    """`seal serve` on free ports in a fresh SEAL_HOME (the tiny model is built there on first use)."""
+    import psutil
+
+    ports = {"prefect": free_port(), "mlflow": free_port()}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env |= {"SEAL_HOME": str(tmp_path / "home"), "PYTHONUNBUFFERED": "1"}
+    log = open(tmp_path / "serve.log", "w+")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "serve", "--prefect-port", str(ports["prefect"]),
+         "--mlflow-port", str(ports["mlflow"])],
+        env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 120
+    while "Prefect UI:" not in (tmp_path / "serve.log").read_text():
+        assert process.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "seal serve did not come up in 120 s"
+        time.sleep(0.5)
+    yield {"process": process, "ports": ports, "home": tmp_path / "home", "log": tmp_path / "serve.log",
+           "children": psutil.Process(process.pid).children(recursive=True)}
+    if process.poll() is None:
+        process.kill()
+
+
+def test_serve_runs_a_deployment_with_changed_parameters_and_stops_cleanly(served, monkeypatch):
+    import urllib.request
+
+    from mlflow import MlflowClient
+
+    from models.config import load_config
+
+    prefect, mlflow = served["ports"]["prefect"], served["ports"]["mlflow"]
+    for url in (f"http://127.0.0.1:{prefect}/api/health", f"http://127.0.0.1:{mlflow}/health"):
+        assert urllib.request.urlopen(url, timeout=5).status == 200
+
+    monkeypatch.setenv("PREFECT_API_URL", f"http://127.0.0.1:{prefect}/api")
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    with get_client(sync_client=True) as client:
+        names = {d.name for d in client.read_deployments()}
+        assert {"knowledge-tiny", "knowledge-smollm2", "nightly-continued-adaptation"} <= names
+        (tiny,) = [d for d in client.read_deployments() if d.name == "knowledge-tiny"]
+        assert "config" in tiny.parameter_openapi_schema["properties"]  # the UI's form
+    config = load_config(ROOT / "deployments/configs/knowledge-tiny.yaml",
+                         ["rl.iterations=1", "lora.rank=2", "tracking.experiment=served"])
+    run = run_deployment("seal-training/knowledge-tiny", parameters={"config": config.model_dump(mode="json")},
+                         timeout=240)
+    assert run.state.is_completed(), run.state
+
+    client = MlflowClient(f"http://127.0.0.1:{mlflow}")
+    (tracked,) = client.search_runs([client.get_experiment_by_name("served").experiment_id])
+    assert tracked.data.params["lora.rank"] == "2" and "reward_mean" in tracked.data.metrics
+    assert tracked.data.tags["prefect.flow_run_id"] == str(run.id)
+
+    served["process"].send_signal(signal.SIGTERM)
+    assert served["process"].wait(timeout=60) is not None
+    time.sleep(1)
+    assert not [p for p in served["children"] if p.is_running() and p.status() != "zombie"], "a server outlived seal serve"
