@@ -1,6 +1,6 @@
 """Two training runs at once on the same SEAL_HOME and Prefect server do not corrupt each other."""
 
-import json
+import base64
 import os
 import subprocess
 import sys
@@ -14,6 +14,8 @@ ROOT = Path(__file__).parents[1]
 def test_two_runs_at_once_share_results_without_corrupting_them(prefect_env, tmp_path):
     from mlflow import MlflowClient
     from prefect.settings import PREFECT_API_URL
+    import cloudpickle
+    from prefect.results import ResultRecord
     from safetensors.torch import load_file
 
     squad = squad_file(tmp_path / "squad.json")
@@ -43,4 +45,8 @@ def test_two_runs_at_once_share_results_without_corrupting_them(prefect_env, tmp
         load_file(adapter)
     assert not [p for p in (home / "adapters").rglob(".*") if p.is_dir()], "a temporary folder was left behind"
     for result in Path(os.environ["PREFECT_LOCAL_STORAGE_PATH"]).iterdir():
-        json.loads(result.read_text())
+        data = result.read_bytes()
+        if data.startswith(b"{"):  # a task's result record
+            ResultRecord.deserialize(data).result
+        else:  # a flow's return value: the pickle alone
+            cloudpickle.loads(base64.b64decode(data))
