@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE=1
 export TRANSFORMERS_OFFLINE=1
 export HF_DATASETS_OFFLINE=1
 
-.PHONY: install run test test-slow bench clean-venv
+.PHONY: install run serve test test-slow bench clean-venv
 
 install: $(STAMP)
 
@@ -27,6 +27,9 @@ $(STAMP): pyproject.toml
 
 run: install  ## the SEAL training flow on the bundled SmolLM2 (CONFIG=... to change)
 	$(BIN)/seal run $(CONFIG)
+
+serve: install  ## Prefect UI :4200 and MLflow UI :5000 with the flows as deployments (Ctrl-C stops)
+	$(BIN)/seal serve
 
 test: install
 	$(BIN)/python -m pytest -q

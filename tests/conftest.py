@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -62,3 +66,34 @@ def squad_file(path: Path) -> Path:
     ]
     path.write_text(json.dumps({"version": "1.1", "data": articles}))
     return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def served(tmp_path):
+    """`seal serve` on free ports in a fresh SEAL_HOME (the tiny model is built there on first use)."""
+    import psutil
+
+    ports = {"prefect": free_port(), "mlflow": free_port()}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env |= {"SEAL_HOME": str(tmp_path / "home"), "PYTHONUNBUFFERED": "1"}
+    log = open(tmp_path / "serve.log", "w+")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "serve", "--prefect-port", str(ports["prefect"]),
+         "--mlflow-port", str(ports["mlflow"])],
+        env=env, cwd=Path(__file__).parents[1], stdout=log, stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 120
+    while "Prefect UI:" not in (tmp_path / "serve.log").read_text():
+        assert process.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "seal serve did not come up in 120 s"
+        time.sleep(0.5)
+    yield {"process": process, "ports": ports, "home": tmp_path / "home", "log": tmp_path / "serve.log",
+           "children": psutil.Process(process.pid).children(recursive=True)}
+    if process.poll() is None:
+        process.kill()
