@@ -8,7 +8,6 @@ Needs Debian's Chromium (/usr/bin/chromium; `.ci/run` installs it) and the playw
 without either the test is skipped with the reason, never silently.
 """
 
-import json
 import os
 import shutil
 import time
@@ -55,52 +54,61 @@ def test_a_run_started_in_the_prefect_ui_shows_up_in_mlflow(served, browser, tmp
     page.goto(f"{prefect_ui}/deployments")
     page.get_by_text("knowledge-tiny").first.wait_for()
     shot("1-deployments")
-    page.get_by_text("knowledge-tiny").first.click()
+    link = page.get_by_role("link", name="knowledge-tiny").first
+    deployment_url = prefect_ui + link.get_attribute("href")
+    link.click()
     page.wait_for_url("**/deployments/deployment/**")
+    page.get_by_text("seal-training").first.wait_for()
     shot("2-deployment")
 
-    # Custom run: the parameters as JSON, with lora.rank changed and a one-iteration run.
-    page.get_by_role("button", name="Run").first.click()
-    page.get_by_text("Custom run").click()
-    page.wait_for_url("**/run**")
+    # Custom run (the deployment's "Run > Custom run" page): the typed config is a form; change
+    # lora.rank, run one iteration, log to its own MLflow experiment.
+    page.goto(f"{deployment_url}/run")
+    page.get_by_text("Parameters").first.wait_for()
     shot("3-custom-run-form")
-    page.get_by_role("radio", name="JSON").or_(page.get_by_text("JSON", exact=True)).first.click()
-    editor = page.locator(".cm-content").first
-    editor.wait_for()
-    config = json.loads(editor.inner_text())["config"]
-    config["lora"]["rank"] = 2
-    config["rl"]["iterations"] = 1
-    config["tracking"]["experiment"] = "browser"
-    editor.click()
-    page.keyboard.press("Control+A")
-    page.keyboard.press("Delete")
-    page.keyboard.insert_text(json.dumps({"config": config}))
-    shot("4-custom-run-json")
-    page.get_by_role("button", name="Submit").click()
-    page.wait_for_url("**/runs/flow-run/**")
-    flow_run_id = page.url.rstrip("/").split("/")[-1]
 
-    # Wait for the run to finish, as the page shows it.
+    def field(label: str, value: str) -> None:
+        # The first field so labelled, in the config's order: lora.rank comes before policy_update.rank.
+        box = page.locator(f"xpath=//*[normalize-space(text())='{label} (Optional)']/following::*[self::input or self::textarea][1]").first
+        box.fill(value)
+
+    field("Rank", "2")
+    field("Iterations", "1")
+    field("Experiment", "browser")
+    shot("4-custom-run-changed")
+    page.get_by_role("button", name="Submit").click()
+    page.wait_for_url(deployment_url)  # back on the deployment, with the run scheduled
+
+    # The run the form created; wait for it to finish, then look at it as the UI shows it.
     client = SyncPrefectClient(f"{prefect_ui}/api")
     deadline = time.monotonic() + 300
-    while not (run := client.read_flow_run(flow_run_id)).state.is_final():
+    while not (runs := client.read_flow_runs()):
+        assert time.monotonic() < deadline, "the form created no flow run"
+        time.sleep(1)
+    (run,) = runs
+    while not (run := client.read_flow_run(run.id)).state.is_final():
         assert time.monotonic() < deadline, f"flow run still {run.state.name} after 300 s"
         time.sleep(2)
     assert run.state.is_completed(), run.state.message
     assert run.parameters["config"]["lora"]["rank"] == 2
-    page.reload()
+    page.goto(f"{prefect_ui}/runs/flow-run/{run.id}")
     page.get_by_text("Completed").first.wait_for()
     shot("5-flow-run-completed")
 
-    # The MLflow UI: the experiment, the run, its params and metrics.
-    page.goto(f"{mlflow_ui}/#/experiments")
-    page.get_by_text("browser").first.click()
-    page.get_by_role("link", name=run.name).or_(page.get_by_text(run.name)).first.wait_for()
+    # The MLflow UI: the experiment's runs table lists the run; its page shows params and metrics.
+    from mlflow import MlflowClient
+
+    tracking = MlflowClient(mlflow_ui)
+    experiment = tracking.get_experiment_by_name("browser")
+    (tracked,) = tracking.search_runs([experiment.experiment_id])
+    assert tracked.data.tags["prefect.flow_run_id"] == str(run.id) and tracked.data.params["lora.rank"] == "2"
+    page.goto(f"{mlflow_ui}/#/experiments/{experiment.experiment_id}/runs")
+    page.wait_for_timeout(5000)
     shot("6-mlflow-experiment")
-    page.get_by_role("link", name=run.name).or_(page.get_by_text(run.name)).first.click()
+    page.get_by_text(tracked.info.run_name).first.wait_for()
+    page.goto(f"{mlflow_ui}/#/experiments/{experiment.experiment_id}/runs/{tracked.info.run_id}")
     page.get_by_text("reward_mean").first.wait_for()
     shot("7-mlflow-run")
-    assert page.get_by_text("lora.rank").count() >= 1
 
     if target := os.environ.get("SEAL_SCREENSHOTS"):
         shutil.copytree(shots, target, dirs_exist_ok=True)
