@@ -48,9 +48,9 @@ def tree_rss_mb(pid: int) -> dict[str, float]:
     for proc in [root, *root.children(recursive=True)]:
         try:
             cmd = " ".join(proc.cmdline())
-            name = ("prefect server" if "prefect" in cmd and "server" in cmd else
-                    "mlflow server" if "mlflow" in cmd or "uvicorn" in cmd or "gunicorn" in cmd else
-                    "seal serve" if proc.pid == pid else "other")
+            name = ("seal serve (flows, deployments)" if proc.pid == pid else
+                    "prefect server" if "prefect" in cmd else
+                    "mlflow server" if "mlflow" in cmd or "uvicorn" in cmd or "gunicorn" in cmd else "other")
             memory[name] = memory.get(name, 0.0) + proc.memory_info().rss / 2**20
         except psutil.Error:
             pass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -93,7 +94,15 @@ def served(tmp_path):
         assert process.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
         assert time.monotonic() < deadline, "seal serve did not come up in 120 s"
         time.sleep(0.5)
+    served_children = psutil.Process(process.pid).children(recursive=True)
     yield {"process": process, "ports": ports, "home": tmp_path / "home", "log": tmp_path / "serve.log",
-           "children": psutil.Process(process.pid).children(recursive=True)}
-    if process.poll() is None:
-        process.kill()
+           "children": served_children}
+    if process.poll() is None:  # stop it as a user would, so it stops its servers
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    for child in served_children:  # never leave a server behind, whatever the test did
+        if child.is_running():
+            child.kill()
