@@ -69,6 +69,10 @@ def evaluate_fewshot_policy(config: SealConfig, policy: PolicyRef, base: PolicyR
             "context_id": arc.id, **counts, "self_edits": k,
             "oracle_solved_by": [i for i, ok in enumerate(rows["oracle_solved_by"]) if ok],
             "seal_configs_valid": sum(1 for loop in seal if loop.result()[0].failure is None),
+            # (adapter folder, seconds to train and score it) of every inner loop that ran; equal
+            # configs share a folder, so a folder counts once however often it was asked for.
+            "inner_loops": sorted({(a.path, a.seconds + s.seconds) for a, s in
+                                   (loop.result() for loop in (*ttt, *seal, *oracle)) if a.path}),
         })
         progress.advance("tasks")
     progress.close()
