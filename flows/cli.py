@@ -104,11 +104,12 @@ def run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     prefect_environment()
+    from flows.domains import domain_for
     from flows.training import format_held_out, seal_training
 
     result = seal_training(config)
     print()
-    print("held-out closed-book accuracy (correct/questions):")
+    print(domain_for(config).held_out_title)
     print(format_held_out(result.held_out))
     print()
     print(f"final policy: {result.policy.path}")
@@ -124,10 +125,12 @@ def evaluate(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     prefect_environment()
+    from flows.domains import domain_for
     from flows.evaluation import seal_evaluation
     from flows.training import format_held_out
 
     result = seal_evaluation(config, args.policy)
+    print(domain_for(config).held_out_title)
     print(format_held_out([(args.policy[-16:], result)]))
     return 0
 
@@ -162,12 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from models.config import ConfigError
     from models.base_model import ModelNotFoundError
+    from models.fewshot.data import UnknownTaskError
     from models.knowledge_data import DatasetError
 
     try:
         return {"run": run, "eval": evaluate, "inner-loop": inner_loop, "clean": clean,
                 "serve": serve}[args.command](args)
-    except (ConfigError, ModelNotFoundError, DatasetError) as exc:
+    except (ConfigError, ModelNotFoundError, DatasetError, UnknownTaskError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

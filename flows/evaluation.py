@@ -1,6 +1,7 @@
-"""Held-out evaluation of a policy as a Prefect flow.
+"""Held-out evaluation of a policy as a Prefect flow (the table of the config's domain).
 
     seal eval deployments/configs/knowledge-smollm2.yaml models:/seal-policy@best
+    seal eval deployments/configs/fewshot-smollm2.yaml base
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from pathlib import Path
 from prefect import flow
 
 from flows.tracking import default_tracking_uri, resolve_policy_uri
-from flows.training import HeldOutResult, evaluate_policy, verified_policy
+from flows.domains import domain_for
+from flows.training import HeldOutResult, verified_policy
 from models.base_model import ModelNotFoundError, resolve_model, seal_home
 from models.config import SealConfig
 from tasks.knowledge import resolve_base_policy
@@ -36,7 +38,8 @@ def resolve_policy(policy: str, base: PolicyRef) -> PolicyRef:
 
 @flow(name="seal-evaluation")
 def seal_evaluation(config: SealConfig, policy: str = "base") -> HeldOutResult:
-    """Score ``policy`` on held-out contexts: no adaptation, passage only, passage + self-edits
-    from the base model, passage + self-edits from the policy."""
+    """Score ``policy`` on held-out contexts. Knowledge: no adaptation, passage only, passage +
+    self-edits from the base model, passage + self-edits from the policy. Few-shot (Table 1):
+    in-context learning, TTT with the base model's self-edits, SEAL (the policy's), oracle TTT."""
     base = verified_policy(resolve_base_policy, config.model)
-    return evaluate_policy(config, resolve_policy(policy, base), base)
+    return domain_for(config).evaluate_policy(config, resolve_policy(policy, base), base)

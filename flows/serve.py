@@ -125,8 +125,8 @@ def _signal_group(process: subprocess.Popen, sig: int) -> None:
 
 
 def deployments(config_dir: Path = CONFIGS) -> list:
-    """One training deployment per knowledge config, an evaluation deployment, and a paused
-    nightly run (continued adaptation on new data) to switch on in the UI."""
+    """One training deployment per config (knowledge and few-shot), an evaluation deployment, and
+    a paused nightly run (continued adaptation on new data) to switch on in the UI."""
     from prefect.deployments.runner import EntrypointType
     from prefect.schedules import Cron
 
@@ -135,7 +135,7 @@ def deployments(config_dir: Path = CONFIGS) -> list:
     from models.config import load_config
 
     result = []
-    for path in sorted(config_dir.glob("knowledge-*.yaml")):
+    for path in sorted([*config_dir.glob("knowledge-*.yaml"), *config_dir.glob("fewshot-*.yaml")]):
         config = load_config(path).model_dump(mode="json")
         result.append(seal_training.to_deployment(
             name=path.stem, parameters={"config": config}, tags=["seal", "training"],

@@ -21,6 +21,12 @@ Departures from the paper, on purpose:
 - The M-step merges a LoRA (r=64, alpha=128 as in the paper) into a full checkpoint.
 - Held-out evaluation samples one self-edit per context; the baseline columns are the base
   model's (as in the paper's Table 2), so they are computed once per config.
+
+The same loop serves the paper's few-shot setting (§4.1, ARC): contexts are ARC tasks, a
+self-edit is a JSON test-time-training config, reward 1 when the adapted model solves the task,
+and every solving config is kept. Whatever differs between the two settings goes through the
+config's ``domain`` (``flows/domains.py``); this module never names a domain's tasks except in
+the knowledge held-out flow below.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from prefect.artifacts import create_link_artifact, create_table_artifact
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.domains import domain_for
 from flows.progress import Progress
 from flows.tracking import MlflowTracker, Tracker, default_tracking_uri, find_resumable_run
 from models.base_model import seal_home, weights_digest
@@ -47,8 +54,6 @@ from tasks.knowledge import (
     fetch_contexts,
     resolve_base_policy,
     sample_self_edits,
-    select_self_edits,
-    train_adapter,
     update_policy,
 )
 from tasks.records import (
@@ -78,13 +83,18 @@ class IterationResult:
 @dataclass
 class HeldOutResult:
     policy: PolicyRef
-    correct: dict[str, int]
+    correct: dict[str, int]  # the table's columns, in order
     total: int
     seconds: float
     per_context: list[dict] = field(default_factory=list)
+    # Columns whose denominator is not ``total`` (few-shot: the self-edit rows count self-edits).
+    totals: dict[str, int] = field(default_factory=dict)
+
+    def total_of(self, column: str) -> int:
+        return self.totals.get(column, self.total)
 
     def accuracy(self, column: str) -> float:
-        return self.correct[column] / self.total if self.total else 0.0
+        return self.correct[column] / self.total_of(column) if self.total_of(column) else 0.0
 
 
 OUT_OF_MEMORY = "out of memory"
@@ -99,16 +109,15 @@ class InnerLoop:
 
     def __init__(self, policy: PolicyRef, config: SealConfig, context: Context,
                  edit: SelfEditRecord | None, label: str) -> None:
-        self.questions = len(context.questions)
+        self.questions = context.num_targets
         self._inputs = (policy, config, context, edit, label)
         self._submit(refresh=False)
 
     def _submit(self, refresh: bool) -> None:
         policy, config, context, edit, label = self._inputs
-        train = train_adapter.with_options(refresh_cache=True) if refresh else train_adapter
-        evaluate = evaluate_adapter.with_options(refresh_cache=True) if refresh else evaluate_adapter
-        self.adapter = train.submit(policy, config.model, context, edit, label, config.lora, config.inner_loop)
-        self.score = evaluate.submit(policy, config.model, context, self.adapter, label, config.eval)
+        domain = domain_for(config)
+        self.adapter = domain.train_adapter(policy, config, context, edit, label, refresh=refresh)
+        self.score = domain.evaluate_adapter(policy, config, context, self.adapter, label, refresh=refresh)
 
     def result(self) -> tuple[AdapterRecord, EvalRecord]:
         """The adapter and its score.
@@ -167,16 +176,15 @@ SERIAL = ThreadPoolTaskRunner(max_workers=1)
 def run_iteration(config: SealConfig, policy: PolicyRef, iteration: int) -> IterationResult:
     """One outer iteration: the E-step over N contexts x K self-edits, then the M-step."""
     start = time.perf_counter()
-    contexts = fetch_contexts(config.data, "train", config.data.num_train_contexts,
-                              seed=stable_seed(config.data.seed, "train", iteration))
+    domain = domain_for(config)
+    contexts = domain.fetch_contexts(config, "train", config.data.num_train_contexts,
+                                     seed=stable_seed(config.data.seed, "train", iteration))
     samples = {
-        c.id: sample_self_edits.submit(policy, config.model, c, config.self_edit,
-                                       seed=stable_seed(config.seed, iteration, c.id),
+        c.id: domain.sample_self_edits(policy, config, c, seed=stable_seed(config.seed, iteration, c.id),
                                        num_samples=config.self_edit.num_samples)
         for c in contexts
     }
-    baselines = {c.id: evaluate_adapter.submit(policy, config.model, c, None, "baseline", config.eval)
-                 for c in contexts}
+    baselines = {c.id: domain.evaluate_adapter(policy, config, c, None, "baseline") for c in contexts}
     edits = len(contexts) * config.self_edit.num_samples
     progress = Progress(f"iteration-{iteration}", {
         "sampling": len(contexts), "training": edits, "evaluation": edits + len(contexts)})
@@ -195,22 +203,23 @@ def run_iteration(config: SealConfig, policy: PolicyRef, iteration: int) -> Iter
         progress.advance("evaluation")
     progress.close()
     selections = [
-        select_self_edits(c.id, baselines[c.id].result(), [loop.result()[1] for loop in scores[c.id]])
+        domain.select_self_edits(c.id, baselines[c.id].result(), [loop.result()[1] for loop in scores[c.id]])
         for c in contexts
     ]
     rows, pairs = [], []
     for c, selection in zip(contexts, selections):
         for edit, loop, reward in zip(samples[c.id].result(), scores[c.id], selection.rewards):
             adapter, score = loop.result()
+            kept = edit.index in selection.kept_indices
             rows.append({
                 "iteration": iteration, "context_id": c.id, "self_edit": edit.index,
-                "reward": reward, "kept": selection.kept == edit.index,
+                "reward": reward, "kept": kept,
                 "baseline_accuracy": selection.baseline_accuracy, "accuracy": score.accuracy,
-                "f1": score.mean_f1, "documents": len(edit.documents), "failure": score.failure,
+                "f1": score.mean_f1, **domain.describe(edit), "failure": score.failure,
                 "train_seconds": adapter.seconds, "eval_seconds": score.seconds,
                 "adapter": adapter.path, "text": edit.text,
             })
-            if selection.kept == edit.index:
+            if kept:
                 pairs.append((edit.prompt, edit.text))
     check_success_fraction(rows, config.inner_loop.min_success_fraction, iteration)
     e_step_seconds = time.perf_counter() - start
@@ -292,18 +301,21 @@ def _advance_finished(submitted: list[dict], progress: Progress) -> None:
 
 def format_held_out(results: list[tuple[str, HeldOutResult]]) -> str:
     """The held-out table: one row per evaluation, correct/total per column."""
-    header = f"{'policy':<16}" + "".join(f"{c.replace('_', ' '):>20}" for c in HELD_OUT_COLUMNS)
+    columns = list(results[0][1].correct)
+    header = f"{'policy':<16}" + "".join(f"{c.replace('_', ' '):>20}" for c in columns)
     lines = [header, "-" * len(header)]
     for label, result in results:
         cells = "".join(
-            f"{f'{result.correct[c]}/{result.total} ({result.accuracy(c):.0%})':>20}" for c in HELD_OUT_COLUMNS
+            f"{f'{result.correct[c]}/{result.total_of(c)} ({result.accuracy(c):.0%})':>20}" for c in columns
         )
         lines.append(f"{label:<16}{cells}")
     return "\n".join(lines)
 
 
 def _log_held_out(tracker: Tracker, result: HeldOutResult, step: int) -> None:
-    tracker.log_metrics({f"held_out/{c}": result.accuracy(c) for c in HELD_OUT_COLUMNS}, step=step)
+    tracker.log_metrics({f"held_out/{c}": result.accuracy(c) for c in result.correct}, step=step)
+    tracker.log_metrics({f"held_out/{c}_correct": n for c, n in result.correct.items()}, step=step)
+    tracker.log_metrics({f"held_out/{c}_total": result.total_of(c) for c in result.correct}, step=step)
     tracker.log_table(result.per_context, f"held_out/step-{step}.json")
 
 
@@ -350,9 +362,10 @@ def seal_training(config: SealConfig) -> TrainingResult:
 
 def _train(config: SealConfig, tracker: Tracker) -> TrainingResult:
     tracker.log_params(config.flat())
+    domain = domain_for(config)
     base = verified_policy(resolve_base_policy, config.model)
     policy = base
-    held_out = [("base", evaluate_policy(config, base, base))]
+    held_out = [("base", domain.evaluate_policy(config, base, base))]
     _log_held_out(tracker, held_out[-1][1], step=0)
     best_score = -1.0  # "best" points at the best evaluated registered version
     version = None  # the registry version of the current policy (None: the base model)
@@ -382,9 +395,9 @@ def _train(config: SealConfig, tracker: Tracker) -> TrainingResult:
         policy = new_policy
         last = t == config.rl.iterations
         if last or (config.rl.eval_every and t % config.rl.eval_every == 0):
-            held_out.append((policy.name, evaluate_policy(config, policy, base)))
+            held_out.append((policy.name, domain.evaluate_policy(config, policy, base)))
             _log_held_out(tracker, held_out[-1][1], step=t)
-            score = held_out[-1][1].accuracy("policy_self_edits")
+            score = held_out[-1][1].accuracy(domain.policy_column)
             if version is not None and score > best_score:
                 tracker.set_alias(version, "best")
                 best_score = score
@@ -401,7 +414,7 @@ def _curves(iterations: list[IterationResult], held_out: list[tuple[str, HeldOut
     figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
     left.plot([r.iteration for r in iterations], [r.metrics["reward_mean"] for r in iterations], marker="o")
     left.set(title="mean reward per iteration", xlabel="iteration", ylabel="reward")
-    for column in HELD_OUT_COLUMNS:
+    for column in held_out[0][1].correct:
         right.plot(range(len(held_out)), [r.accuracy(column) for _, r in held_out], marker="o",
                    label=column.replace("_", " "))
     right.set(title="held-out accuracy", xlabel="evaluation", ylabel="accuracy")

@@ -18,6 +18,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from models.fewshot.schema import TTTConfig
+
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message lists every problem."""
@@ -139,9 +141,68 @@ class TrackingConfig(_Section):
     log_adapters: bool = Field(True, description="Log every self-edit's adapter folder to MLflow.")
 
 
+def _ttt(basic: bool, size: bool, strategy: str, learning_rate: float, epochs: int) -> TTTConfig:
+    return TTTConfig.model_validate({
+        "data_generation": {"use_basic_augmentations": basic, "use_size_augmentations": size,
+                            "use_chain_augmentations": False, "use_repeat_augmentations": False},
+        "training": {"strategy": strategy, "learning_rate": learning_rate, "num_train_epochs": epochs},
+    })
+
+
+class FewshotConfig(_Section):
+    """Few-shot learning on ARC (``domain: fewshot``, SEAL §4.1). A context is an ARC-AGI-1 task,
+    a self-edit the JSON config of its test-time training. ``data.num_train_contexts``,
+    ``data.num_eval_contexts`` and ``data.seed`` choose how many tasks each step uses."""
+
+    train_task_ids: list[str] = Field(
+        default_factory=list,
+        description="ARC-AGI-1 training tasks to draw from (empty: every one within max_grid_size).",
+    )
+    eval_task_ids: list[str] = Field(
+        default_factory=list,
+        description="ARC-AGI-1 evaluation tasks for held-out scores (empty: every one within "
+        "max_grid_size).",
+    )
+    max_grid_size: int = Field(30, ge=1, le=30, description="Only tasks whose grids all fit in this side.")
+    min_learning_rate: float = Field(1e-6, gt=0, description="Smallest learning rate a self-edit may ask for.")
+    max_learning_rate: float = Field(1e-2, gt=0, le=1, description="Largest learning rate a self-edit may ask for.")
+    max_epochs: int = Field(10, ge=1, le=100, description="Most epochs a self-edit may ask for.")
+    max_steps: int = Field(
+        375, ge=1, description="Self-edits needing more optimizer steps than this are rejected "
+        "(reward 0): the paper discards configs that would train too long.",
+    )
+    max_attempts: int = Field(
+        3, ge=1, le=20, description="Generations per self-edit while it is invalid JSON or out of "
+        "bounds; the last invalid one scores 0 with its reason.",
+    )
+    answer_prefix: str = Field(
+        "", description="Text the policy's answer is made to start with (e.g. the opening of the "
+        "JSON object), for models too small to write JSON unprompted. Paper: none.",
+    )
+    voting: bool = Field(
+        False, description="Predict under the 8 dihedral views and take the majority grid "
+        "(8x the prediction cost).",
+    )
+    oracle_configs: list[TTTConfig] = Field(
+        default_factory=lambda: [
+            _ttt(False, False, "train_using_output_tokens", 1e-4, 3),
+            _ttt(True, False, "train_using_output_tokens", 1e-4, 2),
+            _ttt(True, True, "train_using_all_tokens", 1e-4, 2),
+            _ttt(False, False, "train_using_output_tokens", 1e-3, 3),
+        ],
+        min_length=1,
+        description="The grid search of oracle test-time training (Table 1): a held-out task "
+        "counts as solved if any of these configs solves it.",
+    )
+
+
 class SealConfig(_Section):
     """The whole SEAL configuration."""
 
+    domain: Literal["knowledge", "fewshot"] = Field(
+        "knowledge", description="Which of the paper's settings: 'knowledge' (incorporating a "
+        "passage, §4.2) or 'fewshot' (ARC test-time training, §4.1).",
+    )
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     self_edit: SelfEditConfig = Field(default_factory=SelfEditConfig)
@@ -151,6 +212,7 @@ class SealConfig(_Section):
     policy_update: PolicyUpdateConfig = Field(default_factory=PolicyUpdateConfig)
     rl: RLConfig = Field(default_factory=RLConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    fewshot: FewshotConfig = Field(default_factory=FewshotConfig)
     seed: int = Field(0, description="Seed of self-edit sampling.")
 
     @model_validator(mode="after")
@@ -160,6 +222,20 @@ class SealConfig(_Section):
             problems.append("data.source is 'squad' but neither data.path nor data.hub_name is set")
         if self.data.source == "synthetic" and self.data.path:
             problems.append("data.path is set but data.source is 'synthetic'; set data.source=squad")
+        fewshot = self.fewshot
+        if fewshot.min_learning_rate > fewshot.max_learning_rate:
+            problems.append(f"fewshot.min_learning_rate {fewshot.min_learning_rate:g} is above "
+                            f"fewshot.max_learning_rate {fewshot.max_learning_rate:g}")
+        if self.domain == "fewshot":
+            from models.fewshot.data import task_id_problems
+
+            problems += task_id_problems("train", fewshot.train_task_ids, fewshot.max_grid_size)
+            problems += task_id_problems("validation", fewshot.eval_task_ids, fewshot.max_grid_size)
+        for n, oracle in enumerate(fewshot.oracle_configs):
+            lr, epochs = oracle.training.learning_rate, oracle.training.num_train_epochs
+            if not fewshot.min_learning_rate <= lr <= fewshot.max_learning_rate or not 1 <= epochs <= fewshot.max_epochs:
+                problems.append(f"fewshot.oracle_configs.{n}: learning_rate {lr:g} or num_train_epochs "
+                                f"{epochs} outside the fewshot bounds")
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -58,3 +58,27 @@ def select_self_edits(baseline_accuracy: float, candidates: list[Candidate]) -> 
         return Selection(rewards, None, "none-beat-baseline", tie=tie)
     winner = min(best, key=lambda c: (-c.f1, c.index))
     return Selection(rewards, winner.index, "kept", tie=tie)
+
+
+@dataclass(frozen=True)
+class SolvedSelection:
+    rewards: tuple[int, ...]  # per candidate, in index order
+    kept: tuple[int, ...]  # every rewarded candidate
+    outcome: Literal["kept", "none-solved", "no-valid-self-edit"]
+
+
+def select_solving_self_edits(solved: list[bool], failures: list[str | None]) -> SolvedSelection:
+    """Few-shot rewards (SEAL §4.1): 1 for each self-edit whose adapted model solved the task
+    exactly, and every such self-edit is kept (ARC has no partial "better than baseline").
+
+    Args:
+        solved: per self-edit, whether every test output was predicted exactly.
+        failures: per self-edit, why it could not be applied (None when it was).
+    """
+    rewards = tuple(int(ok and failure is None) for ok, failure in zip(solved, failures))
+    kept = tuple(i for i, r in enumerate(rewards) if r)
+    if kept:
+        return SolvedSelection(rewards, kept, "kept")
+    if all(failures):
+        return SolvedSelection(rewards, kept, "no-valid-self-edit")
+    return SolvedSelection(rewards, kept, "none-solved")

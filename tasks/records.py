@@ -11,6 +11,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
+from models.fewshot.schema import TTTConfig
+
 
 class _Record(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -30,6 +32,11 @@ class Context(_Record):
     context: str
     questions: list[str]
     answers: list[list[str]]
+
+    @property
+    def num_targets(self) -> int:
+        """What a score counts: here the questions."""
+        return len(self.questions)
 
 
 class SelfEditRecord(_Record):
@@ -99,6 +106,58 @@ class SelectionRecord(_Record):
     kept: int | None
     outcome: str
     tie: bool
+
+    @property
+    def kept_indices(self) -> list[int]:
+        """The self-edits the policy update imitates (knowledge: at most one per context)."""
+        return [] if self.kept is None else [self.kept]
+
+
+# --- few-shot (ARC) ---
+
+Grid = list[list[int]]
+
+
+class ArcTask(_Record):
+    """An ARC task: the context of the few-shot domain. Its test outputs are the targets."""
+
+    id: str
+    train_inputs: list[Grid]
+    train_outputs: list[Grid]
+    test_inputs: list[Grid]
+    test_outputs: list[Grid]
+
+    @property
+    def num_targets(self) -> int:
+        return len(self.test_inputs)
+
+
+class ConfigSelfEditRecord(_Record):
+    """A few-shot self-edit: the generated text and the config parsed from it, or why not."""
+
+    index: int
+    text: str
+    prompt: str  # the raw self-edit prompt, what the policy update trains on
+    config: TTTConfig | None
+    failure: str | None = None  # invalid JSON or out of bounds: reward 0
+    attempts: int = 1
+
+
+class SolvedSelectionRecord(_Record):
+    """Few-shot rewards: 1 for each self-edit whose adapted model solved the task; all kept."""
+
+    context_id: str
+    baseline_accuracy: float
+    accuracies: list[float]
+    rewards: list[int]
+    failures: list[str | None]
+    kept: list[int]
+    outcome: str
+    tie: bool = False  # no tie-breaking: every solving self-edit is kept
+
+    @property
+    def kept_indices(self) -> list[int]:
+        return list(self.kept)
 
 
 def stable_seed(*parts: object) -> int:

@@ -1,0 +1,155 @@
+"""The one seam between SEAL's two settings: what a self-edit is, how it is applied, how it is scored.
+
+The outer loop (``flows/training.py``: sample K self-edits per context, an inner loop per
+self-edit, rewards, ReST-EM policy update, MLflow tracking, caching) is the same for both of the
+paper's domains. Everything that differs sits behind :class:`Domain`, chosen by the config's
+``domain`` field (:func:`domain_for`):
+
+=================  =====================================  =========================================
+                   knowledge (§4.2)                       fewshot (§4.1, ARC)
+=================  =====================================  =========================================
+context            a passage with questions               an ARC task (demonstrations, test pairs)
+self-edit          implications, one document per line    a JSON config: augmentations, loss mode,
+                                                          learning rate, epochs
+applied by         LoRA on the documents + passage        LoRA test-time training on augmented
+                                                          leave-one-out tasks, as configured
+scored by          closed-book answers to the questions   exact match of the predicted test grid
+reward, kept       beats no adaptation; the best one      solved; every solving self-edit
+held-out table     Table 2 (no adaptation, passage, ...)  Table 1 (in-context, TTT, SEAL, oracle)
+=================  =====================================  =========================================
+
+Each method submits one domain task with only the config sections it depends on, so cache keys
+stay as narrow as the knowledge domain's were (a new ``policy_update`` setting reuses the E-step).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from models.config import SealConfig
+from models.fewshot.self_edit import check_bounds
+from tasks import fewshot, knowledge
+from tasks.records import ConfigSelfEditRecord, PolicyRef
+
+
+class Domain(Protocol):
+    """What the flows need to know about a domain. Methods that submit a task return its future."""
+
+    name: str
+    held_out_title: str  # what ``seal run``/``seal eval`` print above the held-out table
+    policy_column: str  # the held-out column that scores the trained policy ("best" alias)
+
+    def fetch_contexts(self, config: SealConfig, split: str, count: int, seed: int) -> list:
+        """``count`` contexts of ``split`` ("train" or "validation"), chosen by ``seed``."""
+
+    def sample_self_edits(self, policy: PolicyRef, config: SealConfig, context: Any, seed: int, num_samples: int):
+        """Future of K self-edit records sampled from ``policy`` for ``context``."""
+
+    def train_adapter(self, policy: PolicyRef, config: SealConfig, context: Any, edit: Any, label: str,
+                      refresh: bool = False):
+        """Future of the adapter trained on ``edit`` (None: the domain's no-self-edit baseline)."""
+
+    def evaluate_adapter(self, policy: PolicyRef, config: SealConfig, context: Any, adapter: Any, label: str,
+                         refresh: bool = False):
+        """Future of the score of ``adapter`` (None: the unadapted policy) on the context's targets."""
+
+    def select_self_edits(self, context_id: str, baseline: Any, scores: list):
+        """Rewards and the kept self-edits (``.rewards``, ``.kept_indices``, ``.baseline_accuracy``)."""
+
+    def describe(self, edit: Any) -> dict[str, Any]:
+        """The domain's own columns of a self-edit's row in the iteration table."""
+
+    def evaluate_policy(self, config: SealConfig, policy: PolicyRef, base: PolicyRef):
+        """The held-out flow: the paper's table for this domain, as a ``HeldOutResult``."""
+
+
+class KnowledgeDomain:
+    """Knowledge incorporation: the tasks of ``tasks/knowledge.py``."""
+
+    name = "knowledge"
+    held_out_title = "held-out closed-book accuracy (correct/questions):"
+    policy_column = "policy_self_edits"
+
+    def fetch_contexts(self, config, split, count, seed):
+        return knowledge.fetch_contexts(config.data, split, count, seed=seed)
+
+    def sample_self_edits(self, policy, config, context, seed, num_samples):
+        return knowledge.sample_self_edits.submit(policy, config.model, context, config.self_edit, seed=seed,
+                                                  num_samples=num_samples)
+
+    def train_adapter(self, policy, config, context, edit, label, refresh=False):
+        train = knowledge.train_adapter.with_options(refresh_cache=True) if refresh else knowledge.train_adapter
+        return train.submit(policy, config.model, context, edit, label, config.lora, config.inner_loop)
+
+    def evaluate_adapter(self, policy, config, context, adapter, label, refresh=False):
+        evaluate = knowledge.evaluate_adapter.with_options(refresh_cache=True) if refresh else knowledge.evaluate_adapter
+        return evaluate.submit(policy, config.model, context, adapter, label, config.eval)
+
+    def select_self_edits(self, context_id, baseline, scores):
+        return knowledge.select_self_edits(context_id, baseline, scores)
+
+    def describe(self, edit):
+        return {"documents": len(edit.documents)}
+
+    def evaluate_policy(self, config, policy, base):
+        from flows.training import evaluate_policy  # flows.training imports this module
+
+        return evaluate_policy(config, policy, base)
+
+
+class FewshotDomain:
+    """Few-shot learning on ARC: the tasks of ``tasks/fewshot.py``."""
+
+    name = "fewshot"
+    held_out_title = ("held-out ARC tasks, the paper's Table 1 (solved/tasks; for the self-edit "
+                      "rows solved/self-edits):")
+    policy_column = "seal"
+
+    def fetch_contexts(self, config, split, count, seed):
+        return fewshot.fetch_arc_tasks(config.fewshot, split, count, seed=seed)
+
+    def sample_self_edits(self, policy, config, context, seed, num_samples):
+        return fewshot.sample_self_edits.submit(policy, config.model, context, config.self_edit, config.fewshot,
+                                                config.inner_loop.batch_size, seed=seed, num_samples=num_samples)
+
+    def train_adapter(self, policy, config, context, edit, label, refresh=False):
+        train = fewshot.train_adapter.with_options(refresh_cache=True) if refresh else fewshot.train_adapter
+        # The parsed config, not the text, is the input: equal configs share one adapter.
+        return train.submit(policy, config.model, context, edit.config, edit.failure, label, config.lora,
+                            config.inner_loop)
+
+    def evaluate_adapter(self, policy, config, context, adapter, label, refresh=False):
+        evaluate = fewshot.evaluate_adapter.with_options(refresh_cache=True) if refresh else fewshot.evaluate_adapter
+        return evaluate.submit(policy, config.model, context, adapter, label, config.eval, config.fewshot.voting)
+
+    def select_self_edits(self, context_id, baseline, scores):
+        return fewshot.select_self_edits(context_id, baseline, scores)
+
+    def describe(self, edit):
+        return {"config": edit.config.canonical() if edit.config else None, "attempts": edit.attempts}
+
+    def oracle_self_edits(self, config: SealConfig, arc) -> list[ConfigSelfEditRecord]:
+        """The oracle's grid search as self-edits (over ``fewshot.max_steps`` for this task: rejected)."""
+        records = []
+        for index, oracle in enumerate(config.fewshot.oracle_configs):
+            problems = check_bounds(oracle, config.fewshot, len(arc.train_inputs), config.inner_loop.batch_size)
+            records.append(ConfigSelfEditRecord(
+                index=index, text=oracle.canonical(), prompt="", config=None if problems else oracle,
+                failure=("out of bounds: " + "; ".join(problems)) if problems else None,
+            ))
+        return records
+
+    def evaluate_policy(self, config, policy, base):
+        from flows.fewshot import evaluate_fewshot_policy  # flows.fewshot imports flows.training
+
+        return evaluate_fewshot_policy(config, policy, base)
+
+
+KNOWLEDGE = KnowledgeDomain()
+FEWSHOT = FewshotDomain()
+
+
+def domain_for(config: SealConfig) -> Domain:
+    """The domain the config's ``domain`` field names."""
+    return {"knowledge": KNOWLEDGE, "fewshot": FEWSHOT}[config.domain]
+

@@ -1,0 +1,80 @@
+"""Held-out evaluation of the few-shot domain: the paper's Table 1 as a Prefect flow.
+
+Per held-out ARC task, with the same inner loops as training (``flows.training.InnerLoop``):
+
+- ``in_context``: the base model answers with the demonstrations in its prompt, no adaptation;
+- ``ttt_self_edits``: test-time training with each of K configs the base model wrote (before RL);
+- ``seal``: the same with K configs the trained policy wrote (after RL);
+- ``oracle_ttt``: test-time training with each config of a small grid search
+  (``fewshot.oracle_configs``); the task counts as solved if any of them solves it.
+
+As in the paper, the two self-edit rows count self-edits (solved/K per task), the other two
+count tasks. All test-time training adapts the base model; only who writes the config changes.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prefect import flow
+
+from flows.domains import FEWSHOT
+from flows.progress import Progress
+from flows.training import SERIAL, HeldOutResult, InnerLoop
+from models.config import SealConfig
+from tasks.records import EvalRecord, PolicyRef, stable_seed
+
+TABLE_1 = ("in_context", "ttt_self_edits", "seal", "oracle_ttt")
+
+
+def solved(score: EvalRecord) -> bool:
+    return score.failure is None and bool(score.correct) and all(score.correct)
+
+
+@flow(flow_run_name="held-out-{policy.name}", task_runner=SERIAL)
+def evaluate_fewshot_policy(config: SealConfig, policy: PolicyRef, base: PolicyRef) -> HeldOutResult:
+    """Table 1 on ``fewshot.eval_task_ids``: success counts of the four rows."""
+    start = time.perf_counter()
+    tasks = FEWSHOT.fetch_contexts(config, "validation", config.data.num_eval_contexts, seed=config.data.seed)
+    k = config.self_edit.num_samples
+    progress = Progress(f"held-out-{policy.name}", {"tasks": len(tasks)})
+    submitted = []
+    for arc in tasks:
+        seed = stable_seed(config.seed, "held-out", arc.id)
+        in_context = FEWSHOT.evaluate_adapter(base, config, arc, None, "baseline")
+        base_edits = FEWSHOT.sample_self_edits(base, config, arc, seed=seed, num_samples=k).result()
+        ttt = [InnerLoop(base, config, arc, e, f"base-edit{e.index}") for e in base_edits]
+        if policy.digest == base.digest:  # before any update both rows are the same work
+            seal = ttt
+        else:
+            policy_edits = FEWSHOT.sample_self_edits(policy, config, arc, seed=seed, num_samples=k).result()
+            # The policy writes the config; test-time training still adapts the base model.
+            seal = [InnerLoop(base, config, arc, e, f"policy-edit{e.index}") for e in policy_edits]
+        oracle = [InnerLoop(base, config, arc, e, f"oracle{e.index}") for e in FEWSHOT.oracle_self_edits(config, arc)]
+        submitted.append((arc, in_context, ttt, seal, oracle))
+    correct = dict.fromkeys(TABLE_1, 0)
+    per_context = []
+    for arc, in_context, ttt, seal, oracle in submitted:
+        rows = {
+            "in_context": [solved(in_context.result())],
+            "ttt_self_edits": [solved(loop.result()[1]) for loop in ttt],
+            "seal": [solved(loop.result()[1]) for loop in seal],
+            "oracle_solved_by": [solved(loop.result()[1]) for loop in oracle],
+        }
+        counts = {"in_context": sum(rows["in_context"]), "ttt_self_edits": sum(rows["ttt_self_edits"]),
+                  "seal": sum(rows["seal"]), "oracle_ttt": int(any(rows["oracle_solved_by"]))}
+        for column, count in counts.items():
+            correct[column] += count
+        per_context.append({
+            "context_id": arc.id, **counts, "self_edits": k,
+            "oracle_solved_by": [i for i, ok in enumerate(rows["oracle_solved_by"]) if ok],
+            "seal_configs_valid": sum(1 for loop in seal if loop.result()[0].failure is None),
+            # (adapter folder, seconds to train and score it) of every inner loop that ran; equal
+            # configs share a folder, so a folder counts once however often it was asked for.
+            "inner_loops": sorted({(a.path, a.seconds + s.seconds) for a, s in
+                                   (loop.result() for loop in (*ttt, *seal, *oracle)) if a.path}),
+        })
+        progress.advance("tasks")
+    progress.close()
+    totals = {"ttt_self_edits": k * len(tasks), "seal": k * len(tasks)}
+    return HeldOutResult(policy, correct, len(tasks), time.perf_counter() - start, per_context, totals)

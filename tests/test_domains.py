@@ -1,0 +1,41 @@
+"""The domain seam: the config's ``domain`` picks the implementation the flows call."""
+
+import pytest
+
+from flows.domains import FEWSHOT, KNOWLEDGE, Domain, domain_for
+from models.config import load_config
+from tasks.records import ConfigSelfEditRecord, SelfEditRecord, SelectionRecord, SolvedSelectionRecord
+
+
+@pytest.mark.parametrize("name, domain", [("knowledge", KNOWLEDGE), ("fewshot", FEWSHOT)])
+def test_the_config_picks_the_domain(name, domain):
+    assert domain_for(load_config(None, [f"domain={name}"])) is domain
+    assert domain.name == name
+    members = [m for m in vars(Domain) if not m.startswith("_")] + list(Domain.__annotations__)
+    assert all(hasattr(domain, member) for member in members)
+
+
+def test_each_domain_describes_its_own_self_edits():
+    knowledge_edit = SelfEditRecord(index=0, text="a\nb", documents=["a", "b"], prompt="p")
+    assert KNOWLEDGE.describe(knowledge_edit) == {"documents": 2}
+    invalid = ConfigSelfEditRecord(index=0, text="{", prompt="p", config=None, failure="invalid JSON", attempts=3)
+    assert FEWSHOT.describe(invalid) == {"config": None, "attempts": 3}
+
+
+def test_kept_indices_read_the_same_in_both_domains():
+    common = dict(context_id="c", baseline_accuracy=0.0, accuracies=[1.0, 0.0, 1.0], rewards=[1, 0, 1],
+                  failures=[None] * 3, outcome="kept")
+    assert SelectionRecord(**common, kept=2, tie=True).kept_indices == [2]
+    assert SelectionRecord(**common, kept=None, tie=False).kept_indices == []
+    assert SolvedSelectionRecord(**common, kept=[0, 2]).kept_indices == [0, 2]
+
+
+def test_oracle_configs_over_the_step_cap_are_rejected_for_that_task():
+    from tasks.records import ArcTask
+
+    config = load_config(None, ["domain=fewshot", "fewshot.max_steps=10"])
+    arc = ArcTask(id="t", train_inputs=[[[1]]] * 3, train_outputs=[[[2]]] * 3, test_inputs=[[[1]]], test_outputs=[[[2]]])
+    records = FEWSHOT.oracle_self_edits(config, arc)
+    assert len(records) == len(config.fewshot.oracle_configs)
+    assert records[0].config is not None and records[0].failure is None  # 3 examples x 3 epochs = 9 steps
+    assert records[1].config is None and "more than fewshot.max_steps=10" in records[1].failure
