@@ -53,21 +53,24 @@ class TreeMemory:
         import threading
 
         self.peak_mb = 0.0
+        self.peak_at = 0.0  # seconds after the start
+        self.peak_parts: dict[str, float] = {}  # MB per process at the peak
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, args=(interval,), daemon=True)
 
     def _sample(self, interval: float) -> None:
         import psutil
 
-        me = psutil.Process()
+        me, start = psutil.Process(), time.perf_counter()
         while not self._stop.wait(interval):
-            total = 0
+            parts = {}
             for proc in [me, *me.children(recursive=True)]:
                 try:
-                    total += proc.memory_info().rss
+                    parts[f"{proc.pid} {' '.join(proc.cmdline()[1:3])[:60]}"] = proc.memory_info().rss / 2**20
                 except psutil.Error:  # exited between listing and reading
                     pass
-            self.peak_mb = max(self.peak_mb, total / 2**20)
+            if sum(parts.values()) > self.peak_mb:
+                self.peak_mb, self.peak_at, self.peak_parts = sum(parts.values()), time.perf_counter() - start, parts
 
     def __enter__(self) -> "TreeMemory":
         self._thread.start()
@@ -116,6 +119,8 @@ def main() -> int:
         report["rerun_fraction"] = report["rerun"]["wall_s"] / report["first"]["wall_s"]
     report["peak_memory_mb"] = peak_memory_mb()
     report["peak_tree_memory_mb"] = memory.peak_mb
+    report["peak_tree_memory_at_s"] = memory.peak_at  # when it happened, from the first run's start
+    report["peak_tree_memory_parts_mb"] = memory.peak_parts
     print(format_held_out(result.held_out))
     print(f"rerun took {report['rerun_fraction']:.1%} of the first run; "
           f"same metrics: {report['first']['held_out'] == report['rerun']['held_out']}; "

@@ -45,13 +45,14 @@ class Domain(Protocol):
     def sample_self_edits(self, policy: PolicyRef, config: SealConfig, context: Any, seed: int, num_samples: int):
         """Future of K self-edit records sampled from ``policy`` for ``context``."""
 
-    def train_adapter(self, policy: PolicyRef, config: SealConfig, context: Any, edit: Any, label: str,
-                      refresh: bool = False):
-        """Future of the adapter trained on ``edit`` (None: the domain's no-self-edit baseline)."""
+    def evaluate_baseline(self, policy: PolicyRef, config: SealConfig, context: Any):
+        """Future of the unadapted policy's score on the context's targets."""
 
-    def evaluate_adapter(self, policy: PolicyRef, config: SealConfig, context: Any, adapter: Any, label: str,
-                         refresh: bool = False):
-        """Future of the score of ``adapter`` (None: the unadapted policy) on the context's targets."""
+    def inner_loops(self, policy: PolicyRef, config: SealConfig, items: list[tuple[Any, Any, str]],
+                    tag: str = "") -> list:
+        """Submit an inner loop per (context, self-edit, label) item (self-edit None: the domain's
+        no-self-edit adaptation). Returns one object per item with ``adapter`` and ``score``
+        futures and ``result()`` -> (AdapterRecord, EvalRecord); ``tag`` goes into task names."""
 
     def select_self_edits(self, context_id: str, baseline: Any, scores: list):
         """Rewards and the kept self-edits (``.rewards``, ``.kept_indices``, ``.baseline_accuracy``)."""
@@ -77,13 +78,31 @@ class KnowledgeDomain:
         return knowledge.sample_self_edits.submit(policy, config.model, context, config.self_edit, seed=seed,
                                                   num_samples=num_samples)
 
-    def train_adapter(self, policy, config, context, edit, label, refresh=False):
-        train = knowledge.train_adapter.with_options(refresh_cache=True) if refresh else knowledge.train_adapter
-        return train.submit(policy, config.model, context, edit, label, config.lora, config.inner_loop)
+    def evaluate_baseline(self, policy, config, context):
+        return knowledge.evaluate_baseline.submit(policy, config.model, context, config.eval)
 
-    def evaluate_adapter(self, policy, config, context, adapter, label, refresh=False):
-        evaluate = knowledge.evaluate_adapter.with_options(refresh_cache=True) if refresh else knowledge.evaluate_adapter
-        return evaluate.submit(policy, config.model, context, adapter, label, config.eval)
+    def inner_loops(self, policy, config, items, tag=""):
+        """Groups of ``inner_loop.group_size`` inner loops, each trained and evaluated together
+        through stacked adapters (two tasks per group)."""
+        from flows.training import InnerLoopGroup
+
+        def submit(group, label, refresh):
+            train, evaluate = knowledge.train_adapters, knowledge.evaluate_adapters
+            if refresh:
+                train, evaluate = train.with_options(refresh_cache=True), evaluate.with_options(refresh_cache=True)
+            pairs, labels = [(c, e) for c, e, _ in group], [label for _, _, label in group]
+            adapters = train.submit(policy, config.model, pairs, label, labels, config.lora, config.inner_loop)
+            scored = evaluate.submit(policy, config.model, [c for c, _ in pairs], adapters, label, labels, config.eval)
+            return adapters, scored
+
+        size = config.inner_loop.group_size
+        members = []
+        for first in range(0, len(items), size):
+            group = items[first : first + size]
+            contexts = list(dict.fromkeys(c.id for c, _, _ in group))
+            label = "+".join(contexts) if len(contexts) <= 2 else f"{contexts[0]}+{len(contexts) - 1}"
+            members += InnerLoopGroup(submit, group, f"{label}-{tag}" if tag else label).members
+        return members
 
     def select_self_edits(self, context_id, baseline, scores):
         return knowledge.select_self_edits(context_id, baseline, scores)
@@ -122,6 +141,15 @@ class FewshotDomain:
         evaluate = fewshot.evaluate_adapter.with_options(refresh_cache=True) if refresh else fewshot.evaluate_adapter
         return evaluate.submit(policy, config.model, context, adapter, label, config.eval, config.fewshot.voting)
 
+    def evaluate_baseline(self, policy, config, context):
+        return self.evaluate_adapter(policy, config, context, None, "baseline")
+
+    def inner_loops(self, policy, config, items, tag=""):
+        """One inner loop per self-edit: each config trains on its own augmented task."""
+        from flows.training import InnerLoop
+
+        return [InnerLoop(policy, config, c, edit, f"{tag}-{label}" if tag else label) for c, edit, label in items]
+
     def select_self_edits(self, context_id, baseline, scores):
         return fewshot.select_self_edits(context_id, baseline, scores)
 
@@ -152,4 +180,5 @@ FEWSHOT = FewshotDomain()
 def domain_for(config: SealConfig) -> Domain:
     """The domain the config's ``domain`` field names."""
     return {"knowledge": KNOWLEDGE, "fewshot": FEWSHOT}[config.domain]
+
 

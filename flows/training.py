@@ -50,7 +50,7 @@ from flows.tracking import MlflowTracker, Tracker, default_tracking_uri, find_re
 from models.base_model import seal_home, weights_digest
 from models.config import SealConfig
 from tasks.knowledge import (
-    evaluate_adapter,
+    evaluate_baseline,
     fetch_contexts,
     resolve_base_policy,
     sample_self_edits,
@@ -143,6 +143,57 @@ class InnerLoop:
         return self.adapter.result(), self.score.result()
 
 
+class InnerLoopGroup:
+    """Inner loops trained together and evaluated together: one train task and one evaluate
+    task for the group (the knowledge domain's stacked adapters), a result per member.
+
+    ``members`` behave like :class:`InnerLoop` (``adapter``/``score`` futures, ``result()``), so
+    the flows treat grouped and single inner loops alike.
+    """
+
+    def __init__(self, submit, items: list[tuple[Context, SelfEditRecord | None, str]], label: str) -> None:
+        self._submit_group, self.items, self.label = submit, items, label
+        self._results: list[tuple[AdapterRecord, EvalRecord]] | None = None
+        self._submit(refresh=False)
+        self.members = [_GroupMember(self, i) for i in range(len(items))]
+
+    def _submit(self, refresh: bool) -> None:
+        self.adapter, self.score = self._submit_group(self.items, self.label, refresh)
+
+    def results(self) -> list[tuple[AdapterRecord, EvalRecord]]:
+        """Each member's adapter and score; as :meth:`InnerLoop.result`, a stale cached adapter
+        is trained again and running out of memory scores every member zero, with the reason."""
+        if self._results is None:
+            try:
+                try:
+                    self._results = list(zip(self.adapter.result(), self.score.result()))
+                except StaleArtifact as exc:
+                    get_run_logger().warning("%s; training group %s again", exc, self.label)
+                    self._submit(refresh=True)
+                    self._results = list(zip(self.adapter.result(), self.score.result()))
+            except (InnerLoopOutOfMemory, torch.OutOfMemoryError, MemoryError) as exc:
+                failure = f"{OUT_OF_MEMORY}: {str(exc)[:200]}"
+                self._results = [(AdapterRecord(path=None, failure=failure),
+                                  EvalRecord.failed(context.num_targets, failure)) for context, _, _ in self.items]
+        return self._results
+
+
+class _GroupMember:
+    def __init__(self, group: InnerLoopGroup, index: int) -> None:
+        self.group, self.index = group, index
+
+    @property
+    def adapter(self):
+        return self.group.adapter
+
+    @property
+    def score(self):
+        return self.group.score
+
+    def result(self) -> tuple[AdapterRecord, EvalRecord]:
+        return self.group.results()[self.index]
+
+
 def verified_policy(make, *args) -> PolicyRef:
     """``make(*args)`` (a policy-producing task), run again if its cached checkpoint is gone or
     its weights no longer match the recorded digest."""
@@ -184,15 +235,16 @@ def run_iteration(config: SealConfig, policy: PolicyRef, iteration: int) -> Iter
                                        num_samples=config.self_edit.num_samples)
         for c in contexts
     }
-    baselines = {c.id: domain.evaluate_adapter(policy, config, c, None, "baseline") for c in contexts}
+    baselines = {c.id: domain.evaluate_baseline(policy, config, c) for c in contexts}
     edits = len(contexts) * config.self_edit.num_samples
     progress = Progress(f"iteration-{iteration}", {
         "sampling": len(contexts), "training": edits, "evaluation": edits + len(contexts)})
-    scores = {}
+    items = []
     for c in contexts:
-        scores[c.id] = [InnerLoop(policy, config, c, edit, f"edit{edit.index}") for edit in samples[c.id].result()]
+        items += [(c, edit, f"edit{edit.index}") for edit in samples[c.id].result()]
         progress.advance("sampling")
-    loops = [loop for c in contexts for loop in scores[c.id]]
+    loops = domain.inner_loops(policy, config, items)
+    scores = {c.id: [loop for (context, _, _), loop in zip(items, loops) if context.id == c.id] for c in contexts}
     for c in contexts:
         baselines[c.id].wait()
         progress.advance("evaluation")
@@ -256,28 +308,34 @@ def evaluate_policy(config: SealConfig, policy: PolicyRef, base: PolicyRef) -> H
     start = time.perf_counter()
     contexts = fetch_contexts(config.data, "validation", config.data.num_eval_contexts, seed=config.data.seed)
     progress = Progress(f"held-out-{policy.name}", {"contexts": len(contexts)})
-    futures = []
-    for c in contexts:
-        _advance_finished(futures, progress)
-        seed = stable_seed(config.seed, "held-out", c.id)
-        base_edit = sample_self_edits.submit(base, config.model, c, config.self_edit, seed=seed, num_samples=1)
-        base_score = InnerLoop(base, config, c, base_edit.result()[0], "base-edit")
-        if policy.digest == base.digest:  # before any update both columns are the same work
-            policy_score = base_score
-        else:
-            policy_edit = sample_self_edits.submit(policy, config.model, c, config.self_edit, seed=seed, num_samples=1)
-            policy_score = InnerLoop(policy, config, c, policy_edit.result()[0], "policy-edit")
-        futures.append({
-            "no_adaptation": evaluate_adapter.submit(base, config.model, c, None, "baseline", config.eval),
-            "passage_only": InnerLoop(base, config, c, None, "passage"),
-            "base_self_edits": base_score,
-            "policy_self_edits": policy_score,
-        })
+    domain = domain_for(config)
+    seeds = {c.id: stable_seed(config.seed, "held-out", c.id) for c in contexts}
+    base_edits = {c.id: sample_self_edits.submit(base, config.model, c, config.self_edit, seed=seeds[c.id],
+                                                 num_samples=1) for c in contexts}
+    same = policy.digest == base.digest  # before any update both columns are the same work
+    policy_edits = base_edits if same else {
+        c.id: sample_self_edits.submit(policy, config.model, c, config.self_edit, seed=seeds[c.id], num_samples=1)
+        for c in contexts}
+    baselines = [evaluate_baseline.submit(base, config.model, c, config.eval) for c in contexts]
+    base_loops = domain.inner_loops(base, config, [
+        item for c in contexts for item in ((c, None, "passage"), (c, base_edits[c.id].result()[0], "base-edit"))
+    ], tag="base")
+    policy_loops = base_loops[1::2] if same else domain.inner_loops(
+        policy, config, [(c, policy_edits[c.id].result()[0], "policy-edit") for c in contexts], tag="policy")
+    futures = [
+        {"no_adaptation": baseline, "passage_only": passage, "base_self_edits": base_edit,
+         "policy_self_edits": policy_edit}
+        for baseline, passage, base_edit, policy_edit in zip(baselines, base_loops[0::2], base_loops[1::2], policy_loops)
+    ]
+    for i in range(len(contexts)):
+        _advance_finished(futures[: i + 1], progress)
+        for column in futures[i].values():
+            _wait(column)
     correct = dict.fromkeys(HELD_OUT_COLUMNS, 0)
     per_context = []
     for c, columns in zip(contexts, futures):
         scores: dict[str, EvalRecord] = {
-            name: f.result()[1] if isinstance(f, InnerLoop) else f.result() for name, f in columns.items()
+            name: f.result()[1] if hasattr(f, "adapter") else f.result() for name, f in columns.items()
         }
         for name, score in scores.items():
             correct[name] += score.num_correct
@@ -289,10 +347,15 @@ def evaluate_policy(config: SealConfig, policy: PolicyRef, base: PolicyRef) -> H
     return HeldOutResult(policy, correct, total, time.perf_counter() - start, per_context)
 
 
+def _wait(column) -> None:
+    for future in (column.adapter, column.score) if hasattr(column, "adapter") else (column,):
+        future.wait()
+
+
 def _advance_finished(submitted: list[dict], progress: Progress) -> None:
     """Count the held-out contexts whose every column has finished since the last call."""
     def finished(column) -> bool:
-        futures = (column.adapter, column.score) if isinstance(column, InnerLoop) else (column,)
+        futures = (column.adapter, column.score) if hasattr(column, "adapter") else (column,)
         return all(f.state.is_final() for f in futures)
 
     done = sum(1 for columns in submitted if all(finished(c) for c in columns.values()))

@@ -100,6 +100,12 @@ class InnerLoopConfig(_Section):
     batch_size: int = Field(1, ge=1, description="Documents per step.")  # paper: 1
     max_length: int = Field(256, ge=8, description="Documents are truncated to this many tokens.")
     seed: int = Field(0, description="Seed of adapter init and document order.")
+    group_size: int = Field(
+        4, ge=1, le=64,
+        description="Inner loops trained together in shared batches through stacked LoRA adapters "
+        "(knowledge domain): each adapter ends as if trained alone, and every matrix multiply of "
+        "the frozen base gets that many times more rows. 1 trains them one at a time.",
+    )
     min_success_fraction: float = Field(
         0.5, ge=0, le=1,
         description="An iteration fails unless at least this share of its inner loops ran to the "

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -46,22 +46,31 @@ from models.self_edit import QUESTION_PROMPT, generate, render_prompt
 
 
 class StackedLoraLinear(nn.Module):
-    """A frozen linear layer plus K LoRA adapters; ``row_adapter`` says which row uses which."""
+    """A frozen linear layer plus ``capacity`` LoRA adapters; ``row_adapter`` says which row uses which.
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: int, generators: Sequence[torch.Generator]):
+    LoRA weights are float32 whatever the base's dtype (as peft keeps them): a bf16 base still
+    takes AdamW's small updates exactly.
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: int, dropout: float, capacity: int):
         super().__init__()
         self.base = base
         self.scaling = alpha / rank
-        device, dtype = base.weight.device, base.weight.dtype
-        self.lora_A = nn.ParameterList()
-        self.lora_B = nn.ParameterList()
-        for generator in generators:
-            # peft's default: A ~ kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)), B = 0.
-            bound = 1 / math.sqrt(base.in_features)
-            a = (torch.rand(rank, base.in_features, generator=generator) * 2 - 1) * bound
-            self.lora_A.append(nn.Parameter(a.to(device, dtype)))
-            self.lora_B.append(nn.Parameter(torch.zeros(base.out_features, rank, device=device, dtype=dtype)))
+        self.dropout = dropout
+        device = base.weight.device
+        self.lora_A = nn.ParameterList(
+            nn.Parameter(torch.zeros(rank, base.in_features, device=device)) for _ in range(capacity))
+        self.lora_B = nn.ParameterList(
+            nn.Parameter(torch.zeros(base.out_features, rank, device=device)) for _ in range(capacity))
         self.row_adapter: torch.Tensor | None = None  # (batch,) adapter index of each row
+
+    @torch.no_grad()
+    def reset(self, index: int, generator: torch.Generator) -> None:
+        """peft's default initialization: A ~ kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)), B = 0."""
+        a = self.lora_A[index]
+        bound = 1 / math.sqrt(a.shape[1])
+        a.copy_((torch.rand(a.shape, generator=generator) * 2 - 1) * bound)
+        self.lora_B[index].zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
@@ -70,17 +79,67 @@ class StackedLoraLinear(nn.Module):
         # x: (batch, seq, in); A[rows]: (batch, rank, in); B[rows]: (batch, out, rank)
         a = torch.stack(list(self.lora_A))[self.row_adapter]
         b = torch.stack(list(self.lora_B))[self.row_adapter]
-        return out + self.scaling * torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
+        x = nn.functional.dropout(x.to(a.dtype), self.dropout, self.training) if self.dropout else x.to(a.dtype)
+        lora = torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
+        return out + (self.scaling * lora).to(out.dtype)
 
 
 class AdapterStack:
-    """The stacked LoRA layers attached to a model, and what to do with them."""
+    """``capacity`` LoRA adapters attached to every target layer of a model, reused across groups.
 
-    def __init__(self, model: PreTrainedModel, layers: dict[str, StackedLoraLinear], lora: LoraConfig, count: int):
+    Attach once (:meth:`attach`), then for each group of inner loops :meth:`reset` the first
+    adapters from their seeds (or :meth:`load` saved ones), :meth:`route` batch rows to them,
+    and :meth:`save` each. While no rows are routed the model computes exactly its base outputs.
+    :meth:`close` puts the original layers back.
+    """
+
+    def __init__(self, model: PreTrainedModel, layers: dict[str, StackedLoraLinear], lora: LoraConfig,
+                 capacity: int, frozen: list[nn.Parameter]):
         self.model = model
         self.layers = layers
         self.lora = lora
-        self.count = count
+        self.capacity = capacity
+        self.count = capacity  # adapters in use by the current group
+        self._frozen = frozen
+
+    @classmethod
+    def attach(cls, model: PreTrainedModel, lora: LoraConfig, capacity: int) -> AdapterStack:
+        """Wrap every linear layer named in ``lora.target_modules`` with ``capacity`` adapters.
+
+        Raises:
+            ValueError: if no layer matches ``lora.target_modules``.
+        """
+        targets = [
+            (name, module) for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in lora.target_modules
+        ]
+        if not targets:
+            raise ValueError(f"lora.target_modules {lora.target_modules} matched no linear layer of the model")
+        frozen = [p for p in model.parameters() if p.requires_grad]
+        for p in frozen:
+            p.requires_grad_(False)
+        layers: dict[str, StackedLoraLinear] = {}
+        for name, module in targets:
+            parent_name, _, child = name.rpartition(".")
+            layers[name] = StackedLoraLinear(module, lora.rank, lora.alpha, lora.dropout, capacity)
+            setattr(model.get_submodule(parent_name), child, layers[name])
+        return cls(model, layers, lora, capacity, frozen)
+
+    def matches(self, lora: LoraConfig) -> bool:
+        """Whether ``lora`` describes this stack's layers (module order aside)."""
+        return (lora.rank, lora.alpha, lora.dropout, set(lora.target_modules)) == (
+            self.lora.rank, self.lora.alpha, self.lora.dropout, set(self.lora.target_modules))
+
+    def reset(self, seeds: Sequence[int]) -> None:
+        """Fresh adapters 0..len(seeds)-1 for a new group; adapter k's A comes from ``seeds[k]``
+        alone, so it starts the same whether it is trained alone or with others."""
+        if not 0 < len(seeds) <= self.capacity:
+            raise ValueError(f"a group of {len(seeds)} adapters does not fit a stack of {self.capacity}")
+        for k, seed in enumerate(seeds):
+            generator = torch.Generator().manual_seed(seed)
+            for layer in self.layers.values():
+                layer.reset(k, generator)
+        self.count = len(seeds)
 
     def route(self, row_adapter: torch.Tensor | None) -> None:
         """Send batch row i through adapter ``row_adapter[i]`` (None: the bare base model)."""
@@ -101,40 +160,49 @@ class AdapterStack:
             lora_config(self.lora).save_pretrained(tmp)
         return Path(folder)
 
+    @torch.no_grad()
+    def load(self, folders: Sequence[Path]) -> None:
+        """Adapters 0..len(folders)-1 from PEFT-format adapters saved with this stack's LoRA
+        settings (by :meth:`save` or peft), for a group to evaluate.
+
+        Raises:
+            ValueError: if there are more folders than adapters, or a saved adapter's layers do
+                not fit this stack.
+        """
+        if not 0 < len(folders) <= self.capacity:
+            raise ValueError(f"a group of {len(folders)} adapters does not fit a stack of {self.capacity}")
+        expected = {f"base_model.model.{name}.lora_{ab}.weight" for name in self.layers for ab in "AB"}
+        for index, folder in enumerate(folders):
+            state = load_file(Path(folder) / "adapter_model.safetensors")
+            if set(state) != expected:
+                missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+                raise ValueError(f"adapter {folder} does not fit this stack: "
+                                 f"missing {missing[:2]}, unexpected {extra[:2]}")
+            for name, layer in self.layers.items():
+                layer.lora_A[index].copy_(state[f"base_model.model.{name}.lora_A.weight"])
+                layer.lora_B[index].copy_(state[f"base_model.model.{name}.lora_B.weight"])
+        self.count = len(folders)
+
+    def close(self) -> None:
+        """Put the original layers back: the model is as it was before :meth:`attach`."""
+        self.route(None)
+        for name, layer in self.layers.items():
+            parent_name, _, child = name.rpartition(".")
+            setattr(self.model.get_submodule(parent_name), child, layer.base)
+        for p in self._frozen:
+            p.requires_grad_(True)
+
 
 @contextmanager
 def stacked_adapters(model: PreTrainedModel, lora: LoraConfig, seeds: Sequence[int]) -> Iterator[AdapterStack]:
-    """Attach ``len(seeds)`` fresh LoRA adapters to every target layer for the block.
-
-    Adapter k's A matrices come from ``seeds[k]`` alone, so it starts the same whether it is
-    trained alone or with others. On exit the original layers are put back.
-
-    Raises:
-        ValueError: if no layer matches ``lora.target_modules``.
-    """
-    targets = [
-        (name, module) for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in lora.target_modules
-    ]
-    if not targets:
-        raise ValueError(f"lora.target_modules {lora.target_modules} matched no linear layer of the model")
-    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
-    frozen = [p for p in model.parameters() if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
-    layers: dict[str, StackedLoraLinear] = {}
-    for name, module in targets:
-        parent_name, _, child = name.rpartition(".")
-        layers[name] = StackedLoraLinear(module, lora.rank, lora.alpha, generators)
-        setattr(model.get_submodule(parent_name), child, layers[name])
+    """Attach ``len(seeds)`` fresh LoRA adapters to every target layer for the block; on exit
+    the original layers are put back. (A worker keeps one :class:`AdapterStack` instead.)"""
+    stack = AdapterStack.attach(model, lora, len(seeds))
     try:
-        yield AdapterStack(model, layers, lora, len(seeds))
+        stack.reset(seeds)
+        yield stack
     finally:
-        for name, layer in layers.items():
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, layer.base)
-        for p in frozen:
-            p.requires_grad_(True)
+        stack.close()
 
 
 def train_stacked(
@@ -142,7 +210,7 @@ def train_stacked(
     tokenizer: PreTrainedTokenizerBase,
     documents: Sequence[Sequence[str]],
     config: InnerLoopConfig,
-) -> list[TrainResult]:
+) -> list[TrainResult | NonFiniteLossError]:
     """Train adapter k on ``documents[k]``, all adapters in shared batches.
 
     Each adapter sees exactly the steps it would see alone: its documents reshuffled every
@@ -151,11 +219,12 @@ def train_stacked(
     adapter that still has steps left.
 
     Returns:
-        One result per adapter (``seconds`` is the shared wall time).
+        One entry per adapter: its result (``seconds`` is the shared wall time), or, if its loss
+        became NaN or infinite, the :class:`NonFiniteLossError` at which it stopped (the other
+        adapters train on: rows never interact).
 
     Raises:
         ValueError: if an adapter has no documents.
-        NonFiniteLossError: if any adapter's loss is NaN or infinite.
     """
     if len(documents) != stack.count or any(not docs for docs in documents):
         raise ValueError(f"need a non-empty document list for each of the {stack.count} adapters")
@@ -179,11 +248,14 @@ def train_stacked(
     )
     losses: list[list[float]] = [[] for _ in range(stack.count)]
     tokens = [0] * stack.count
+    failed: dict[int, NonFiniteLossError] = {}
     start = time.perf_counter()
     model.train()
     try:
         for step in range(max(totals)):
-            active = [k for k in range(stack.count) if step < totals[k]]
+            active = [k for k in range(stack.count) if step < totals[k] and k not in failed]
+            if not active:
+                break
             rows = [(k, seq) for k in active for seq in schedules[k][step]]
             batch = pad_batch([seq for _, seq in rows], tokenizer.pad_token_id)
             batch = {key: value.to(model.device) for key, value in batch.items()}
@@ -195,20 +267,22 @@ def train_stacked(
             token_loss = nn.functional.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="none"
             ).view(labels.shape)
-            total = 0.0
+            total = None
             for k in active:
                 mask = (row_adapter == k)[:, None] & (labels != -100)
                 loss_k = token_loss[mask].mean()
                 if not torch.isfinite(loss_k):
-                    raise NonFiniteLossError(
-                        f"adapter {k}: loss became {loss_k.item()} at step {step}; "
+                    failed[k] = NonFiniteLossError(
+                        f"loss became {loss_k.item()} at step {step}; "
                         f"lower inner_loop.learning_rate (now {config.learning_rate})"
                     )
+                    continue
                 losses[k].append(loss_k.item())
                 tokens[k] += int(batch["attention_mask"][row_adapter == k].sum())
-                total = total + loss_k
-            total.backward()
-            optimizer.step()
+                total = loss_k if total is None else total + loss_k
+            if total is not None:
+                total.backward()
+                optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
     finally:
@@ -216,6 +290,7 @@ def train_stacked(
         model.eval()
     seconds = time.perf_counter() - start
     return [
+        failed[k] if k in failed else
         TrainResult(steps=totals[k], tokens=tokens[k], mean_loss=sum(losses[k]) / len(losses[k]),
                     final_loss=losses[k][-1], seconds=seconds)
         for k in range(stack.count)

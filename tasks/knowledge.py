@@ -16,7 +16,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 from prefect.tasks import exponential_backoff
 
-from models import inner_loop, policy, rest_em, self_edit
+from models import inner_loop, policy, rest_em, self_edit, stacked_lora
 from models.base_model import load_model, resolve_model, seal_home, weights_digest
 from models.config import DataConfig, EvalConfig, InnerLoopConfig, LoraConfig, ModelConfig, PolicyUpdateConfig, SelfEditConfig
 from models.knowledge_data import load_contexts, select_contexts
@@ -34,12 +34,12 @@ from tasks.records import (
 )
 from tasks.faults import maybe_fail
 from tasks.locking import FlockLockManager
-from tasks.runtime import adapter_slot, clear_models, use_model
+from tasks.runtime import adapter_stack, clear_models, use_model
 
-# Keys from content and code, not the run id; "label" only names the task run in the UI.
+# Keys from content and code, not the run id; "label(s)" only name task runs in the UI.
 # Serializable: when two runs on one SEAL_HOME reach the same key, the second waits for the
 # first's result instead of computing and writing the same files at the same time.
-CACHED = (TASK_SOURCE + (INPUTS - "label")).configure(
+CACHED = (TASK_SOURCE + (INPUTS - "label" - "labels")).configure(
     isolation_level="SERIALIZABLE", lock_manager=FlockLockManager()
 )
 # Tasks that only read (files, the model hub) retry with backoff: 2, 4, 8 s. Training and
@@ -80,64 +80,99 @@ def sample_self_edits(
             for i, e in enumerate(edits)]
 
 
-@task(cache_policy=CACHED, persist_result=True, tags=["gpu"],
-      task_run_name="train-adapter-{context.id}-{label}")
-def train_adapter(
-    policy_ref: PolicyRef, model: ModelConfig, context: Context, edit: SelfEditRecord | None,
-    label: str, lora: LoraConfig, config: InnerLoopConfig,
-) -> AdapterRecord:
-    """A fresh LoRA adapter trained on the self-edit plus the passage (the passage alone when
-    ``edit`` is None), saved under ``$SEAL_HOME/adapters``.
+@task(cache_policy=CACHED, persist_result=True, tags=["gpu"], task_run_name="train-adapters-{label}")
+def train_adapters(
+    policy_ref: PolicyRef, model: ModelConfig, items: list[tuple[Context, SelfEditRecord | None]],
+    label: str, labels: list[str], lora: LoraConfig, config: InnerLoopConfig,
+) -> list[AdapterRecord]:
+    """A fresh LoRA adapter per item, trained on its self-edit plus its context's passage (the
+    passage alone when the self-edit is None), all of them together in shared batches through
+    stacked adapters (``models/stacked_lora.py``: the same adapters as trained one by one, with
+    K times more rows per matrix multiply). Each is saved under ``$SEAL_HOME/adapters``.
 
-    What the self-edit causes is recorded, with reward 0 to follow: no usable line, a non-finite
+    ``label`` names the group's task run, ``labels`` its items (neither is in the cache key).
+    What a self-edit causes is recorded, with reward 0 to follow: no usable line, a non-finite
     loss. Running out of memory is raised instead (InnerLoopOutOfMemory): the task run fails,
     is not cached, and a rerun tries again."""
-    maybe_fail("train_adapter", label)
-    if edit is not None and not edit.documents:
-        return AdapterRecord(path=None, failure="empty self-edit: no usable line in the generation")
-    documents = self_edit.training_documents(
-        self_edit.SelfEdit(edit.text, tuple(edit.documents)) if edit else None, context.title, context.context
-    )
-    key = f"{stable_seed(edit.text if edit else '', lora, config):08x}"
-    folder = adapter_dir(seal_home(), policy_ref, context.id, key)
+    for item_label in labels:
+        maybe_fail("train_adapter", item_label)
+    records: list[AdapterRecord | None] = [None] * len(items)
+    trainable = []  # (index, documents, folder)
+    for i, (context, edit) in enumerate(items):
+        if edit is not None and not edit.documents:
+            records[i] = AdapterRecord(path=None, failure="empty self-edit: no usable line in the generation")
+            continue
+        documents = self_edit.training_documents(
+            self_edit.SelfEdit(edit.text, tuple(edit.documents)) if edit else None, context.title, context.context
+        )
+        key = f"{stable_seed(edit.text if edit else '', lora, config):08x}"
+        trainable.append((i, documents, adapter_dir(seal_home(), policy_ref, context.id, key)))
+    if not trainable:
+        return records
     with use_model(policy_ref, model) as loaded:
-        with adapter_slot(loaded, lora).fresh(seed=config.seed) as adapted:
-            try:
-                result = inner_loop.train_adapter(adapted, loaded.tokenizer, documents, config)
-            except inner_loop.NonFiniteLossError as exc:
-                return AdapterRecord(path=None, failure=f"non-finite loss: {exc}")
-            except torch.OutOfMemoryError as exc:
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                raise InnerLoopOutOfMemory(f"{context.id} {label}: {str(exc)[:200]}") from None
-            inner_loop.save_adapter(adapted, folder)
-    return AdapterRecord(path=str(folder), steps=result.steps, tokens=result.tokens,
-                         mean_loss=result.mean_loss, seconds=result.seconds, digest=weights_digest(folder))
+        stack = adapter_stack(loaded, lora, len(trainable))
+        stack.reset([config.seed] * len(trainable))
+        try:
+            results = stacked_lora.train_stacked(stack, loaded.tokenizer, [docs for _, docs, _ in trainable], config)
+        except torch.OutOfMemoryError as exc:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            raise InnerLoopOutOfMemory(f"{label}: {str(exc)[:200]}") from None
+        for k, ((i, _, folder), result) in enumerate(zip(trainable, results)):
+            if isinstance(result, inner_loop.NonFiniteLossError):
+                records[i] = AdapterRecord(path=None, failure=f"non-finite loss: {result}")
+                continue
+            stack.save(k, folder)
+            records[i] = AdapterRecord(path=str(folder), steps=result.steps, tokens=result.tokens,
+                                       mean_loss=result.mean_loss, seconds=result.seconds / len(trainable),
+                                       digest=weights_digest(folder))
+    return records
 
 
-@task(cache_policy=CACHED, persist_result=True, task_run_name="evaluate-adapter-{context.id}-{label}")
-def evaluate_adapter(
-    policy_ref: PolicyRef, model: ModelConfig, context: Context, adapter: AdapterRecord | None,
-    label: str, config: EvalConfig,
-) -> EvalRecord:
-    """Closed-book answers to the context's questions with the adapter (none: the baseline)."""
-    maybe_fail("evaluate_adapter", label)
-    if adapter is not None and adapter.failure is not None:
-        return EvalRecord.failed(len(context.questions), adapter.failure)
-    if adapter is not None:  # a cached record may outlive its folder (seal clean, a full disk)
-        found = weights_digest(Path(adapter.path))
+@task(cache_policy=CACHED, persist_result=True, task_run_name="evaluate-adapters-{label}")
+def evaluate_adapters(
+    policy_ref: PolicyRef, model: ModelConfig, contexts: list[Context], adapters: list[AdapterRecord],
+    label: str, labels: list[str], config: EvalConfig,
+) -> list[EvalRecord]:
+    """Closed-book answers to each context's questions with its adapter (``adapters[i]`` for
+    ``contexts[i]``), all adapters' questions in the same batched generations (rows routed to
+    their adapter).
+
+    Raises:
+        StaleArtifact: if an adapter's folder is gone or its weights no longer match the record.
+    """
+    for item_label in labels:
+        maybe_fail("evaluate_adapter", item_label)
+    records: list[EvalRecord | None] = [None] * len(contexts)
+    usable = []  # (index, context, adapter folder)
+    for i, (context, adapter) in enumerate(zip(contexts, adapters, strict=True)):
+        if adapter.failure is not None:
+            records[i] = EvalRecord.failed(len(context.questions), adapter.failure)
+            continue
+        found = weights_digest(Path(adapter.path))  # a cached record may outlive its folder
         if found is None or (adapter.digest and found != adapter.digest):
             raise StaleArtifact(f"adapter {adapter.path} is missing or altered "
                                 f"(weights digest {found}, recorded {adapter.digest})")
+        usable.append((i, context, Path(adapter.path)))
+    if not usable:
+        return records
     with use_model(policy_ref, model) as loaded:
-        if adapter is None:
-            result = inner_loop.evaluate_adapter(
-                loaded.model, loaded.tokenizer, context.questions, context.answers, config)
-        else:
-            slot = adapter_slot(loaded, inner_loop.saved_lora(Path(adapter.path)))
-            with slot.loaded(Path(adapter.path)) as adapted:
-                result = inner_loop.evaluate_adapter(
-                    adapted, loaded.tokenizer, context.questions, context.answers, config)
+        stack = adapter_stack(loaded, inner_loop.saved_lora(usable[0][2]), len(usable))
+        stack.load([folder for _, _, folder in usable])
+        results = stacked_lora.evaluate_stacked(
+            stack, loaded.tokenizer, [c.questions for _, c, _ in usable], [c.answers for _, c, _ in usable], config)
+    for (i, _, _), result in zip(usable, results):
+        records[i] = EvalRecord(predictions=list(result.predictions), correct=list(result.correct),
+                                f1=list(result.f1), seconds=result.seconds / len(usable))
+    return records
+
+
+@task(cache_policy=CACHED, persist_result=True, task_run_name="evaluate-baseline-{context.id}")
+def evaluate_baseline(policy_ref: PolicyRef, model: ModelConfig, context: Context, config: EvalConfig) -> EvalRecord:
+    """Closed-book answers to the context's questions by the unadapted policy."""
+    maybe_fail("evaluate_adapter", "baseline")
+    with use_model(policy_ref, model) as loaded:
+        result = inner_loop.evaluate_adapter(loaded.model, loaded.tokenizer, context.questions, context.answers, config)
     return EvalRecord(predictions=list(result.predictions), correct=list(result.correct),
                       f1=list(result.f1), seconds=result.seconds)
 

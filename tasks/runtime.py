@@ -15,12 +15,14 @@ from contextlib import contextmanager
 from models.base_model import LoadedModel, load_model
 from models.config import LoraConfig, ModelConfig
 from models.inner_loop import AdapterSlot
+from models.stacked_lora import AdapterStack
 from tasks.records import PolicyRef
 
 _MAX_LOADED = 2  # the base policy and the current one
 _models: OrderedDict[tuple[str, str, str, str], tuple[LoadedModel, threading.Lock]] = OrderedDict()
 _registry_lock = threading.Lock()
-_slots: dict[int, AdapterSlot] = {}  # id(model) -> its reusable LoRA layers
+# id(model) -> its reusable LoRA layers: a peft slot (one adapter) or a stack (a group of them)
+_slots: dict[int, AdapterSlot | AdapterStack] = {}
 
 
 @contextmanager
@@ -44,11 +46,22 @@ def adapter_slot(loaded: LoadedModel, lora: LoraConfig) -> AdapterSlot:
     """The reusable LoRA layers of a cached model (call inside ``use_model``, which holds its
     lock). Inner loops on this worker reset them instead of attaching new layers each time."""
     slot = _slots.get(id(loaded.model))
-    if slot is None or not slot.matches(lora):
+    if not isinstance(slot, AdapterSlot) or not slot.matches(lora):
         if slot is not None:
             slot.close()
         slot = _slots[id(loaded.model)] = AdapterSlot(loaded.model, lora)
     return slot
+
+
+def adapter_stack(loaded: LoadedModel, lora: LoraConfig, capacity: int) -> AdapterStack:
+    """The reusable stacked LoRA layers of a cached model, with room for at least ``capacity``
+    adapters (call inside ``use_model``). Groups of inner loops reset them in place."""
+    stack = _slots.get(id(loaded.model))
+    if not isinstance(stack, AdapterStack) or not stack.matches(lora) or stack.capacity < capacity:
+        if stack is not None:
+            stack.close()
+        stack = _slots[id(loaded.model)] = AdapterStack.attach(loaded.model, lora, capacity)
+    return stack
 
 
 def clear_models() -> None:

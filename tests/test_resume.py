@@ -17,6 +17,7 @@ ROOT = Path(__file__).parents[1]
 def _overrides(path: Path, seed: int) -> list[str]:
     return [f"data.path={path}", "data.source=squad", "data.num_train_contexts=2", "data.num_eval_contexts=2",
             "self_edit.num_samples=2", "rl.iterations=2", "inner_loop.epochs=8", "inner_loop.learning_rate=3e-2",
+            "inner_loop.group_size=2",  # an iteration's inner loops: a group per context
             f"seed={seed}", f"tracking.experiment=resume-{seed}"]
 
 
@@ -24,14 +25,14 @@ def test_a_failed_task_reruns_alone_and_the_mlflow_run_continues(prefect_env, mo
     from mlflow import MlflowClient
 
     from flows.training import seal_training
-    from models import inner_loop
     from models.config import load_config
+    from models.stacked_lora import AdapterStack
 
     config = load_config(TINY, _overrides(_squad(prefect_env / "squad-fault.json"), seed=7))
     # Adapter folders are named by policy, context and content: one saved twice was recomputed.
     saved = []
-    real = inner_loop.save_adapter
-    monkeypatch.setattr(inner_loop, "save_adapter", lambda model, folder: saved.append(folder) or real(model, folder))
+    real = AdapterStack.save
+    monkeypatch.setattr(AdapterStack, "save", lambda self, k, folder: saved.append(folder) or real(self, k, folder))
     monkeypatch.setenv("SEAL_FAIL_ONCE", "train_adapter:edit1")
     with pytest.raises(Exception, match="SEAL_FAIL_ONCE|injected|edit1"):
         seal_training(config)
@@ -99,11 +100,14 @@ def test_out_of_memory_scores_zero_then_reruns_and_too_many_fail_the_iteration(p
     overrides = _overrides(_squad(prefect_env / "squad-oom.json"), seed=11)
     config = load_config(TINY, [*overrides, "rl.iterations=1"])
     monkeypatch.setenv("SEAL_FAIL_ONCE", "train_adapter:edit1=oom")
-    result = seal_training(config)  # 1 of 4 inner loops failed: 75% ran, the iteration goes on
+    # Out of memory stops the group it happens in: here one context's 2 inner loops of 4 failed,
+    # 50% ran, the iteration goes on.
+    result = seal_training(config)
     (iteration,) = result.iterations
-    (oom,) = [row for row in iteration.rows if row["failure"]]
-    assert oom["self_edit"] == 1 and oom["failure"].startswith("out of memory") and oom["reward"] == 0
-    assert iteration.metrics["failed_self_edits"] == 1
+    oom = [row for row in iteration.rows if row["failure"]]
+    assert [row["self_edit"] for row in oom] == [0, 1] and len({row["context_id"] for row in oom}) == 1
+    assert all(row["failure"].startswith("out of memory") and row["reward"] == 0 for row in oom)
+    assert iteration.metrics["failed_self_edits"] == 2
 
     # The failed task run was not cached: the rerun trains that self-edit (and only it).
     again = seal_training(config)
@@ -112,7 +116,7 @@ def test_out_of_memory_scores_zero_then_reruns_and_too_many_fail_the_iteration(p
     # Below inner_loop.min_success_fraction the iteration fails and says why.
     strict = load_config(TINY, [*overrides, "rl.iterations=1", "seed=12", "inner_loop.min_success_fraction=1"])
     monkeypatch.setenv("SEAL_FAIL_ONCE", "train_adapter:edit0=oom")
-    with pytest.raises(IterationFailed, match=r"1 of 4 inner loops ran out of memory.*min_success_fraction=1"):
+    with pytest.raises(IterationFailed, match=r"2 of 4 inner loops ran out of memory.*min_success_fraction=1"):
         seal_training(strict)
 
 

@@ -84,3 +84,56 @@ def test_stacked_evaluation_matches_each_adapter_alone(model, tmp_path):
             alone = evaluate_adapter(adapted, model.tokenizer, questions[k], answers[k], config)
         assert together[k].predictions == alone.predictions
         assert together[k].correct == alone.correct
+
+
+def test_a_reused_stack_trains_and_loads_like_a_fresh_one(model, tmp_path):
+    from models.stacked_lora import AdapterStack
+
+    with stacked_adapters(model.model, LORA, SEEDS[:2]) as fresh:
+        train_stacked(fresh, model.tokenizer, DOCS[:2], TRAIN)
+        expected = [_weights(fresh, k) for k in range(2)]
+    stack = AdapterStack.attach(model.model, LORA, capacity=3)
+    try:
+        stack.reset(SEEDS)  # a first group of three, then a group of two in the same layers
+        train_stacked(stack, model.tokenizer, DOCS, TRAIN)
+        stack.reset(SEEDS[:2])
+        assert stack.count == 2
+        train_stacked(stack, model.tokenizer, DOCS[:2], TRAIN)
+        for k in range(2):
+            for a, b in zip(_weights(stack, k), expected[k]):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        folders = [stack.save(k, tmp_path / f"a{k}") for k in range(2)]
+        stack.reset([0, 0, 0])
+        stack.load(folders[::-1])
+        for a, b in zip(_weights(stack, 0), expected[1]):
+            torch.testing.assert_close(a, b)
+        with pytest.raises(ValueError, match="does not fit a stack of 3"):
+            stack.load(folders * 2)
+    finally:
+        stack.close()
+    assert not any(isinstance(m, type(stack.layers[next(iter(stack.layers))])) for m in model.model.modules())
+
+
+def test_an_adapter_whose_loss_blows_up_stops_alone(model):
+    from models.inner_loop import NonFiniteLossError
+
+    with stacked_adapters(model.model, LORA, SEEDS[:2]) as stack:
+        # a learning rate that only the rows of adapter 0 see would need per-adapter configs;
+        # instead poison adapter 0's weights so its first loss is NaN
+        with torch.no_grad():
+            stack.parameters(0)[0].fill_(float("nan"))
+        results = train_stacked(stack, model.tokenizer, DOCS[:2], TRAIN)
+        alone_ok = results[1]
+    assert isinstance(results[0], NonFiniteLossError) and "step 0" in str(results[0])
+    with stacked_adapters(model.model, LORA, [SEEDS[1]]) as alone:
+        (expected,) = train_stacked(alone, model.tokenizer, DOCS[1:2], TRAIN)
+    assert alone_ok.steps == expected.steps
+    assert alone_ok.mean_loss == pytest.approx(expected.mean_loss, rel=1e-5)
+
+
+def test_bf16_base_keeps_float32_adapters(tmp_path):
+    bf16 = load_model("tiny-random", home=tmp_path, device="cpu", dtype="bfloat16")
+    with stacked_adapters(bf16.model, LORA, SEEDS[:2]) as stack:
+        assert all(p.dtype == torch.float32 for p in stack.parameters(0))
+        results = train_stacked(stack, bf16.tokenizer, DOCS[:2], TRAIN)
+    assert all(torch.isfinite(torch.tensor(r.mean_loss)) for r in results)

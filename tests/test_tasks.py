@@ -23,58 +23,86 @@ def base(seal_home):
     return knowledge.resolve_base_policy.fn(MODEL)
 
 
-def test_adapter_is_saved_and_scored(base):
-    adapter = knowledge.train_adapter.fn(base, MODEL, CONTEXT, EDIT, "edit0", LORA, TRAIN)
-    assert adapter.failure is None and adapter.steps == 2
-    assert (knowledge.seal_home() / "adapters") in Path(adapter.path).parents
-    assert (Path(adapter.path) / "adapter_model.safetensors").exists()
-    score = knowledge.evaluate_adapter.fn(base, MODEL, CONTEXT, adapter, "edit0", EVAL)
-    assert len(score.predictions) == 2 and score.failure is None
+def _train(base, edits, labels=None, lora=LORA, config=TRAIN):
+    labels = labels or [f"edit{i}" for i in range(len(edits))]
+    return knowledge.train_adapters.fn(base, MODEL, [(CONTEXT, e) for e in edits], "ctx1", labels, lora, config)
+
+
+def _evaluate(base, adapters):
+    labels = [f"edit{i}" for i in range(len(adapters))]
+    return knowledge.evaluate_adapters.fn(base, MODEL, [CONTEXT] * len(adapters), adapters, "ctx1", labels, EVAL)
+
+
+def test_adapters_are_saved_and_scored(base):
+    adapters = _train(base, [EDIT, None])
+    assert all(a.failure is None for a in adapters)
+    assert adapters[0].steps == 2 and adapters[1].steps == 1  # self-edit + passage, passage alone
+    for adapter in adapters:
+        assert (knowledge.seal_home() / "adapters") in Path(adapter.path).parents
+        assert (Path(adapter.path) / "adapter_model.safetensors").exists()
+    scores = _evaluate(base, adapters)
+    assert [len(s.predictions) for s in scores] == [2, 2] and all(s.failure is None for s in scores)
+
+
+def test_a_group_trains_the_same_adapters_as_one_at_a_time(base):
+    together = _train(base, [EDIT, None])
+    alone = [_train(base, [EDIT])[0], _train(base, [None])[0]]
+    for a, b in zip(together, alone):
+        assert a.path == b.path and a.steps == b.steps
+        assert a.mean_loss == pytest.approx(b.mean_loss, rel=1e-5)
 
 
 def test_a_non_finite_loss_is_recorded_and_scores_zero(base, monkeypatch):
-    def fail(*args, **kwargs):
-        raise inner_loop.NonFiniteLossError("loss became nan")
+    from models import stacked_lora
 
-    monkeypatch.setattr(inner_loop, "train_adapter", fail)
-    adapter = knowledge.train_adapter.fn(base, MODEL, CONTEXT, EDIT, "edit0", LORA, TRAIN)
-    assert adapter.path is None and adapter.failure.startswith("non-finite loss")
-    score = knowledge.evaluate_adapter.fn(base, MODEL, CONTEXT, adapter, "edit0", EVAL)
-    assert score.correct == [False, False] and score.failure == adapter.failure
-    selection = knowledge.select_self_edits.fn("ctx1", score, [score])
+    train_stacked = stacked_lora.train_stacked
+
+    def first_blows_up(*args, **kwargs):  # as train_stacked reports an adapter whose loss became NaN
+        results = train_stacked(*args, **kwargs)
+        return [inner_loop.NonFiniteLossError("loss became nan at step 3"), *results[1:]]
+
+    monkeypatch.setattr(stacked_lora, "train_stacked", first_blows_up)
+    adapters = _train(base, [EDIT, None])
+    assert adapters[0].path is None and adapters[0].failure.startswith("non-finite loss")
+    assert adapters[1].failure is None and Path(adapters[1].path).exists()
+    scores = _evaluate(base, adapters)
+    assert scores[0].correct == [False, False] and scores[0].failure == adapters[0].failure
+    assert scores[1].failure is None and len(scores[1].predictions) == 2
+    selection = knowledge.select_self_edits.fn("ctx1", scores[1], scores[:1])
     assert selection.rewards == [0] and selection.kept is None and selection.outcome == "no-valid-self-edit"
 
 
 def test_out_of_memory_is_raised_so_the_task_run_fails_and_is_not_cached(base, monkeypatch):
+    from models import stacked_lora
     from tasks.records import InnerLoopOutOfMemory
 
     def fail(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory")
 
-    monkeypatch.setattr(inner_loop, "train_adapter", fail)
-    with pytest.raises(InnerLoopOutOfMemory, match="ctx1 edit0: CUDA out of memory"):
-        knowledge.train_adapter.fn(base, MODEL, CONTEXT, EDIT, "edit0", LORA, TRAIN)
+    monkeypatch.setattr(stacked_lora, "train_stacked", fail)
+    with pytest.raises(InnerLoopOutOfMemory, match="ctx1: CUDA out of memory"):
+        _train(base, [EDIT])
 
 
 def test_a_missing_or_altered_adapter_is_stale_not_loaded(base):
     from tasks.records import StaleArtifact
 
-    adapter = knowledge.train_adapter.fn(base, MODEL, CONTEXT, EDIT, "edit0", LORA, TRAIN)
+    (adapter,) = _train(base, [EDIT])
     assert adapter.digest
     weights = Path(adapter.path) / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-8] + bytes(8))
     with pytest.raises(StaleArtifact, match="missing or altered"):
-        knowledge.evaluate_adapter.fn(base, MODEL, CONTEXT, adapter, "edit0", EVAL)
+        _evaluate(base, [adapter])
     weights.unlink()
     with pytest.raises(StaleArtifact, match="missing or altered"):
-        knowledge.evaluate_adapter.fn(base, MODEL, CONTEXT, adapter, "edit0", EVAL)
+        _evaluate(base, [adapter])
 
 
-def test_an_empty_self_edit_is_not_trained(base, monkeypatch):
-    monkeypatch.setattr(inner_loop, "train_adapter", lambda *a, **k: pytest.fail("trained an empty self-edit"))
+def test_an_empty_self_edit_is_not_trained(base):
     empty = SelfEditRecord(index=1, text="!!!", documents=[], prompt="p")
-    adapter = knowledge.train_adapter.fn(base, MODEL, CONTEXT, empty, "edit1", LORA, TRAIN)
-    assert adapter.failure.startswith("empty self-edit")
+    adapters = _train(base, [empty, EDIT])
+    assert adapters[0].failure.startswith("empty self-edit") and adapters[0].path is None
+    assert adapters[1].failure is None and adapters[1].steps == 2
 
 
 def test_a_failed_eval_record_scores_every_question_zero():
