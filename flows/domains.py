@@ -95,13 +95,13 @@ class KnowledgeDomain:
             scored = evaluate.submit(policy, config.model, [c for c, _ in pairs], adapters, label, labels, config.eval)
             return adapters, scored
 
-        size = config.inner_loop.group_size
-        members = []
-        for first in range(0, len(items), size):
-            group = items[first : first + size]
+        members: list = [None] * len(items)
+        for chunk in length_groups([_documents(edit) for _, edit, _ in items], config.inner_loop.group_size):
+            group = [items[i] for i in chunk]
             contexts = list(dict.fromkeys(c.id for c, _, _ in group))
             label = "+".join(contexts) if len(contexts) <= 2 else f"{contexts[0]}+{len(contexts) - 1}"
-            members += InnerLoopGroup(submit, group, f"{label}-{tag}" if tag else label).members
+            for i, member in zip(chunk, InnerLoopGroup(submit, group, f"{label}-{tag}" if tag else label).members):
+                members[i] = member
         return members
 
     def select_self_edits(self, context_id, baseline, scores):
@@ -171,6 +171,21 @@ class FewshotDomain:
         from flows.fewshot import evaluate_fewshot_policy  # flows.fewshot imports flows.training
 
         return evaluate_fewshot_policy(config, policy, base)
+
+
+def length_groups(lengths: list[int], size: int) -> list[list[int]]:
+    """Indices of items grouped ``size`` at a time, in order of length (ties in item order).
+
+    A group trains for as many steps as its longest member (one document per adapter per step),
+    so members of similar length go together. Results do not depend on the grouping, only the
+    time does."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    return [order[first : first + size] for first in range(0, len(order), size)]
+
+
+def _documents(edit) -> int:
+    """Training documents of a knowledge inner loop: the self-edit's lines plus the passage."""
+    return (len(edit.documents) if edit is not None else 0) + 1
 
 
 KNOWLEDGE = KnowledgeDomain()

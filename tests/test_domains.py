@@ -39,3 +39,14 @@ def test_oracle_configs_over_the_step_cap_are_rejected_for_that_task():
     assert len(records) == len(config.fewshot.oracle_configs)
     assert records[0].config is not None and records[0].failure is None  # 3 examples x 3 epochs = 9 steps
     assert records[1].config is None and "more than fewshot.max_steps=10" in records[1].failure
+
+
+def test_inner_loops_are_grouped_by_length():
+    from flows.domains import length_groups
+
+    # passage-only items (1 document) and self-edits (9) alternate, as in the held-out flow
+    lengths = [1, 9, 1, 9, 1, 7, 1, 9]
+    groups = length_groups(lengths, 3)
+    assert groups == [[0, 2, 4], [6, 5, 1], [3, 7]]
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    assert length_groups(lengths, 1) == [[i] for i in sorted(range(8), key=lambda i: (lengths[i], i))]
