@@ -34,7 +34,7 @@ from tasks.records import (
 )
 from tasks.faults import maybe_fail
 from tasks.locking import FlockLockManager
-from tasks.runtime import adapter_stack, clear_models, use_model
+from tasks.runtime import adapter_stack, clear_models, release_freed_memory, use_model
 
 # Keys from content and code, not the run id; "label(s)" only name task runs in the UI.
 # Serializable: when two runs on one SEAL_HOME reach the same key, the second waits for the
@@ -209,6 +209,7 @@ def update_policy(
         source=f"{policy_ref.name}+{name}",
     )
     del loaded
+    release_freed_memory()
     get_run_logger().info(
         "policy %s: %d pairs, %d steps, loss %.3f, %.1fs",
         name, result.pairs, result.steps, result.mean_loss, time.perf_counter() - start,

@@ -7,6 +7,10 @@ compete for the same cores anyway.
 
 from __future__ import annotations
 
+import ctypes
+import gc
+import ctypes.util
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -39,7 +43,10 @@ def use_model(policy: PolicyRef, model: ModelConfig) -> Iterator[LoadedModel]:
         _models.move_to_end(key)
         loaded, lock = _models[key]
     with lock:
-        yield loaded
+        try:
+            yield loaded
+        finally:
+            release_freed_memory()
 
 
 def adapter_slot(loaded: LoadedModel, lora: LoraConfig) -> AdapterSlot:
@@ -64,8 +71,34 @@ def adapter_stack(loaded: LoadedModel, lora: LoraConfig, capacity: int) -> Adapt
     return stack
 
 
+def _glibc():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None  # musl has none
+    except OSError:
+        return None
+
+
+_LIBC = _glibc()
+
+
+def release_freed_memory() -> None:
+    """Give the heap memory that tensors freed back to the OS.
+
+    glibc keeps freed memory for reuse: after a stacked group of SmolLM2 inner loops on a CPU the
+    process held ~1 GB more than it used (measured: 2.0 GB resident, 1.1 GB after a trim), and
+    that grew from task to task. Called after every model task; a no-op off glibc.
+    """
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
 def clear_models() -> None:
     """Forget every loaded model (tests, and before a policy update frees memory)."""
     with _registry_lock:
         _models.clear()
         _slots.clear()
+    gc.collect()  # models and their LoRA layers hold reference cycles
+    release_freed_memory()
