@@ -1,0 +1,127 @@
+"""The training flow on Ray workers: the local runner's rewards, a model loaded once per worker,
+results the other runner reuses, and no process left behind."""
+
+import os
+import re
+import time
+
+import psutil
+import pytest
+
+from conftest import TINY, squad_file
+
+
+def _ray_processes() -> list[psutil.Process]:
+    names = ("raylet", "gcs_server", "ray::", "default_worker.py", "dashboard")
+    found = []
+    for process in psutil.Process().children(recursive=True):
+        try:
+            command = " ".join(process.cmdline())
+        except psutil.NoSuchProcess:
+            continue
+        if any(name in command for name in names):
+            found.append(process)
+    return found
+
+
+def test_two_ray_workers_give_the_local_runners_rewards_and_share_its_cache(prefect_env, tmp_path, monkeypatch):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterTimestamp
+    from prefect.types import DateTime
+
+    from flows.training import seal_training
+    from models import inner_loop, self_edit
+    from models.config import load_config
+
+    monkeypatch.setenv("SEAL_HOME", str(tmp_path / "home"))  # adapters of this test only
+    common = [
+        "data.source=squad", f"data.path={squad_file(tmp_path / 'squad.json')}",
+        "data.num_train_contexts=2", "data.num_eval_contexts=2", "self_edit.num_samples=2",
+        "rl.iterations=1", "inner_loop.epochs=8", "inner_loop.learning_rate=3e-2",
+        "tracking.experiment=ray-runner", "tracking.registered_model=ray-runner-policy",
+    ]
+    local = seal_training(load_config(TINY, [*common, f"runner.result_storage={tmp_path / 'local-results'}"]))
+
+    started = DateTime.now("UTC")
+    ray_results = tmp_path / "ray-results"
+    on_ray = seal_training(load_config(TINY, [
+        *common, "runner.kind=ray", "runner.num_workers=2", "runner.cpus_per_task=1",
+        f"runner.result_storage={ray_results}",
+    ]))
+
+    # The same self-edits, rewards, kept self-edits and held-out scores, computed again (the two
+    # runs share no results) by other processes.
+    def rows(result):
+        return [(r["context_id"], r["self_edit"], r["text"], r["reward"], r["kept"], r["accuracy"])
+                for it in result.iterations for r in it.rows]
+
+    assert rows(on_ray) == rows(local) and len(rows(local)) == 4
+    assert [h.correct for _, h in on_ray.held_out] == [h.correct for _, h in local.held_out]
+    assert on_ray.iterations[0].metrics["reward_mean"] == local.iterations[0].metrics["reward_mean"]
+    assert any(ray_results.iterdir()) and any((tmp_path / "local-results").iterdir())
+
+    # Two workers did the work, each loading a policy once, with one torch thread (1 CPU each).
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(timestamp=LogFilterTimestamp(after_=started)))
+    loads = [re.search(r"loaded policy (\S+) .* in worker \S+:(\d+) in .*, (\d+) torch threads", log.message)
+             for log in logs]
+    loads = [(m[1], int(m[2]), int(m[3])) for m in loads if m]
+    workers = {pid for _, pid, _ in loads}
+    assert len(workers) >= 2 and os.getpid() not in workers, loads
+    assert len(loads) == len(set(loads)), f"a worker loaded a policy twice: {loads}"
+    assert {threads for _, _, threads in loads} == {1}
+
+    # The flow shut its Ray instance down.
+    import ray
+
+    assert not ray.is_initialized()
+    gone, alive = psutil.wait_procs(_ray_processes(), timeout=30)
+    assert not alive, [p.cmdline() for p in alive]
+
+    # The local runner finds everything the Ray workers computed: no sampling, training or
+    # evaluation runs again.
+    calls = []
+    for module, name in [(inner_loop, "train_adapter"), (inner_loop, "evaluate_adapter"),
+                         (self_edit, "sample_self_edits")]:
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    again = seal_training(load_config(TINY, [*common, f"runner.result_storage={ray_results}"]))
+    assert calls == [] and rows(again) == rows(on_ray)
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["runner.address=auto"], "runner.kind is 'local'"),
+    (["runner.gpus_per_task=1"], "only applies to runner.kind=ray"),
+    (["runner.kind=ray", "runner.gpus_per_task=1", "model.device=cpu"], "model.device is 'cpu'"),
+    (["runner.result_storage=nosuchprotocol://bucket/results"], "fsspec cannot open"),
+    (["runner.num_workers=0"], "runner.num_workers"),
+])
+def test_inconsistent_runner_settings_fail_when_the_config_loads(overrides, expected):
+    from models.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        load_config(TINY, overrides)
+
+
+def test_a_task_that_fits_no_node_fails_before_it_is_submitted():
+    from flows.runner import ClusterTooSmall, check_fits
+    from models.config import RunnerConfig
+
+    nodes = [{"Alive": True, "Resources": {"CPU": 16.0}}, {"Alive": False, "Resources": {"CPU": 8.0, "GPU": 1.0}}]
+    check_fits(RunnerConfig(kind="ray", address="auto", cpus_per_task=16), nodes)
+    with pytest.raises(ClusterTooSmall, match=r"reserves 1 CPUs and 1 GPUs .* \(16 CPUs/0 GPUs\)"):
+        check_fits(RunnerConfig(kind="ray", address="auto", gpus_per_task=1), nodes)
+
+
+def test_local_instance_workers_share_the_machines_cores_and_this_seal_home(monkeypatch, tmp_path):
+    from flows.runner import ray_init_kwargs
+    from models.config import RunnerConfig
+
+    monkeypatch.setenv("SEAL_HOME", str(tmp_path))
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    local = ray_init_kwargs(RunnerConfig(kind="ray", num_workers=4))
+    assert local["num_cpus"] == 16 and local["runtime_env"]["env_vars"] == {
+        "SEAL_HOME": str(tmp_path), "OMP_NUM_THREADS": "4"}
+    cluster = ray_init_kwargs(RunnerConfig(kind="ray", address="ray://head:10001", gpus_per_task=1))
+    assert cluster["address"] == "ray://head:10001" and "num_cpus" not in cluster
+    assert cluster["runtime_env"]["env_vars"]["OMP_NUM_THREADS"] == "1"
