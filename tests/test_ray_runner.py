@@ -24,7 +24,28 @@ def _ray_processes() -> list[psutil.Process]:
     return found
 
 
-def test_two_ray_workers_give_the_local_runners_rewards_and_share_its_cache(prefect_env, tmp_path, monkeypatch):
+@pytest.fixture
+def s3_bucket(monkeypatch):
+    """An S3 bucket on a local moto server, reachable by every process started from this one
+    (s3fs reads the endpoint and credentials from the environment, as on a real cluster)."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    for key, value in {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "seal",
+                       "AWS_SECRET_ACCESS_KEY": "seal", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.mkdir("seal-test")
+    yield fs, "s3://seal-test"
+    server.stop()
+
+
+def test_two_ray_workers_give_the_local_runners_rewards_and_share_its_cache(prefect_env, tmp_path, monkeypatch,
+                                                                            s3_bucket):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterTimestamp
     from prefect.types import DateTime
@@ -36,17 +57,18 @@ def test_two_ray_workers_give_the_local_runners_rewards_and_share_its_cache(pref
     monkeypatch.setenv("SEAL_HOME", str(tmp_path / "home"))  # adapters of this test only
     common = [
         "data.source=squad", f"data.path={squad_file(tmp_path / 'squad.json')}",
-        "data.num_train_contexts=2", "data.num_eval_contexts=2", "self_edit.num_samples=2",
+        "data.num_train_contexts=2", "data.num_eval_contexts=1", "self_edit.num_samples=2",
         "rl.iterations=1", "inner_loop.epochs=8", "inner_loop.learning_rate=3e-2",
         "tracking.experiment=ray-runner", "tracking.registered_model=ray-runner-policy",
     ]
     local = seal_training(load_config(TINY, [*common, f"runner.result_storage={tmp_path / 'local-results'}"]))
 
+    # Results in a folder for the local run, in an S3 bucket for Ray's.
     started = DateTime.now("UTC")
-    ray_results = tmp_path / "ray-results"
+    s3, bucket = s3_bucket
+    ray_storage = f"runner.result_storage={bucket}/results"
     on_ray = seal_training(load_config(TINY, [
-        *common, "runner.kind=ray", "runner.num_workers=2", "runner.cpus_per_task=1",
-        f"runner.result_storage={ray_results}",
+        *common, "runner.kind=ray", "runner.num_workers=2", "runner.cpus_per_task=1", ray_storage,
     ]))
 
     # The same self-edits, rewards, kept self-edits and held-out scores, computed again (the two
@@ -58,7 +80,7 @@ def test_two_ray_workers_give_the_local_runners_rewards_and_share_its_cache(pref
     assert rows(on_ray) == rows(local) and len(rows(local)) == 4
     assert [h.correct for _, h in on_ray.held_out] == [h.correct for _, h in local.held_out]
     assert on_ray.iterations[0].metrics["reward_mean"] == local.iterations[0].metrics["reward_mean"]
-    assert any(ray_results.iterdir()) and any((tmp_path / "local-results").iterdir())
+    assert s3.find(f"{bucket}/results") and any((tmp_path / "local-results").iterdir())
 
     # Two workers did the work, each loading a policy once, with one torch thread (1 CPU each).
     with get_client(sync_client=True) as client:
@@ -85,7 +107,7 @@ def test_two_ray_workers_give_the_local_runners_rewards_and_share_its_cache(pref
                          (self_edit, "sample_self_edits")]:
         real = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
-    again = seal_training(load_config(TINY, [*common, f"runner.result_storage={ray_results}"]))
+    again = seal_training(load_config(TINY, [*common, ray_storage]))
     assert calls == [] and rows(again) == rows(on_ray)
 
 
