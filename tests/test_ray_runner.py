@@ -147,3 +147,52 @@ def test_local_instance_workers_share_the_machines_cores_and_this_seal_home(monk
     cluster = ray_init_kwargs(RunnerConfig(kind="ray", address="ray://head:10001", gpus_per_task=1))
     assert cluster["address"] == "ray://head:10001" and "num_cpus" not in cluster
     assert cluster["runtime_env"]["env_vars"]["OMP_NUM_THREADS"] == "1"
+
+
+@pytest.fixture
+def ray_cluster_address():
+    """A Ray cluster started as an operator would (``ray start --head``), stopped by its process ids."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from conftest import free_port
+
+    gcs, client = free_port(), free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(Path(__file__).parents[1])}
+    before = {p.pid for p in psutil.process_iter()}
+    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's socket paths must stay under 108 bytes
+    subprocess.run([str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={gcs}",
+                    f"--ray-client-server-port={client}", "--num-cpus=2", "--include-dashboard=false",
+                    "--disable-usage-stats", f"--temp-dir={temp}"],
+                   env=env, check=True, capture_output=True, timeout=120)
+    started = [p for p in psutil.process_iter() if p.pid not in before and str(gcs) in " ".join(p.cmdline())]
+    yield f"ray://127.0.0.1:{client}"
+    family = [q for p in started if p.is_running() for q in (p, *p.children(recursive=True))]
+    for process in family:
+        process.terminate()
+    _, alive = psutil.wait_procs(family, timeout=30)
+    for process in alive:
+        process.kill()
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.mark.slow  # starts its own Ray cluster and runs the tiny flow through Ray Client: ~1 min
+def test_the_flow_runs_on_an_existing_cluster_through_ray_client(prefect_env, tmp_path, monkeypatch,
+                                                                 ray_cluster_address):
+    from flows.training import seal_training
+    from models.config import load_config
+
+    monkeypatch.setenv("SEAL_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    result = seal_training(load_config(TINY, [
+        "data.source=squad", f"data.path={squad_file(tmp_path / 'squad.json')}", "data.num_eval_contexts=1",
+        "rl.iterations=1", "inner_loop.epochs=8", "inner_loop.learning_rate=3e-2", "tracking.experiment=ray-client",
+        "runner.kind=ray", f"runner.address={ray_cluster_address}", f"runner.result_storage={tmp_path / 'results'}",
+    ]))
+    (iteration,) = result.iterations
+    assert len(iteration.rows) == 4  # 2 contexts x 2 self-edits, trained and scored on the cluster
+    assert iteration.metrics["adapted_accuracy"] > iteration.metrics["baseline_accuracy"]
+    assert any((tmp_path / "results").iterdir())
