@@ -147,8 +147,9 @@ class InnerLoop:
 
 
 def verified_policy(make, *args) -> PolicyRef:
-    """``make(*args)`` (a policy-producing task, submitted to the flow's task runner), run again
-    if its cached checkpoint is gone or its weights no longer match the recorded digest."""
+    """``make(*args)`` (a policy-producing task), run again if its cached checkpoint is gone or
+    its weights no longer match the recorded digest. Submitted to the flow's task runner: on Ray
+    the M-step runs on a worker with the runner's GPUs, not in the flow's process."""
     policy = make.submit(*args).result()
     if weights_digest(Path(policy.path)) != policy.digest and not policy.digest.startswith("hf-"):
         get_run_logger().warning("policy %s at %s is missing or altered; recomputing it", policy.name, policy.path)
