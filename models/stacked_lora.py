@@ -8,8 +8,8 @@ than at 60).
 
 Equivalence with training each adapter alone: rows never interact in a causal LM's forward
 pass, the loss is the sum of each adapter's own mean loss (so adapter k's gradient is the one
-it would get alone), every adapter has its own parameter group (its own learning-rate schedule
-and step count), and AdamW is elementwise, so its state is per adapter too.
+it would get alone), every adapter has its own learning-rate schedule and step count
+(:class:`StackedAdamW`), and AdamW is elementwise, so its state is per adapter too.
 
     with stacked_adapters(model, lora, seeds=[0, 1, 2]) as stack:
         results = train_stacked(stack, tokenizer, [docs_0, docs_1, docs_2], config)
@@ -46,10 +46,13 @@ from models.self_edit import QUESTION_PROMPT, generate, render_prompt
 
 
 class StackedLoraLinear(nn.Module):
-    """A frozen linear layer plus ``capacity`` LoRA adapters; ``row_adapter`` says which row uses which.
+    """A frozen linear layer plus ``capacity`` LoRA adapters; ``rows`` says which row uses which.
 
-    LoRA weights are float32 whatever the base's dtype (as peft keeps them): a bf16 base still
-    takes AdamW's small updates exactly.
+    The adapters' weights are one 3-D tensor each for A and B (adapter first), so a batch whose
+    row i belongs to adapter i (one row per adapter, the usual case) multiplies by a view of
+    them: no copy of the weights per step, and one gradient tensor per layer. LoRA weights are
+    float32 whatever the base's dtype (as peft keeps them): a bf16 base still takes AdamW's small
+    updates exactly.
     """
 
     def __init__(self, base: nn.Linear, rank: int, alpha: int, dropout: float, capacity: int):
@@ -58,11 +61,9 @@ class StackedLoraLinear(nn.Module):
         self.scaling = alpha / rank
         self.dropout = dropout
         device = base.weight.device
-        self.lora_A = nn.ParameterList(
-            nn.Parameter(torch.zeros(rank, base.in_features, device=device)) for _ in range(capacity))
-        self.lora_B = nn.ParameterList(
-            nn.Parameter(torch.zeros(base.out_features, rank, device=device)) for _ in range(capacity))
-        self.row_adapter: torch.Tensor | None = None  # (batch,) adapter index of each row
+        self.lora_A = nn.Parameter(torch.zeros(capacity, rank, base.in_features, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(capacity, base.out_features, rank, device=device))
+        self.rows: slice | torch.Tensor | None = None  # adapter of each batch row (see AdapterStack.route)
 
     @torch.no_grad()
     def reset(self, index: int, generator: torch.Generator) -> None:
@@ -74,14 +75,56 @@ class StackedLoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        if self.row_adapter is None:
+        if self.rows is None:
             return out
         # x: (batch, seq, in); A[rows]: (batch, rank, in); B[rows]: (batch, out, rank)
-        a = torch.stack(list(self.lora_A))[self.row_adapter]
-        b = torch.stack(list(self.lora_B))[self.row_adapter]
+        a, b = self.lora_A[self.rows], self.lora_B[self.rows]
         x = nn.functional.dropout(x.to(a.dtype), self.dropout, self.training) if self.dropout else x.to(a.dtype)
         lora = torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
         return out + (self.scaling * lora).to(out.dtype)
+
+
+class StackedAdamW:
+    """AdamW (no weight decay) over stacked adapter weights, with a learning rate per adapter.
+
+    The same arithmetic as ``torch.optim.AdamW`` applied to each adapter's slice on its own
+    (AdamW is elementwise), for adapters that all start at step 0: adapter k's bias correction
+    is the shared step count while it trains. An adapter given learning rate 0 is left as it is.
+    """
+
+    def __init__(self, params: list[nn.Parameter], count: int, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8):
+        self.params, self.count, self.betas, self.eps = params, count, betas, eps
+        self.exp_avg = [torch.zeros_like(p[:count]) for p in params]
+        self.exp_avg_sq = [torch.zeros_like(p[:count]) for p in params]
+        self.steps = 0
+
+    @torch.no_grad()
+    def step(self, learning_rates: Sequence[float]) -> None:
+        """One update; ``learning_rates[k]`` for adapter k (0: frozen this step, its gradient ignored)."""
+        beta1, beta2 = self.betas
+        self.steps += 1
+        lr = torch.tensor(learning_rates, dtype=torch.float32, device=self.params[0].device)
+        frozen = lr == 0
+        grads = []
+        for p in self.params:
+            grad = p.grad[: self.count] if p.grad is not None else torch.zeros_like(p[: self.count])
+            if frozen.any():  # finished or failed adapters: no update, and a NaN gradient stays out
+                grad = grad.masked_fill(frozen.view(-1, *[1] * (grad.dim() - 1)), 0.0)
+            grads.append(grad)
+        torch._foreach_lerp_(self.exp_avg, grads, 1 - beta1)
+        torch._foreach_mul_(self.exp_avg_sq, beta2)
+        torch._foreach_addcmul_(self.exp_avg_sq, grads, grads, value=1 - beta2)
+        denominators = torch._foreach_sqrt(self.exp_avg_sq)
+        torch._foreach_div_(denominators, math.sqrt(1 - beta2**self.steps))
+        torch._foreach_add_(denominators, self.eps)
+        step_size = (lr / (1 - beta1**self.steps))
+        for p, avg, denominator in zip(self.params, self.exp_avg, denominators):
+            p[: self.count].addcdiv_(avg * -step_size.view(-1, *[1] * (avg.dim() - 1)), denominator)
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
 
 
 class AdapterStack:
@@ -143,11 +186,19 @@ class AdapterStack:
 
     def route(self, row_adapter: torch.Tensor | None) -> None:
         """Send batch row i through adapter ``row_adapter[i]`` (None: the bare base model)."""
+        rows = row_adapter
+        if row_adapter is not None and torch.equal(row_adapter.cpu(), torch.arange(len(row_adapter))):
+            rows = slice(0, len(row_adapter))  # row i is adapter i: a view of the weights, no copy
         for layer in self.layers.values():
-            layer.row_adapter = row_adapter
+            layer.rows = rows
 
-    def parameters(self, index: int) -> list[nn.Parameter]:
-        return [p for layer in self.layers.values() for p in (layer.lora_A[index], layer.lora_B[index])]
+    def weights(self) -> list[nn.Parameter]:
+        """Every layer's stacked A and B (adapter first)."""
+        return [p for layer in self.layers.values() for p in (layer.lora_A, layer.lora_B)]
+
+    def parameters(self, index: int) -> list[torch.Tensor]:
+        """Adapter ``index``'s weights, as views into the stack."""
+        return [w[index] for w in self.weights()]
 
     def save(self, index: int, folder: Path) -> Path:
         """Adapter ``index`` in PEFT's format (safetensors + adapter_config.json), atomically."""
@@ -240,12 +291,7 @@ def train_stacked(
             steps += [[seqs[i] for i in order[s : s + config.batch_size]] for s in range(0, len(order), config.batch_size)]
         schedules.append(steps)
     totals = [len(steps) for steps in schedules]
-    groups = [{"params": stack.parameters(k)} for k in range(stack.count)]
-    optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=0.0,
-                                  fused=model.device.type in ("cpu", "cuda"))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, [lambda step, total=total: max(0.0, 1 - step / total) for total in totals]
-    )
+    optimizer = StackedAdamW(stack.weights(), stack.count)
     losses: list[list[float]] = [[] for _ in range(stack.count)]
     tokens = [0] * stack.count
     failed: dict[int, NonFiniteLossError] = {}
@@ -282,9 +328,12 @@ def train_stacked(
                 total = loss_k if total is None else total + loss_k
             if total is not None:
                 total.backward()
-                optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
+                # Each adapter's learning rate decays linearly to zero over its own steps.
+                optimizer.step([
+                    config.learning_rate * (1 - step / totals[k]) if k in active and k not in failed else 0.0
+                    for k in range(stack.count)
+                ])
+            optimizer.zero_grad()
     finally:
         stack.route(None)
         model.eval()

@@ -137,3 +137,30 @@ def test_bf16_base_keeps_float32_adapters(tmp_path):
         assert all(p.dtype == torch.float32 for p in stack.parameters(0))
         results = train_stacked(stack, bf16.tokenizer, DOCS[:2], TRAIN)
     assert all(torch.isfinite(torch.tensor(r.mean_loss)) for r in results)
+
+
+def test_one_adapter_trains_as_peft_with_torch_adamw_does(model):
+    """The stack's own AdamW and routing against the plain path: peft's LoRA layers, torch's
+    AdamW and LambdaLR (models.inner_loop.train_adapter), from the same initial weights."""
+    from peft.tuners.lora import LoraLayer
+
+    from models.inner_loop import fresh_adapter, train_adapter
+
+    with stacked_adapters(model.model, LORA, [SEEDS[0]]) as stack:
+        initial = {name: (layer.lora_A[0].clone(), layer.lora_B[0].clone()) for name, layer in stack.layers.items()}
+        (ours,) = train_stacked(stack, model.tokenizer, [DOCS[1]], TRAIN)
+        trained = {name: (layer.lora_A[0].clone(), layer.lora_B[0].clone()) for name, layer in stack.layers.items()}
+    with fresh_adapter(model.model, LORA, seed=0) as adapted:
+        layers = {name.removeprefix("base_model.model."): m for name, m in adapted.named_modules()
+                  if isinstance(m, LoraLayer)}
+        assert layers.keys() == initial.keys()
+        with torch.no_grad():
+            for name, layer in layers.items():
+                layer.lora_A["default"].weight.copy_(initial[name][0])
+                layer.lora_B["default"].weight.copy_(initial[name][1])
+        reference = train_adapter(adapted, model.tokenizer, DOCS[1], TRAIN)
+        for name, layer in layers.items():
+            torch.testing.assert_close(layer.lora_A["default"].weight, trained[name][0], rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(layer.lora_B["default"].weight, trained[name][1], rtol=1e-4, atol=1e-6)
+    assert ours.steps == reference.steps and ours.tokens == reference.tokens
+    assert ours.mean_loss == pytest.approx(reference.mean_loss, rel=1e-5)
