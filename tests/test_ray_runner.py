@@ -3,7 +3,6 @@ results the other runner reuses, and no process left behind."""
 
 import os
 import re
-import time
 
 import psutil
 import pytest
