@@ -59,7 +59,10 @@ def ray_init_kwargs(runner: RunnerConfig) -> dict:
     env = {"SEAL_HOME": str(seal_home()), "OMP_NUM_THREADS": str(worker_threads(runner))}
     kwargs = {"namespace": "seal", "runtime_env": {"env_vars": env}}
     if runner.address is None:
-        kwargs |= {"num_cpus": cpus_per_task(runner) * runner.num_workers, "include_dashboard": False}
+        # "local": a new instance of this flow run's own; with no address Ray would join any
+        # instance already running on the machine (or the last one started here, even if dead).
+        kwargs |= {"address": "local", "num_cpus": cpus_per_task(runner) * runner.num_workers,
+                   "include_dashboard": False}
     else:
         kwargs["address"] = runner.address
     return kwargs
@@ -73,7 +76,7 @@ def task_runner(runner: RunnerConfig) -> TaskRunner:
     # Inside ray_cluster() Ray is already initialized and this runner only uses it; a subflow run
     # on its own starts (and stops) an instance with the same settings.
     kwargs = ray_init_kwargs(runner)
-    return RayTaskRunner(address=kwargs.pop("address", None), init_kwargs=kwargs)
+    return RayTaskRunner(address=kwargs.pop("address"), init_kwargs=kwargs)
 
 
 def result_storage(runner: RunnerConfig) -> Path | str | None:

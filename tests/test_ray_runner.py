@@ -3,7 +3,6 @@ results the other runner reuses, and no process left behind."""
 
 import os
 import re
-import time
 
 import psutil
 import pytest
@@ -142,6 +141,7 @@ def test_local_instance_workers_share_the_machines_cores_and_this_seal_home(monk
     monkeypatch.setenv("SEAL_HOME", str(tmp_path))
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
     local = ray_init_kwargs(RunnerConfig(kind="ray", num_workers=4))
+    assert local["address"] == "local"  # never whatever instance already runs on the machine
     assert local["num_cpus"] == 16 and local["runtime_env"]["env_vars"] == {
         "SEAL_HOME": str(tmp_path), "OMP_NUM_THREADS": "4"}
     cluster = ray_init_kwargs(RunnerConfig(kind="ray", address="ray://head:10001", gpus_per_task=1))
