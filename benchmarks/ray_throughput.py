@@ -29,8 +29,10 @@ ROOT = Path(__file__).parents[1]
 DEFAULT_CONFIG = ROOT / "deployments" / "configs" / "knowledge-smollm2.yaml"
 
 
+# Task-run name prefixes; knowledge inner loops run in groups (train-adapters-..., one task per
+# inner_loop.group_size self-edits), few-shot ones one per self-edit (train-adapter-...).
 TASK_KINDS = {"sample-self-edits": "sampling", "train-adapter": "training", "evaluate-adapter": "evaluation",
-              "update-policy": "m_step"}
+              "evaluate-baseline": "baseline", "update-policy": "m_step"}
 
 
 def task_breakdown(workers: int) -> dict:
