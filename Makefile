@@ -11,6 +11,8 @@ export MLFLOW_DISABLE_TELEMETRY=true
 export HF_HUB_OFFLINE=1
 export TRANSFORMERS_OFFLINE=1
 export HF_DATASETS_OFFLINE=1
+# glibc: few malloc arenas, so memory freed by one thread serves the next (tasks/runtime.py)
+export MALLOC_ARENA_MAX=2
 
 .PHONY: install run serve test test-slow bench clean-venv
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from flows.runner import on_runner
 from models.config import SealConfig
 from models.fewshot.self_edit import check_bounds
 from tasks import fewshot, knowledge
@@ -113,7 +114,7 @@ class KnowledgeDomain:
     def evaluate_policy(self, config, policy, base):
         from flows.training import evaluate_policy  # flows.training imports this module
 
-        return evaluate_policy(config, policy, base)
+        return on_runner(evaluate_policy, config.runner)(config, policy, base)
 
 
 class FewshotDomain:
@@ -170,7 +171,7 @@ class FewshotDomain:
     def evaluate_policy(self, config, policy, base):
         from flows.fewshot import evaluate_fewshot_policy  # flows.fewshot imports flows.training
 
-        return evaluate_fewshot_policy(config, policy, base)
+        return on_runner(evaluate_fewshot_policy, config.runner)(config, policy, base)
 
 
 def length_groups(lengths: list[int], size: int) -> list[list[int]]:

@@ -12,6 +12,7 @@ from prefect import flow
 
 from flows.tracking import default_tracking_uri, resolve_policy_uri
 from flows.domains import domain_for
+from flows.runner import ray_cluster, with_storage
 from flows.training import HeldOutResult, verified_policy
 from models.base_model import ModelNotFoundError, resolve_model, seal_home
 from models.config import SealConfig
@@ -41,5 +42,6 @@ def seal_evaluation(config: SealConfig, policy: str = "base") -> HeldOutResult:
     """Score ``policy`` on held-out contexts. Knowledge: no adaptation, passage only, passage +
     self-edits from the base model, passage + self-edits from the policy. Few-shot (Table 1):
     in-context learning, TTT with the base model's self-edits, SEAL (the policy's), oracle TTT."""
-    base = verified_policy(resolve_base_policy, config.model)
-    return domain_for(config).evaluate_policy(config, resolve_policy(policy, base), base)
+    base = verified_policy(with_storage(resolve_base_policy, config.runner), config.model)
+    with ray_cluster(config.runner):
+        return domain_for(config).evaluate_policy(config, resolve_policy(policy, base), base)

@@ -20,7 +20,8 @@ from prefect import flow
 
 from flows.domains import FEWSHOT
 from flows.progress import Progress
-from flows.training import SERIAL, HeldOutResult, InnerLoop
+from flows.runner import SERIAL, placement
+from flows.training import HeldOutResult, InnerLoop
 from models.config import SealConfig
 from tasks.records import EvalRecord, PolicyRef, stable_seed
 
@@ -34,6 +35,11 @@ def solved(score: EvalRecord) -> bool:
 @flow(flow_run_name="held-out-{policy.name}", task_runner=SERIAL)
 def evaluate_fewshot_policy(config: SealConfig, policy: PolicyRef, base: PolicyRef) -> HeldOutResult:
     """Table 1 on ``fewshot.eval_task_ids``: success counts of the four rows."""
+    with placement(config.runner):
+        return _evaluate_fewshot_policy(config, policy, base)
+
+
+def _evaluate_fewshot_policy(config: SealConfig, policy: PolicyRef, base: PolicyRef) -> HeldOutResult:
     start = time.perf_counter()
     tasks = FEWSHOT.fetch_contexts(config, "validation", config.data.num_eval_contexts, seed=config.data.seed)
     k = config.self_edit.num_samples

@@ -27,6 +27,9 @@ self-edit is a JSON test-time-training config, reward 1 when the adapted model s
 and every solving config is kept. Whatever differs between the two settings goes through the
 config's ``domain`` (``flows/domains.py``); this module never names a domain's tasks except in
 the knowledge held-out flow below.
+
+Where the tasks run is the config's ``runner`` (``flows/runner.py``): one at a time in this
+process, or spread over Ray workers (a local instance or a cluster), with the same results.
 """
 
 from __future__ import annotations
@@ -42,10 +45,10 @@ import torch
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_table_artifact
 from prefect.runtime import flow_run
-from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.domains import domain_for
 from flows.progress import Progress
+from flows.runner import SERIAL, on_runner, placement, ray_cluster, with_storage
 from flows.tracking import MlflowTracker, Tracker, default_tracking_uri, find_resumable_run
 from models.base_model import seal_home, weights_digest
 from models.config import SealConfig
@@ -196,11 +199,12 @@ class _GroupMember:
 
 def verified_policy(make, *args) -> PolicyRef:
     """``make(*args)`` (a policy-producing task), run again if its cached checkpoint is gone or
-    its weights no longer match the recorded digest."""
-    policy = make(*args)
+    its weights no longer match the recorded digest. Submitted to the flow's task runner: on Ray
+    the M-step runs on a worker with the runner's GPUs, not in the flow's process."""
+    policy = make.submit(*args).result()
     if weights_digest(Path(policy.path)) != policy.digest and not policy.digest.startswith("hf-"):
         get_run_logger().warning("policy %s at %s is missing or altered; recomputing it", policy.name, policy.path)
-        policy = make.with_options(refresh_cache=True)(*args)
+        policy = make.with_options(refresh_cache=True).submit(*args).result()
     return policy
 
 
@@ -218,14 +222,16 @@ def check_success_fraction(rows: list[dict], minimum: float, iteration: int) -> 
         )
 
 
-# Inner loops share one in-memory model per process and would only queue on its lock (and
-# compete for the same cores on a CPU): run tasks one at a time, in submission order.
-SERIAL = ThreadPoolTaskRunner(max_workers=1)
-
-
+# The task runners below are the defaults; the training flow runs these subflows with the
+# config's runner (flows.runner.on_runner).
 @flow(flow_run_name="iteration-{iteration}", task_runner=SERIAL)
 def run_iteration(config: SealConfig, policy: PolicyRef, iteration: int) -> IterationResult:
     """One outer iteration: the E-step over N contexts x K self-edits, then the M-step."""
+    with placement(config.runner):
+        return _run_iteration(config, policy, iteration)
+
+
+def _run_iteration(config: SealConfig, policy: PolicyRef, iteration: int) -> IterationResult:
     start = time.perf_counter()
     domain = domain_for(config)
     contexts = domain.fetch_contexts(config, "train", config.data.num_train_contexts,
@@ -305,6 +311,11 @@ def evaluate_policy(config: SealConfig, policy: PolicyRef, base: PolicyRef) -> H
     every evaluation after the first finds them cached. The last column is SEAL's: ``policy``
     writes the self-edit and ``policy`` is adapted on it (the base model before any update).
     """
+    with placement(config.runner):
+        return _evaluate_policy(config, policy, base)
+
+
+def _evaluate_policy(config: SealConfig, policy: PolicyRef, base: PolicyRef) -> HeldOutResult:
     start = time.perf_counter()
     contexts = fetch_contexts(config.data, "validation", config.data.num_eval_contexts, seed=config.data.seed)
     progress = Progress(f"held-out-{policy.name}", {"contexts": len(contexts)})
@@ -415,7 +426,8 @@ def seal_training(config: SealConfig) -> TrainingResult:
         key="mlflow-run", description="The MLflow run that tracks this training flow run.",
     )
     try:
-        result = _train(config, tracker)
+        with ray_cluster(config.runner):
+            result = _train(config, tracker)
     except BaseException:
         tracker.finish("FAILED")
         raise
@@ -426,7 +438,7 @@ def seal_training(config: SealConfig) -> TrainingResult:
 def _train(config: SealConfig, tracker: Tracker) -> TrainingResult:
     tracker.log_params(config.flat())
     domain = domain_for(config)
-    base = verified_policy(resolve_base_policy, config.model)
+    base = verified_policy(with_storage(resolve_base_policy, config.runner), config.model)
     policy = base
     held_out = [("base", domain.evaluate_policy(config, base, base))]
     _log_held_out(tracker, held_out[-1][1], step=0)
@@ -434,7 +446,7 @@ def _train(config: SealConfig, tracker: Tracker) -> TrainingResult:
     version = None  # the registry version of the current policy (None: the base model)
     iterations = []
     for t in range(1, config.rl.iterations + 1):
-        result = run_iteration(config, policy, t)
+        result = on_runner(run_iteration, config.runner)(config, policy, t)
         iterations.append(result)
         tracker.log_metrics(result.metrics, step=t)
         tracker.log_table(result.rows, f"self_edits/iteration-{t}.json")

@@ -10,6 +10,7 @@ is loaded, and reports every problem together.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -17,6 +18,8 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+import fsspec
 
 from models.fewshot.schema import TTTConfig
 
@@ -147,6 +150,67 @@ class TrackingConfig(_Section):
     log_adapters: bool = Field(True, description="Log every self-edit's adapter folder to MLflow.")
 
 
+class RunnerConfig(_Section):
+    """Where the model tasks (sampling, inner loops, evaluation, policy update) run.
+
+    ``local``: in the flow's process, one at a time (they share its one copy of the model; more
+    threads would only queue on it). ``ray``: on Ray workers, each a process that loads the model
+    once and keeps it, either on a local instance started for the flow run or on a cluster.
+    Results do not depend on the runner: a run on one reuses what a run on the other cached.
+    """
+
+    kind: Literal["local", "ray"] = Field(
+        "local", description="'local': this process runs the tasks. 'ray': Ray workers do (needs "
+        "the ray extra: pip install 'seal-workflows[ray]').",
+    )
+    address: str | None = Field(
+        None, description="Ray cluster to join: 'auto' (the cluster this machine belongs to), "
+        "'HOST:6379', or 'ray://HOST:10001' (Ray Client). Unset: start a local Ray instance for the "
+        "flow run and shut it down at its end.",
+    )
+    num_workers: int = Field(
+        2, ge=1, description="Workers of the local Ray instance, each a process with its own copy of "
+        "the model (ignored with an address: the cluster's resources decide).",
+    )
+    cpus_per_task: float | None = Field(
+        None, gt=0, description="CPUs a model task reserves; its worker uses that many torch threads "
+        "(at least 1). Unset: the machine's cores / num_workers on a local instance, 1 on a cluster.",
+    )
+    gpus_per_task: float = Field(
+        0.0, ge=0, description="GPUs a model task reserves on Ray (0.5: two workers share a GPU, each "
+        "with its own copy of the model).",
+    )
+    result_storage: str | None = Field(
+        None, description="Where Prefect keeps task results (the cache): a path every worker sees "
+        "or an fsspec URL such as s3://bucket/seal-results (needs that protocol's package, e.g. "
+        "s3fs). Unset: PREFECT_LOCAL_STORAGE_PATH ($SEAL_HOME/prefect/storage under seal run).",
+    )
+
+    def problems(self, device: str) -> list[str]:
+        """What is inconsistent in this section (``device``: the model's)."""
+        problems = []
+        if self.kind == "local":
+            if self.address is not None:
+                problems.append(f"runner.address is {self.address!r} but runner.kind is 'local'; set runner.kind=ray")
+            if self.gpus_per_task:
+                problems.append("runner.gpus_per_task only applies to runner.kind=ray (the local runner uses "
+                                "model.device)")
+        elif importlib.util.find_spec("prefect_ray") is None:
+            problems.append("runner.kind is 'ray' but prefect-ray is not installed: "
+                            "pip install 'seal-workflows[ray]'")
+        if self.gpus_per_task and device in ("cpu", "mps"):
+            problems.append(f"runner.gpus_per_task is {self.gpus_per_task:g} but model.device is {device!r}; "
+                            "use model.device=auto or cuda, or runner.gpus_per_task=0")
+        if self.result_storage and "://" in self.result_storage:
+            protocol = self.result_storage.split("://", 1)[0]
+            try:
+                fsspec.get_filesystem_class(protocol)
+            except (ImportError, ValueError) as exc:
+                problems.append(f"runner.result_storage {self.result_storage!r}: fsspec cannot open "
+                                f"'{protocol}://' here ({exc})")
+        return problems
+
+
 def _ttt(basic: bool, size: bool, strategy: str, learning_rate: float, epochs: int) -> TTTConfig:
     return TTTConfig.model_validate({
         "data_generation": {"use_basic_augmentations": basic, "use_size_augmentations": size,
@@ -219,6 +283,7 @@ class SealConfig(_Section):
     rl: RLConfig = Field(default_factory=RLConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     fewshot: FewshotConfig = Field(default_factory=FewshotConfig)
+    runner: RunnerConfig = Field(default_factory=RunnerConfig)
     seed: int = Field(0, description="Seed of self-edit sampling.")
 
     @model_validator(mode="after")
@@ -237,6 +302,7 @@ class SealConfig(_Section):
 
             problems += task_id_problems("train", fewshot.train_task_ids, fewshot.max_grid_size)
             problems += task_id_problems("validation", fewshot.eval_task_ids, fewshot.max_grid_size)
+        problems += self.runner.problems(self.model.device)
         for n, oracle in enumerate(fewshot.oracle_configs):
             lr, epochs = oracle.training.learning_rate, oracle.training.num_train_epochs
             if not fewshot.min_learning_rate <= lr <= fewshot.max_learning_rate or not 1 <= epochs <= fewshot.max_epochs:
@@ -252,7 +318,9 @@ class SealConfig(_Section):
         return _digest(payload)
 
     def digest(self) -> str:
-        return _digest(self.model_dump(mode="json"))
+        """The whole config's digest, less ``runner``: where tasks run does not change results,
+        so a run retried on another runner continues the same MLflow run."""
+        return _digest(self.model_dump(mode="json", exclude={"runner"}))
 
     def flat(self) -> dict[str, Any]:
         """The config as ``{"lora.rank": 32, ...}``, as logged to MLflow."""

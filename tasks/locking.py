@@ -36,6 +36,11 @@ class FlockLockManager:
         self._held: dict[str, tuple[str, int]] = {}  # key -> (holder, file descriptor)
         self._guard = threading.Lock()
 
+    def __reduce__(self):
+        # Tasks travel to Ray workers pickled, their cache policy with them: a worker gets a
+        # manager of its own (locks belong to the process that holds them).
+        return type(self), (self._directory,)
+
     def _path(self, key: str) -> Path:
         directory = self._directory or seal_home() / "locks"
         directory.mkdir(parents=True, exist_ok=True)

@@ -63,7 +63,7 @@ def test_ports_bind_to_localhost_by_default_and_services_have_health_checks():
     for name, service in SERVICES.items():
         for port in service.get("ports", []):
             assert port.startswith("${SEAL_BIND:-127.0.0.1}:"), f"{name} publishes {port} beyond localhost"
-        if name != "worker":
+        if not name.endswith("worker"):
             assert "healthcheck" in service, name
 
 
@@ -71,3 +71,20 @@ def test_mlflow_basic_auth_is_an_option():
     command = SERVICES["mlflow"]["command"]
     assert "${MLFLOW_APP_NAME:+--app-name $MLFLOW_APP_NAME}" in command
     assert "MLFLOW_AUTH_ADMIN_PASSWORD" in _environment(SERVICES["mlflow"])
+
+
+def test_the_ray_cluster_shares_seal_home_with_the_flows_and_gives_each_worker_a_gpu():
+    head, worker = SERVICES["ray-head"], SERVICES["ray-worker"]
+    assert head["profiles"] == worker["profiles"] == ["ray"]  # `docker compose up` alone starts no cluster
+    assert "--ray-client-server-port=10001" in head["command"] and "--num-gpus=0" in head["command"]
+    assert "--address=ray-head:6379" in worker["command"] and "--port=6379" in head["command"]
+    assert worker["depends_on"]["ray-head"]["condition"] == "service_healthy"
+    (device,) = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert device["capabilities"] == ["gpu"] and device["count"] == 1
+    flows = _environment(SERVICES["worker"])  # the Ray driver: it runs the flows
+    for node in (head, worker):
+        env = _environment(node)
+        assert "seal-home:/seal" in node["volumes"] and env["SEAL_HOME"] == flows["SEAL_HOME"]
+        assert env["HF_HOME"] == flows["HF_HOME"] and env["HF_HOME"].startswith("/seal/")
+        assert env["RAY_AUTH_MODE"] == flows["RAY_AUTH_MODE"]
+        assert env["PREFECT_API_URL"] == flows["PREFECT_API_URL"]
