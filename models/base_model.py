@@ -79,8 +79,20 @@ def seal_home() -> Path:
     return Path(os.environ.get("SEAL_HOME", ".seal")).absolute()
 
 
+def native_bf16(device: str) -> bool:
+    """Whether ``device`` multiplies bf16 matrices in hardware: a CUDA GPU that supports it, or a
+    CPU with AVX512-BF16 or AMX. Elsewhere PyTorch emulates bf16, measured ~135x slower than
+    fp32 on an AVX2-only 2-core CPU (1 against 130 GFLOP/s)."""
+    if device == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device == "cpu":
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return False
+
+
 def select_device(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
-    """Pick CUDA + bf16 when present, else CPU + fp32; explicit values win.
+    """Pick CUDA when present, else the CPU; bf16 where the device computes it natively, else
+    fp32. Explicit values win.
 
     Raises:
         ValueError: if the requested device is not available.
@@ -92,7 +104,7 @@ def select_device(device: str = "auto", dtype: str = "auto") -> tuple[torch.devi
     if device == "mps" and not torch.backends.mps.is_available():
         raise ValueError("model.device is 'mps' but MPS is not available; use model.device=cpu")
     if dtype == "auto":
-        dtype = "bfloat16" if device == "cuda" else "float32"
+        dtype = "bfloat16" if native_bf16(device) else "float32"
     return torch.device(device), getattr(torch, dtype)
 
 

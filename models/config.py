@@ -42,7 +42,8 @@ class ModelConfig(_Section):
         "auto", description="'auto' picks CUDA when present, else CPU."
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="'auto' is bfloat16 on CUDA, float32 elsewhere."
+        "auto", description="'auto' is bfloat16 where the device multiplies it natively (CUDA, or a CPU with "
+        "AVX512-BF16 or AMX), float32 elsewhere."
     )
 
 
@@ -103,6 +104,12 @@ class InnerLoopConfig(_Section):
     batch_size: int = Field(1, ge=1, description="Documents per step.")  # paper: 1
     max_length: int = Field(256, ge=8, description="Documents are truncated to this many tokens.")
     seed: int = Field(0, description="Seed of adapter init and document order.")
+    max_batch_tokens: int = Field(
+        1024, ge=1,
+        description="Stacked training: a step's rows (one per adapter and document) are split into "
+        "batches of at most this many padded tokens, similar lengths together, gradients added up: "
+        "the same update in less memory and with less padding.",
+    )
     group_size: int = Field(
         4, ge=1, le=64,
         description="Inner loops trained together in shared batches through stacked LoRA adapters "

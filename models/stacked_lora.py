@@ -42,6 +42,7 @@ from models.inner_loop import (
     token_f1,
     tokenize_documents,
 )
+from models.lm_loss import token_losses
 from models.self_edit import QUESTION_PROMPT, generate, render_prompt
 
 
@@ -78,10 +79,58 @@ class StackedLoraLinear(nn.Module):
         if self.rows is None:
             return out
         # x: (batch, seq, in); A[rows]: (batch, rank, in); B[rows]: (batch, out, rank)
-        a, b = self.lora_A[self.rows], self.lora_B[self.rows]
-        x = nn.functional.dropout(x.to(a.dtype), self.dropout, self.training) if self.dropout else x.to(a.dtype)
-        lora = torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
-        return out + (self.scaling * lora).to(out.dtype)
+        if self.dropout and self.training:
+            a, b = self.lora_A[self.rows], self.lora_B[self.rows]
+            x = nn.functional.dropout(x.to(a.dtype), self.dropout, training=True)
+            lora = self.scaling * torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
+        else:
+            lora = _LoraDelta.apply(x, self.lora_A, self.lora_B, self.rows, self.scaling)
+        return out + lora.to(out.dtype)
+
+
+class _LoraDelta(torch.autograd.Function):
+    """``scaling * (x @ A[rows].T) @ B[rows].T`` per batch row, in the adapters' dtype.
+
+    What plain autograd would compute, keeping less: the input as given (autograd would keep
+    a float32 copy of a bf16 input for every adapted layer, where layers sharing an input hold
+    one), and the stacked weights themselves rather than the per-row copies that indexing them
+    makes when rows are not ``0..n-1``. The backward pass casts and indexes again, one layer at a
+    time, and adds each row's weight gradient into its adapter's slice.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                rows: slice | torch.Tensor, scaling: float) -> torch.Tensor:
+        a, b = lora_a[rows], lora_b[rows]
+        xa = torch.bmm(x.to(a.dtype), a.transpose(1, 2))  # (batch, seq, rank)
+        ctx.save_for_backward(x, xa, lora_a, lora_b)
+        ctx.rows, ctx.scaling = rows, scaling
+        return scaling * torch.bmm(xa, b.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, xa, lora_a, lora_b = ctx.saved_tensors
+        rows = ctx.rows
+        a, b = lora_a[rows], lora_b[rows]
+        grad = ctx.scaling * grad.to(a.dtype)  # (batch, seq, out)
+        grad_xa = torch.bmm(grad, b)  # (batch, seq, rank)
+        grad_x = torch.bmm(grad_xa, a).to(x.dtype) if ctx.needs_input_grad[0] else None
+        grad_a = grad_b = None
+        if ctx.needs_input_grad[1]:
+            grad_a = _scatter_rows(torch.bmm(grad_xa.transpose(1, 2), x.to(a.dtype)), rows, lora_a)
+        if ctx.needs_input_grad[2]:
+            grad_b = _scatter_rows(torch.bmm(grad.transpose(1, 2), xa), rows, lora_b)
+        return grad_x, grad_a, grad_b, None, None
+
+
+def _scatter_rows(row_grads: torch.Tensor, rows: slice | torch.Tensor, stacked: torch.Tensor) -> torch.Tensor:
+    """Per-row gradients summed into a gradient of the stacked weights (zero for unused adapters)."""
+    grad = torch.zeros_like(stacked)
+    if isinstance(rows, slice):
+        grad[rows] = row_grads
+    else:
+        grad.index_add_(0, rows, row_grads)  # an adapter may have several rows
+    return grad
 
 
 class StackedAdamW:
@@ -187,8 +236,10 @@ class AdapterStack:
     def route(self, row_adapter: torch.Tensor | None) -> None:
         """Send batch row i through adapter ``row_adapter[i]`` (None: the bare base model)."""
         rows = row_adapter
-        if row_adapter is not None and torch.equal(row_adapter.cpu(), torch.arange(len(row_adapter))):
-            rows = slice(0, len(row_adapter))  # row i is adapter i: a view of the weights, no copy
+        if row_adapter is not None:
+            first = int(row_adapter[0])
+            if torch.equal(row_adapter.cpu(), torch.arange(first, first + len(row_adapter))):
+                rows = slice(first, first + len(row_adapter))  # consecutive adapters: a view of the weights
         for layer in self.layers.values():
             layer.rows = rows
 
@@ -303,32 +354,39 @@ def train_stacked(
             if not active:
                 break
             rows = [(k, seq) for k in active for seq in schedules[k][step]]
-            batch = pad_batch([seq for _, seq in rows], tokenizer.pad_token_id)
-            batch = {key: value.to(model.device) for key, value in batch.items()}
-            row_adapter = torch.tensor([k for k, _ in rows], device=model.device)
-            stack.route(row_adapter)
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            # Next-token loss per token: (rows, seq-1)
-            labels = batch["labels"][:, 1:]
-            token_loss = nn.functional.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="none"
-            ).view(labels.shape)
-            total = None
+            # Adapter k's loss is the mean over its tokens this step, as alone, whichever parts hold them.
+            label_counts = {k: sum(len(seq) - 1 for j, seq in rows if j == k) for k in active}
+            step_loss = dict.fromkeys(active, 0.0)
+            for part in token_budget_parts(rows, config.max_batch_tokens):
+                batch = pad_batch([seq for _, seq in part], tokenizer.pad_token_id)
+                batch = {key: value.to(model.device) for key, value in batch.items()}
+                row_adapter = torch.tensor([k for k, _ in part], device=model.device)
+                stack.route(row_adapter)
+                # Next-token loss per token: (rows, seq-1)
+                token_loss = token_losses(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+                labels = batch["labels"][:, 1:]
+                total = None
+                for k in sorted({k for k, _ in part} - failed.keys()):
+                    mask = (row_adapter == k)[:, None] & (labels != -100)
+                    loss_k = token_loss[mask].sum() / label_counts[k]
+                    if not torch.isfinite(loss_k):
+                        failed[k] = NonFiniteLossError(
+                            f"loss became {loss_k.item()} at step {step}; "
+                            f"lower inner_loop.learning_rate (now {config.learning_rate})"
+                        )
+                        continue
+                    step_loss[k] += loss_k.item()
+                    tokens[k] += int(batch["attention_mask"][row_adapter == k].sum())
+                    total = loss_k if total is None else total + loss_k
+                if total is not None:
+                    total.backward()  # gradients add up over the step's parts
+                del token_loss, total
             for k in active:
-                mask = (row_adapter == k)[:, None] & (labels != -100)
-                loss_k = token_loss[mask].mean()
-                if not torch.isfinite(loss_k):
-                    failed[k] = NonFiniteLossError(
-                        f"loss became {loss_k.item()} at step {step}; "
-                        f"lower inner_loop.learning_rate (now {config.learning_rate})"
-                    )
-                    continue
-                losses[k].append(loss_k.item())
-                tokens[k] += int(batch["attention_mask"][row_adapter == k].sum())
-                total = loss_k if total is None else total + loss_k
-            if total is not None:
-                total.backward()
-                # Each adapter's learning rate decays linearly to zero over its own steps.
+                if k not in failed:
+                    losses[k].append(step_loss[k])
+            if any(k not in failed for k in active):
+                # Each adapter's learning rate decays linearly to zero over its own steps; an
+                # adapter that failed part-way through this step is frozen, its gradient ignored.
                 optimizer.step([
                     config.learning_rate * (1 - step / totals[k]) if k in active and k not in failed else 0.0
                     for k in range(stack.count)
@@ -344,6 +402,19 @@ def train_stacked(
                     final_loss=losses[k][-1], seconds=seconds)
         for k in range(stack.count)
     ]
+
+
+def token_budget_parts(rows: Sequence[tuple[int, list[int]]], max_tokens: int) -> list[list[tuple[int, list[int]]]]:
+    """Split a step's ``(adapter, token ids)`` rows into batches of at most ``max_tokens`` padded
+    tokens (rows x longest row; a longer row goes alone). Rows of similar length go together, so
+    short documents are not padded to a long one, and each batch lists its rows by adapter."""
+    parts: list[list[tuple[int, list[int]]]] = []
+    for row in sorted(rows, key=lambda r: -len(r[1])):
+        if parts and (len(parts[-1]) + 1) * len(parts[-1][0][1]) <= max_tokens:
+            parts[-1].append(row)
+        else:
+            parts.append([row])
+    return [sorted(part, key=lambda r: r[0]) for part in parts]
 
 
 def evaluate_stacked(

@@ -39,11 +39,15 @@ def test_local_folder_digest_is_remembered(tmp_path):
     assert resolve_model(str(copy), tmp_path).digest == resolved.digest
 
 
-def test_auto_device_is_cpu_fp32_without_cuda():
+def test_auto_device_is_cpu_without_cuda_and_bf16_only_where_native(monkeypatch):
     if torch.cuda.is_available():
         assert select_device() == (torch.device("cuda"), torch.bfloat16)
     else:
-        assert select_device() == (torch.device("cpu"), torch.float32)
+        for avx512_bf16, amx, expected in [(False, False, torch.float32), (True, False, torch.bfloat16),
+                                           (False, True, torch.bfloat16)]:
+            monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+            monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+            assert select_device() == (torch.device("cpu"), expected)
         with pytest.raises(ValueError, match="no CUDA device"):
             select_device("cuda")
     assert select_device("cpu", "bfloat16") == (torch.device("cpu"), torch.bfloat16)
