@@ -213,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         documents = [training_documents(edit, ctx["title"], ctx["context"]) for edit in edits]
         inputs.append((ctx["id"], documents, list(ctx["questions"][:QUESTIONS]), list(ctx["answers"][:QUESTIONS])))
         print(f"context {ctx['id']}: K={args.k} self-edits of {[len(d) for d in documents]} documents; "
-              f"sampling batch {args.k}: {at_k['tokens_per_s']:.1f} tokens/s, batch 1: {at_1['tokens_per_s']:.1f} tokens/s",
+              f"sampling batch {args.k}: {at_k['tokens_per_s']:.1f} tokens/s, "
+              f"batch 1: {at_1['tokens_per_s']:.1f} tokens/s",
               flush=True)
     memory["after_sampling_mb"] = peak_memory_mb()
 
@@ -239,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
                                config.eval, timed_steps=args.reference_steps or None)
         timings["reference"].append(timing)
         records["reference"].append(_record(timing, context_id, index))
-        how = (f"EXTRAPOLATED from {timing.steps_timed} timed steps ({timing.train_timed_s:.1f} s) to {timing.steps}"
+        how = (f"EXTRAPOLATED from {timing.steps_timed} timed step(s) ({timing.train_timed_s:.1f} s) to {timing.steps}"
                if timing.steps_timed < timing.steps else f"all {timing.steps} steps timed")
         print(f"  reference {context_id}/{index}: {timing.total_s:.1f} s (training {timing.train_s:.1f} s, {how})",
               flush=True)
@@ -259,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     for method, s in summary.items():
         print(_line(method, s))
     if summary.get("reference", {}).get("extrapolated"):
-        print(f"reference: training time EXTRAPOLATED from {args.reference_steps} timed steps per self-edit "
+        print(f"reference: training time EXTRAPOLATED from {args.reference_steps} timed step(s) per self-edit "
               f"to the full {summary['reference']['steps_per_self_edit']:.0f}")
     for name, ratio in speedup.items():
         print(f"ours vs {name}: {ratio:.2f}x ({name} {summary[name]['per_self_edit_s']:.1f} s / ours "
