@@ -1,14 +1,31 @@
-"""Seconds per inner loop (train + evaluate one self-edit) and peak memory, on the real model.
+"""Seconds per self-edit of SEAL's inner loop, ours against two Hugging Face baselines (issue 8).
 
-    python benchmarks/inner_loop.py                                   # SmolLM2, 8 self-edits
-    python benchmarks/inner_loop.py --config deployments/configs/knowledge-tiny.yaml --self-edits 3
+    python benchmarks/inner_loop.py --json benchmarks/results/inner_loop-smollm2-cpu.json
+    python benchmarks/inner_loop.py --config deployments/configs/knowledge-tiny.yaml   # seconds
 
-For each of N held-out contexts: sample one self-edit from the base model (timed apart, it is
-not part of the inner loop), answer the questions without adaptation, then time the inner loop:
-attach a fresh adapter, train on the self-edit plus the passage, answer the questions, detach.
-Then the same self-edits again, K at a time, through stacked adapters (``models/stacked_lora.py``):
-one batch per step holds rows of all K, each routed through its own LoRA weights.
-Prints one line per self-edit, the medians, and the process's peak resident memory.
+The comparison's hyperparameters are the paper's inner loop (issue 8), applied as config
+overrides before any given on the command line: fp32, LoRA r=32 alpha=64 dropout 0, lr 1e-3,
+10 epochs, batch size 1, self-edits of up to 8 documents, answers of up to 64 greedy tokens;
+the first 5 questions of contexts that have at least 5.
+
+For each of ``--contexts`` held-out contexts, K self-edits are sampled from the base model in
+one batched call (timed as sampling at batch K, and one more at batch 1; not part of the inner
+loop). Then, on the same model in memory, the same self-edits' inner loops three ways:
+
+- **ours**, the path the training flow takes (``models/stacked_lora.py``): the context's
+  no-adaptation answers once, then its K self-edits trained together through stacked adapters
+  and evaluated in shared batched generations;
+- **strong** and **reference**: see ``benchmarks/baselines.py``. The reference runs only
+  ``--reference-self-edits`` self-edits and, with ``--reference-steps``, times that many
+  training steps and extrapolates to the full count (it says so in its line).
+
+Each method's seconds per self-edit, all-in, are its wall time divided by the self-edits it ran,
+split into baseline answers / training / evaluation / other (attaching adapters, saving,
+loading). Training FLOPs are approximated as 4 x parameters x tokens trained (issue 8; forward
+2, backward through the frozen weights for the activations' gradients 2, LoRA's own FLOPs and
+attention left out) and set against this machine's fp32 matrix-multiply peak, measured here
+with ``torch.mm``. The speedup of ours over a baseline is the baseline's seconds per self-edit
+over ours (equivalently ours' self-edits per minute over the baseline's).
 """
 
 from __future__ import annotations
@@ -16,112 +33,252 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
+import warnings
 from pathlib import Path
 
 for key, value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                    "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}.items():
     os.environ.setdefault(key, value)
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # raised inside Trainer
+# Run as a script: the repository root on the path, so `benchmarks.baselines` imports.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.base_model import load_model  # noqa: E402
-from models.config import load_config  # noqa: E402
+import torch  # noqa: E402
+
+from benchmarks.baselines import SelfEditTiming, now, run_reference, run_strong  # noqa: E402
+from models.base_model import LoadedModel, load_model  # noqa: E402
+from models.config import SealConfig, load_config  # noqa: E402
 from models.demo import peak_memory_mb  # noqa: E402
-from models.inner_loop import evaluate_adapter, fresh_adapter, train_adapter  # noqa: E402
+from models.inner_loop import NonFiniteLossError, evaluate_adapter  # noqa: E402
 from models.knowledge_data import load_contexts, select_contexts  # noqa: E402
 from models.self_edit import sample_self_edits, training_documents  # noqa: E402
 from models.stacked_lora import evaluate_stacked, stacked_adapters, train_stacked  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).parents[1] / "deployments" / "configs" / "knowledge-smollm2.yaml"
+# Issue 8's hyperparameters (the paper's inner loop), fp32.
+COMPARISON = [
+    "model.dtype=float32", "lora.rank=32", "lora.alpha=64", "lora.dropout=0.0",
+    "inner_loop.learning_rate=1e-3", "inner_loop.epochs=10", "inner_loop.batch_size=1",
+    "self_edit.max_documents=8", "eval.max_new_tokens=64",
+]
+QUESTIONS = 5  # per context (issue 8)
+FLOPS_FORMULA = "training FLOPs = 4 x parameters x tokens trained"
 
 
-def main() -> int:
+def matmul_peak_gflops(size: int, device: torch.device, repeats: int = 5) -> float:
+    """Best-of-``repeats`` GFLOP/s of one fp32 ``torch.mm`` of two ``size`` x ``size`` matrices,
+    with torch's configured threads (2 size^3 FLOPs each)."""
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    out = torch.mm(a, b)  # warm-up: threads, allocator, kernels
+    best = float("inf")
+    for _ in range(repeats):
+        start = now(device)
+        torch.mm(a, b, out=out)
+        best = min(best, now(device) - start)
+    return 2 * size**3 / best / 1e9
+
+
+def sample(loaded: LoadedModel, config: SealConfig, ctx: dict, num_samples: int, seed: int) -> tuple[list, dict]:
+    """``num_samples`` self-edits of ``ctx`` in one batched call, with its throughput: tokens of
+    the decoded generations (special tokens removed) per second."""
+    start = now(loaded.device)
+    edits = sample_self_edits(
+        loaded.model, loaded.tokenizer, title=ctx["title"], context=ctx["context"],
+        kind=config.self_edit.prompt, num_samples=num_samples, temperature=config.self_edit.temperature,
+        top_p=config.self_edit.top_p, max_new_tokens=config.self_edit.max_new_tokens,
+        max_documents=config.self_edit.max_documents, seed=seed,
+    )
+    seconds = now(loaded.device) - start
+    tokens = sum(len(loaded.tokenizer(e.text, add_special_tokens=False)["input_ids"]) for e in edits)
+    return edits, {"batch": num_samples, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+
+
+def run_ours(loaded: LoadedModel, config: SealConfig, documents: list[list[str]], questions: list[str],
+             answers: list[list[str]]) -> list[SelfEditTiming]:
+    """One context's K self-edits (``documents[k]``) as the training flow runs them: baseline
+    answers once, K adapters trained together, their answers in shared batched generations.
+
+    Raises:
+        NonFiniteLossError: if an adapter's loss became NaN or infinite.
+    """
+    device, k = loaded.device, len(documents)
+    start = now(device)
+    baseline = evaluate_adapter(loaded.model, loaded.tokenizer, questions, answers, config.eval)
+    baseline_end = now(device)
+    with stacked_adapters(loaded.model, config.lora, [config.inner_loop.seed] * k) as stack:
+        train_start = now(device)
+        trained = train_stacked(stack, loaded.tokenizer, documents, config.inner_loop)
+        train_end = now(device)
+        for result in trained:
+            if isinstance(result, NonFiniteLossError):
+                raise result
+        scored = evaluate_stacked(stack, loaded.tokenizer, [questions] * k, [answers] * k, config.eval)
+        eval_end = now(device)
+    end = now(device)
+    baseline_s, train_s, eval_s = baseline_end - start, train_end - train_start, eval_end - train_end
+    other_s = (end - start) - baseline_s - train_s - eval_s
+    return [
+        SelfEditTiming(
+            baseline_s=baseline_s / k, train_s=train_s / k, eval_s=eval_s / k, other_s=other_s / k,
+            steps=result.steps, steps_timed=result.steps, tokens=result.tokens, padded_tokens=None,
+            train_timed_s=train_s / k, baseline_correct=baseline.num_correct, correct=score.num_correct,
+            predictions=list(score.predictions),
+        )
+        for result, score in zip(trained, scored)
+    ]
+
+
+def summarize(timings: list[SelfEditTiming], parameters: int, peak_gflops: float) -> dict:
+    """Per-self-edit means of a method's timings, its throughput and its training FLOP rate."""
+    n = len(timings)
+    mean = {key: sum(getattr(t, key) for t in timings) / n for key in ("baseline_s", "train_s", "eval_s", "other_s")}
+    per_self_edit = sum(t.total_s for t in timings) / n
+    tokens = sum(t.tokens for t in timings)
+    train_gflops = 4 * parameters * tokens / sum(t.train_s for t in timings) / 1e9
+    return {
+        "self_edits": n,
+        "per_self_edit_s": per_self_edit,
+        **mean,
+        "self_edits_per_min": 60 / per_self_edit,
+        "steps_per_self_edit": sum(t.steps for t in timings) / n,
+        "tokens_per_self_edit": tokens / n,
+        "train_tflop_per_self_edit": 4 * parameters * tokens / n / 1e12,
+        "train_gflops_per_s": train_gflops,
+        "train_fraction_of_peak": train_gflops / peak_gflops,
+        "extrapolated": any(t.steps_timed < t.steps for t in timings),
+        "baseline_correct": sum(t.baseline_correct for t in timings),
+        "correct": sum(t.correct for t in timings),
+        "questions": n * QUESTIONS,
+    }
+
+
+def _record(timing: SelfEditTiming, context: str, index: int) -> dict:
+    return {"context": context, "self_edit": index, **vars(timing), "total_s": timing.total_s}
+
+
+def _line(name: str, s: dict) -> str:
+    return (f"{name:<10} {s['per_self_edit_s']:8.1f} s per self-edit (baseline {s['baseline_s']:.1f} + "
+            f"training {s['train_s']:.1f} + evaluation {s['eval_s']:.1f} + other {s['other_s']:.1f}), "
+            f"{s['self_edits_per_min']:.2f} self-edits/min; training {s['train_gflops_per_s']:.1f} GFLOP/s "
+            f"= {s['train_fraction_of_peak']:.0%} of peak; correct {s['baseline_correct']} -> {s['correct']}"
+            f"/{s['questions']} over {s['self_edits']} self-edits")
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(DEFAULT_CONFIG))
-    parser.add_argument("--self-edits", type=int, default=8, help="inner loops to time")
-    parser.add_argument("--stack", type=int, default=3, help="self-edits per stacked group (K)")
+    parser.add_argument("--contexts", type=int, default=2, help="held-out contexts (default 2)")
+    parser.add_argument("--k", type=int, default=5, help="self-edits per context, trained together by ours (default 5)")
+    parser.add_argument("--reference-self-edits", type=int, default=1,
+                        help="self-edits the reference runs, from the first context on (default 1)")
+    parser.add_argument("--reference-steps", type=int, default=3,
+                        help="training steps the reference times before extrapolating (0: all; default 3)")
+    parser.add_argument("--matmul-size", type=int, default=4096, help="side of the matrices of the peak measurement")
     parser.add_argument("--json", help="also write the measurements to this file")
-    parser.add_argument("overrides", nargs="*", help="section.key=value config overrides")
-    args = parser.parse_args()
+    parser.add_argument("overrides", nargs="*", help="section.key=value config overrides, after issue 8's")
+    args = parser.parse_args(argv)
 
-    config = load_config(args.config, args.overrides)
+    config = load_config(args.config, COMPARISON + args.overrides)
     loaded = load_model(config.model.name, device=config.model.device, dtype=config.model.dtype)
-    contexts = select_contexts(load_contexts(config.data, "validation"), args.self_edits, seed=config.data.seed)
-    print(f"model {config.model.name} on {loaded.device}, lora r={config.lora.rank}, "
-          f"lr={config.inner_loop.learning_rate}, epochs={config.inner_loop.epochs}, "
-          f"batch={config.inner_loop.batch_size}", flush=True)
+    device, model, tokenizer = loaded.device, loaded.model, loaded.tokenizer
+    parameters = sum(p.numel() for p in model.parameters())
+    dataset = load_contexts(config.data, "validation")
+    dataset = dataset.select([i for i, qs in enumerate(dataset["questions"]) if len(qs) >= QUESTIONS])
+    contexts = list(select_contexts(dataset, args.contexts, seed=config.data.seed))
+    if len(contexts) < args.contexts:
+        raise SystemExit(f"--contexts {args.contexts}: only {len(contexts)} held-out contexts have "
+                         f"{QUESTIONS} questions; lower --contexts or raise data.num_passages")
+    print(f"model {config.model.name} ({parameters / 1e6:.1f}M parameters, {config.model.dtype}) on {device}, "
+          f"{torch.get_num_threads()} threads; lora r={config.lora.rank} alpha={config.lora.alpha} "
+          f"dropout={config.lora.dropout} on {len(config.lora.target_modules)} module kinds, "
+          f"lr={config.inner_loop.learning_rate:g}, epochs={config.inner_loop.epochs}, "
+          f"batch={config.inner_loop.batch_size}; self-edits of <= {config.self_edit.max_documents} documents; "
+          f"{QUESTIONS} questions, <= {config.eval.max_new_tokens} new tokens; "
+          f"{args.contexts} contexts x K={args.k}", flush=True)
 
-    records, inputs = [], []
+    peak = matmul_peak_gflops(args.matmul_size, device)
+    print(f"fp32 matmul peak {peak:.1f} GFLOP/s (torch.mm {args.matmul_size}x{args.matmul_size}, best of 5)",
+          flush=True)
+    memory = {"after_load_mb": peak_memory_mb()}
+
+    # Sampling: the self-edits every method trains on, then one more at batch 1 for its throughput.
+    inputs, sampling = [], {"batch_1": [], "batch_k": []}
     for index, ctx in enumerate(contexts):
-        start = time.perf_counter()
-        (self_edit,) = sample_self_edits(
-            loaded.model, loaded.tokenizer, title=ctx["title"], context=ctx["context"],
-            kind=config.self_edit.prompt, num_samples=1, temperature=config.self_edit.temperature,
-            top_p=config.self_edit.top_p, max_new_tokens=config.self_edit.max_new_tokens,
-            max_documents=config.self_edit.max_documents, seed=config.seed + index,
-        )
-        sampled = time.perf_counter()
-        baseline = evaluate_adapter(loaded.model, loaded.tokenizer, ctx["questions"], ctx["answers"], config.eval)
-        documents = training_documents(self_edit, ctx["title"], ctx["context"])
-        begin = time.perf_counter()
-        with fresh_adapter(loaded.model, config.lora, seed=config.inner_loop.seed) as adapted:
-            trained = train_adapter(adapted, loaded.tokenizer, documents, config.inner_loop)
-            scored = evaluate_adapter(adapted, loaded.tokenizer, ctx["questions"], ctx["answers"], config.eval)
-        end = time.perf_counter()
-        record = {
-            "context": ctx["id"], "documents": len(documents), "questions": len(ctx["questions"]),
-            "tokens": trained.tokens, "steps": trained.steps, "sample_s": sampled - start,
-            "baseline_s": baseline.seconds, "train_s": trained.seconds, "eval_s": scored.seconds,
-            "inner_loop_s": end - begin, "baseline_correct": baseline.num_correct,
-            "adapted_correct": scored.num_correct,
-        }
-        records.append(record)
-        inputs.append((documents, ctx["questions"], ctx["answers"]))
-        print(f"  {ctx['id']}: {record['documents']} documents, {trained.tokens} tokens, "
-              f"train {trained.seconds:.1f}s + eval {scored.seconds:.1f}s = {record['inner_loop_s']:.1f}s "
-              f"(sample {record['sample_s']:.1f}s; correct {baseline.num_correct} -> {scored.num_correct}"
-              f"/{len(ctx['questions'])})", flush=True)
+        edits, at_k = sample(loaded, config, ctx, args.k, seed=config.seed + index)
+        _, at_1 = sample(loaded, config, ctx, 1, seed=config.seed + index)
+        sampling["batch_k"].append(at_k)
+        sampling["batch_1"].append(at_1)
+        documents = [training_documents(edit, ctx["title"], ctx["context"]) for edit in edits]
+        inputs.append((ctx["id"], documents, list(ctx["questions"][:QUESTIONS]), list(ctx["answers"][:QUESTIONS])))
+        print(f"context {ctx['id']}: K={args.k} self-edits of {[len(d) for d in documents]} documents; "
+              f"sampling batch {args.k}: {at_k['tokens_per_s']:.1f} tokens/s, "
+              f"batch 1: {at_1['tokens_per_s']:.1f} tokens/s",
+              flush=True)
+    memory["after_sampling_mb"] = peak_memory_mb()
 
-    # The same self-edits again, K at a time through stacked adapters (one shared batch per step).
-    k = args.stack
-    stacked = []
-    for first in range(0, len(inputs) - k + 1, k):
-        group = inputs[first : first + k]
-        begin = time.perf_counter()
-        with stacked_adapters(loaded.model, config.lora, [config.inner_loop.seed] * k) as stack:
-            trained = train_stacked(stack, loaded.tokenizer, [docs for docs, _, _ in group], config.inner_loop)
-            scored = evaluate_stacked(stack, loaded.tokenizer, [q for _, q, _ in group], [a for _, _, a in group], config.eval)
-        seconds = time.perf_counter() - begin
-        stacked.append({"self_edits": k, "train_s": trained[0].seconds, "eval_s": scored[0].seconds,
-                        "per_self_edit_s": seconds / k,
-                        "correct": [r.num_correct for r in scored],
-                        "sequential_correct": [r["adapted_correct"] for r in records[first : first + k]],
-                        "sequential_per_self_edit_s": statistics.mean(
-                            r["inner_loop_s"] for r in records[first : first + k])})
-        print(f"  stacked x{k}: train {trained[0].seconds:.1f}s + eval {scored[0].seconds:.1f}s = "
-              f"{seconds / k:.1f}s per self-edit (one by one: {stacked[-1]['sequential_per_self_edit_s']:.1f}s); "
-              f"correct {stacked[-1]['correct']} vs {stacked[-1]['sequential_correct']}", flush=True)
+    timings: dict[str, list[SelfEditTiming]] = {"ours": [], "strong": [], "reference": []}
+    records: dict[str, list[dict]] = {"ours": [], "strong": [], "reference": []}
+    for method in ("ours", "strong"):
+        for context_id, documents, questions, answers in inputs:
+            if method == "ours":
+                result = run_ours(loaded, config, documents, questions, answers)
+            else:
+                result = run_strong(model, tokenizer, documents, questions, answers,
+                                    config.lora, config.inner_loop, config.eval)
+            timings[method] += result
+            records[method] += [_record(t, context_id, i) for i, t in enumerate(result)]
+            print(f"  {method:<9} {context_id}: {sum(t.total_s for t in result) / len(result):.1f} s per self-edit "
+                  f"(train {sum(t.train_s for t in result):.1f} s for {len(result)}), "
+                  f"correct {result[0].baseline_correct} -> {[t.correct for t in result]}", flush=True)
+        memory[f"after_{method}_mb"] = peak_memory_mb()
 
-    summary = {
-        key: statistics.median(r[key] for r in records)
-        for key in ("documents", "tokens", "sample_s", "baseline_s", "train_s", "eval_s", "inner_loop_s")
+    queue = [(cid, i, docs, q, a) for cid, documents, q, a in inputs for i, docs in enumerate(documents)]
+    for context_id, index, docs, questions, answers in queue[: args.reference_self_edits]:
+        timing = run_reference(model, tokenizer, docs, questions, answers, config.lora, config.inner_loop,
+                               config.eval, timed_steps=args.reference_steps or None)
+        timings["reference"].append(timing)
+        records["reference"].append(_record(timing, context_id, index))
+        how = (f"EXTRAPOLATED from {timing.steps_timed} timed step(s) ({timing.train_timed_s:.1f} s) to {timing.steps}"
+               if timing.steps_timed < timing.steps else f"all {timing.steps} steps timed")
+        print(f"  reference {context_id}/{index}: {timing.total_s:.1f} s (training {timing.train_s:.1f} s, {how})",
+              flush=True)
+    memory["after_reference_mb"] = peak_memory_mb()
+    if device.type == "cuda":
+        memory["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+
+    summary = {method: summarize(t, parameters, peak) for method, t in timings.items() if t}
+    speedup = {name: summary[name]["per_self_edit_s"] / summary["ours"]["per_self_edit_s"]
+               for name in ("strong", "reference") if name in summary}
+    sampling_summary = {
+        key: {"tokens": sum(r["tokens"] for r in rows), "seconds": sum(r["seconds"] for r in rows),
+              "tokens_per_s": sum(r["tokens"] for r in rows) / sum(r["seconds"] for r in rows)}
+        for key, rows in sampling.items()
     }
-    summary["tokens_per_s_train"] = sum(r["tokens"] for r in records) / sum(r["train_s"] for r in records)
-    summary["peak_memory_mb"] = peak_memory_mb()
-    print(f"median inner loop {summary['inner_loop_s']:.1f}s (train {summary['train_s']:.1f}s, "
-          f"eval {summary['eval_s']:.1f}s) over {len(records)} self-edits of median "
-          f"{summary['documents']:.0f} documents; training {summary['tokens_per_s_train']:.0f} tokens/s; "
-          f"peak memory {summary['peak_memory_mb']:.0f} MB")
-    if stacked:
-        summary["stacked_per_self_edit_s"] = statistics.median(r["per_self_edit_s"] for r in stacked)
-        summary["stacked_speedup"] = (
-            statistics.median(r["sequential_per_self_edit_s"] for r in stacked) / summary["stacked_per_self_edit_s"]
-        )
-        print(f"stacked x{k}: median {summary['stacked_per_self_edit_s']:.1f}s per self-edit, "
-              f"{summary['stacked_speedup']:.2f}x the one-by-one inner loop on the same self-edits")
+    print(f"{FLOPS_FORMULA} ({parameters / 1e6:.1f}M parameters); peak {peak:.1f} GFLOP/s")
+    for method, s in summary.items():
+        print(_line(method, s))
+    if summary.get("reference", {}).get("extrapolated"):
+        print(f"reference: training time EXTRAPOLATED from {args.reference_steps} timed step(s) per self-edit "
+              f"to the full {summary['reference']['steps_per_self_edit']:.0f}")
+    for name, ratio in speedup.items():
+        print(f"ours vs {name}: {ratio:.2f}x ({name} {summary[name]['per_self_edit_s']:.1f} s / ours "
+              f"{summary['ours']['per_self_edit_s']:.1f} s per self-edit, all-in)")
+    print(f"sampling: batch 1 {sampling_summary['batch_1']['tokens_per_s']:.1f} tokens/s, "
+          f"batch {args.k} {sampling_summary['batch_k']['tokens_per_s']:.1f} tokens/s")
+    print("peak memory " + ", ".join(f"{key[:-3].replace('_', ' ')} {value:.0f} MB" for key, value in memory.items()))
     if args.json:
-        Path(args.json).write_text(json.dumps({"records": records, "stacked": stacked, "summary": summary}, indent=2))
+        Path(args.json).write_text(json.dumps({
+            "config": args.config, "overrides": COMPARISON + args.overrides,
+            "model": config.model.name, "device": str(device), "threads": torch.get_num_threads(),
+            "contexts": args.contexts, "k": args.k, "questions_per_context": QUESTIONS,
+            "parameters": parameters, "flops_formula": FLOPS_FORMULA,
+            "matmul": {"size": args.matmul_size, "peak_gflops": peak},
+            "sampling": {**sampling_summary, "runs": sampling},
+            "reference_steps_timed": args.reference_steps,
+            "summary": summary, "speedup": speedup, "peak_memory_mb": memory, "records": records,
+        }, indent=2))
     return 0
 
 

@@ -1,0 +1,154 @@
+"""benchmarks/inner_loop.py and benchmarks/baselines.py on the tiny model: the three methods do
+the same work in their own ways, and the report is computed from what was measured."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).parents[1]
+sys.path.insert(0, str(ROOT))  # benchmarks/ is not an installed package
+
+from benchmarks import baselines  # noqa: E402
+from benchmarks import inner_loop as bench  # noqa: E402
+from models.config import load_config  # noqa: E402
+
+TINY = ROOT / "deployments" / "configs" / "knowledge-tiny.yaml"
+SMALL = ["inner_loop.epochs=2", "eval.max_new_tokens=4", "self_edit.max_new_tokens=16",
+         "lora.rank=4", "lora.alpha=8"]
+DOCUMENTS = [
+    ["Kelthrop\nOrvanne Kelthrop founded the Thessory Guild in 1873.", "Kelthrop\nIt had 412 members."],
+    ["Kelthrop\nThe guild met in Brindlecourt.", "Kelthrop\nIts founder was Orvanne Kelthrop.",
+     "Kelthrop\nOrvanne Kelthrop founded the Thessory Guild in 1873. It had 412 members."],
+]
+QUESTIONS = ["Who founded the Thessory Guild?", "How many members did it have?"]
+ANSWERS = [["Orvanne Kelthrop"], ["412"]]
+
+
+@pytest.fixture(scope="module")
+def config():
+    return load_config(TINY, bench.COMPARISON + SMALL)
+
+
+@pytest.fixture
+def generate_calls(tiny, monkeypatch):
+    """Counts ``generate`` calls on the tiny model's class (a PEFT wrapper ends up there too),
+    with the number of rows of each."""
+    calls = []
+    original = type(tiny.model).generate
+
+    def counting(self, *args, **kwargs):
+        calls.append(len(kwargs["input_ids"]))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(tiny.model), "generate", counting)
+    return calls
+
+
+def _unchanged(tiny, before, requires_grad):
+    after = tiny.model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert [p.requires_grad for p in tiny.model.parameters()] == requires_grad
+
+
+def test_three_methods_train_on_the_same_documents_and_tokens(tiny, config):
+    before = {k: v.clone() for k, v in tiny.model.state_dict().items()}
+    requires_grad = [p.requires_grad for p in tiny.model.parameters()]
+    ours = bench.run_ours(tiny, config, DOCUMENTS, QUESTIONS, ANSWERS)
+    strong = baselines.run_strong(tiny.model, tiny.tokenizer, DOCUMENTS, QUESTIONS, ANSWERS,
+                                  config.lora, config.inner_loop, config.eval)
+    reference = [baselines.run_reference(tiny.model, tiny.tokenizer, docs, QUESTIONS, ANSWERS, config.lora,
+                                         config.inner_loop, config.eval, timed_steps=1) for docs in DOCUMENTS]
+    _unchanged(tiny, before, requires_grad)
+    for k, docs in enumerate(DOCUMENTS):
+        ids = baselines.document_ids(tiny.tokenizer, docs, config.inner_loop.max_length)
+        expected_tokens = sum(len(row) for row in ids) * config.inner_loop.epochs
+        assert ours[k].tokens == strong[k].tokens == reference[k].tokens == expected_tokens
+        assert ours[k].steps == strong[k].steps == reference[k].steps == len(docs) * config.inner_loop.epochs
+        assert strong[k].steps_timed == strong[k].steps and reference[k].steps_timed == 1
+        # batch size 1: the strong baseline runs over no padding, the reference over 2048 per row
+        assert strong[k].padded_tokens == strong[k].tokens
+        assert reference[k].padded_tokens == baselines.REFERENCE_MAX_LENGTH * len(docs) * config.inner_loop.epochs
+
+
+def test_strong_masks_padding_in_labels_and_the_reference_keeps_it(tiny):
+    short, long = "Kelthrop\nA short one.", "Kelthrop\nA much longer document about the Thessory Guild."
+    ids = baselines.document_ids(tiny.tokenizer, [short, long], 256)
+
+    reference = baselines.reference_rows(tiny.tokenizer, [short, long], 256)
+    for row, real in zip(reference, ids):
+        assert len(row["input_ids"]) == len(row["labels"]) == baselines.REFERENCE_MAX_LENGTH
+        assert row["input_ids"][: len(real)] == real
+        assert row["labels"] == row["input_ids"]  # the padding is trained on
+        assert set(row["labels"][len(real) :]) == {tiny.tokenizer.pad_token_id}
+        assert sum(row["attention_mask"]) == len(real)
+
+    batch = baselines.strong_collator(tiny.tokenizer)(baselines.strong_rows(tiny.tokenizer, [short, long], 256))
+    assert batch["input_ids"].shape == (2, max(len(r) for r in ids))  # padded to the batch, not 2048
+    padding = batch["attention_mask"] == 0
+    assert padding[0].sum() == len(ids[1]) - len(ids[0]) > 0
+    assert (batch["labels"][padding] == -100).all()
+    assert torch.equal(batch["labels"][~padding], batch["input_ids"][~padding])
+
+
+def test_baseline_answers_once_per_context_for_strong_and_per_self_edit_for_reference(
+        tiny, config, generate_calls):
+    baselines.run_strong(tiny.model, tiny.tokenizer, DOCUMENTS, QUESTIONS, ANSWERS,
+                         config.lora, config.inner_loop, config.eval)
+    assert generate_calls == [len(QUESTIONS)] * (1 + len(DOCUMENTS))  # shared baseline, then one per self-edit
+    generate_calls.clear()
+    for docs in DOCUMENTS:
+        baselines.run_reference(tiny.model, tiny.tokenizer, docs, QUESTIONS, ANSWERS, config.lora,
+                                config.inner_loop, config.eval, timed_steps=1)
+    assert generate_calls == [1] * (2 * len(QUESTIONS) * len(DOCUMENTS))  # one question at a time, twice
+
+
+@pytest.mark.parametrize("train_s, steps_seconds, steps, expected", [
+    (10.0, [4.0, 2.0, 2.0], 10, 10.0 - (2.0 + 2.0) + 2.0 * 9),  # setup and first step once, later steps' mean
+    (10.0, [4.0, 2.0, 2.0], 3, 10.0),  # all steps timed
+    (5.0, [3.0], 4, 5.0 - 3.0 + 3.0 * 4),  # one step stands for every step
+])
+def test_extrapolate(train_s, steps_seconds, steps, expected):
+    assert baselines.extrapolate(train_s, steps_seconds, steps) == pytest.approx(expected)
+
+
+def test_script_reports_measured_numbers(seal_home, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert bench.main(["--config", str(TINY), "--contexts", "1", "--k", "2", "--reference-steps", "2",
+                       "--matmul-size", "128", "--json", str(out), *SMALL]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads(out.read_text())
+
+    assert report["overrides"][: len(bench.COMPARISON)] == bench.COMPARISON
+    assert report["matmul"]["peak_gflops"] > 0 and report["parameters"] > 0
+    for batch in ("batch_1", "batch_k"):
+        assert report["sampling"][batch]["tokens"] > 0 and report["sampling"][batch]["tokens_per_s"] > 0
+    assert set(report["summary"]) == {"ours", "strong", "reference"}
+    for method, summary in report["summary"].items():
+        records = report["records"][method]
+        assert summary["self_edits"] == len(records) == (1 if method == "reference" else 2)
+        for key in ("per_self_edit_s", "baseline_s", "train_s", "eval_s", "self_edits_per_min",
+                    "tokens_per_self_edit", "train_gflops_per_s", "train_fraction_of_peak"):
+            assert summary[key] > 0, (method, key)
+        assert summary["per_self_edit_s"] == pytest.approx(sum(r["total_s"] for r in records) / len(records))
+        assert summary["train_gflops_per_s"] == pytest.approx(
+            4 * report["parameters"] * sum(r["tokens"] for r in records) / sum(r["train_s"] for r in records) / 1e9)
+        assert summary["train_fraction_of_peak"] == pytest.approx(
+            summary["train_gflops_per_s"] / report["matmul"]["peak_gflops"])
+    for name in ("strong", "reference"):
+        ratio = report["summary"][name]["per_self_edit_s"] / report["summary"]["ours"]["per_self_edit_s"]
+        assert report["speedup"][name] == pytest.approx(ratio)
+        assert f"ours vs {name}: {ratio:.2f}x" in printed
+    # the same self-edits, the same tokens, for all three
+    tokens = {m: {(r["context"], r["self_edit"]): r["tokens"] for r in rs} for m, rs in report["records"].items()}
+    assert tokens["ours"] == tokens["strong"]
+    assert all(tokens["ours"][key] == value for key, value in tokens["reference"].items())
+    (reference,) = report["records"]["reference"]
+    assert reference["steps_timed"] == 2 < reference["steps"] and report["summary"]["reference"]["extrapolated"]
+    assert "EXTRAPOLATED" in printed
+    assert report["peak_memory_mb"]["after_reference_mb"] > 0
