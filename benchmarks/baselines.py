@@ -44,7 +44,7 @@ from transformers import (
 )
 
 from models.config import EvalConfig, InnerLoopConfig, LoraConfig
-from models.inner_loop import first_line, is_correct
+from models.inner_loop import first_line, is_correct, lora_config, tokenize_documents
 from models.self_edit import QUESTION_PROMPT, render_prompt
 
 REFERENCE_MAX_LENGTH = 2048  # TTT_server.py --max_seq_length: every document is padded to it
@@ -84,18 +84,12 @@ def now(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def document_ids(tokenizer: PreTrainedTokenizerBase, documents: Sequence[str], max_length: int) -> list[list[int]]:
-    """Token ids of each document, truncated to ``max_length - 1``, then EOS (ours' tokenization)."""
-    encoded = tokenizer(list(documents), add_special_tokens=True, truncation=True, max_length=max_length - 1)
-    return [ids + [tokenizer.eos_token_id] for ids in encoded["input_ids"]]
-
-
 def reference_rows(tokenizer: PreTrainedTokenizerBase, documents: Sequence[str], max_length: int) -> list[dict]:
     """The reference's training rows: padded to 2048 tokens, labels a copy of the input ids, so
     the loss also runs over the padding (``TTT_server.py``: ``padding="max_length"``,
     ``labels = tok["input_ids"].copy()``)."""
     rows = []
-    for ids in document_ids(tokenizer, documents, max_length):
+    for ids in tokenize_documents(tokenizer, documents, max_length):
         padding = REFERENCE_MAX_LENGTH - len(ids)
         input_ids = ids + [tokenizer.pad_token_id] * padding
         rows.append({"input_ids": input_ids, "attention_mask": [1] * len(ids) + [0] * padding,
@@ -106,7 +100,7 @@ def reference_rows(tokenizer: PreTrainedTokenizerBase, documents: Sequence[str],
 def strong_rows(tokenizer: PreTrainedTokenizerBase, documents: Sequence[str], max_length: int) -> list[dict]:
     """Unpadded rows; :func:`strong_collator` pads each batch to its longest row."""
     return [{"input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(ids)}
-            for ids in document_ids(tokenizer, documents, max_length)]
+            for ids in tokenize_documents(tokenizer, documents, max_length)]
 
 
 def strong_collator(tokenizer: PreTrainedTokenizerBase) -> DataCollatorForSeq2Seq:
@@ -215,11 +209,6 @@ def _num_correct(predictions: Sequence[str], answers: Sequence[Sequence[str]]) -
     return sum(is_correct(p, golds) for p, golds in zip(predictions, answers))
 
 
-def _peft_config(lora: LoraConfig) -> peft.LoraConfig:
-    return peft.LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                           target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM")
-
-
 def _restore_requires_grad(model: PreTrainedModel, flags: list[bool]) -> None:
     # get_peft_model freezes the base weights and unload() leaves them frozen.
     for p, flag in zip(model.parameters(), flags):
@@ -258,7 +247,7 @@ def run_reference(
         baseline_end = now(device)
         rows = reference_rows(tokenizer, documents, train.max_length)
         torch.manual_seed(train.seed)
-        adapted = peft.get_peft_model(model, _peft_config(lora))
+        adapted = peft.get_peft_model(model, lora_config(lora))
         timer = StepTimer(device)
         trainer = _trainer(adapted, rows, DataCollatorWithPadding(tokenizer), train, workdir,
                            max_steps=run_steps, logging_steps=1, timer=timer)
@@ -323,7 +312,7 @@ def run_strong(
             begin = now(device)
             rows = strong_rows(tokenizer, docs, train.max_length)
             torch.manual_seed(train.seed)
-            adapted = peft.get_peft_model(model, _peft_config(lora))
+            adapted = peft.get_peft_model(model, lora_config(lora))
             timer, collator = StepTimer(device), CountingCollator(strong_collator(tokenizer))
             # Loss logged once at the end: a per-step log would sync the device every step.
             trainer = _trainer(adapted, rows, collator, train, workdir,

@@ -16,6 +16,7 @@ sys.path.insert(0, str(ROOT))  # benchmarks/ is not an installed package
 from benchmarks import baselines  # noqa: E402
 from benchmarks import inner_loop as bench  # noqa: E402
 from models.config import load_config  # noqa: E402
+from models.inner_loop import tokenize_documents  # noqa: E402
 
 TINY = ROOT / "deployments" / "configs" / "knowledge-tiny.yaml"
 SMALL = ["inner_loop.epochs=2", "eval.max_new_tokens=4", "self_edit.max_new_tokens=16",
@@ -66,7 +67,7 @@ def test_three_methods_train_on_the_same_documents_and_tokens(tiny, config):
                                          config.inner_loop, config.eval, timed_steps=1) for docs in DOCUMENTS]
     _unchanged(tiny, before, requires_grad)
     for k, docs in enumerate(DOCUMENTS):
-        ids = baselines.document_ids(tiny.tokenizer, docs, config.inner_loop.max_length)
+        ids = tokenize_documents(tiny.tokenizer, docs, config.inner_loop.max_length)
         expected_tokens = sum(len(row) for row in ids) * config.inner_loop.epochs
         assert ours[k].tokens == strong[k].tokens == reference[k].tokens == expected_tokens
         assert ours[k].steps == strong[k].steps == reference[k].steps == len(docs) * config.inner_loop.epochs
@@ -78,7 +79,7 @@ def test_three_methods_train_on_the_same_documents_and_tokens(tiny, config):
 
 def test_strong_masks_padding_in_labels_and_the_reference_keeps_it(tiny):
     short, long = "Kelthrop\nA short one.", "Kelthrop\nA much longer document about the Thessory Guild."
-    ids = baselines.document_ids(tiny.tokenizer, [short, long], 256)
+    ids = tokenize_documents(tiny.tokenizer, [short, long], 256)
 
     reference = baselines.reference_rows(tiny.tokenizer, [short, long], 256)
     for row, real in zip(reference, ids):
