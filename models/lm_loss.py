@@ -8,7 +8,7 @@ cross-entropy a few hundred tokens at a time; the forward pass also computes eac
 gradient with respect to its hidden state (``(softmax - one_hot) @ W``, as autograd would), so
 the backward pass is a multiply and nothing vocabulary-sized is kept.
 
-    losses = token_losses(model, input_ids, attention_mask, labels)  # (rows, seq - 1)
+    losses = token_losses(model, input_ids, labels, attention_mask=attention_mask)  # (rows, seq - 1)
     losses[mask].mean().backward()
 """
 
@@ -22,27 +22,24 @@ IGNORE_INDEX = -100
 _CHUNK_ELEMENTS = 1 << 24  # logits per chunk: 64 MB in float32
 
 
-def token_losses(
-    model: PreTrainedModel,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    labels: torch.Tensor,
-) -> torch.Tensor:
+def token_losses(model: PreTrainedModel, input_ids: torch.Tensor, labels: torch.Tensor, **model_kwargs) -> torch.Tensor:
     """Cross-entropy of each next token, ``(rows, seq - 1)``; 0 where ``labels[:, 1:]`` is -100.
 
     Equal to ``cross_entropy(model(...).logits[:, :-1].float(), labels[:, 1:], reduction="none")``
     up to float rounding. Models whose head is not a plain linear layer (a bias, logit scaling
-    or soft-capping) take that path.
+    or soft-capping) take that path. ``model_kwargs`` (``attention_mask``, or a packed batch's
+    :meth:`~models.packing.PackedBatch.model_kwargs`) go to the model as they are.
     """
+    model_kwargs.setdefault("use_cache", False)
     targets = labels[:, 1:]
     head = model.get_output_embeddings()
     if not _plain_head(model, head):
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        logits = model(input_ids=input_ids, **model_kwargs).logits
         return nn.functional.cross_entropy(
             logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
         ).view(targets.shape)
     decoder = model.get_decoder()
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    hidden = decoder(input_ids=input_ids, **model_kwargs).last_hidden_state
     losses = _LinearCrossEntropy.apply(hidden[:, :-1].flatten(0, 1), head.weight, targets.flatten())
     return losses.view(targets.shape)
 

@@ -38,11 +38,11 @@ from models.inner_loop import (
     first_line,
     is_correct,
     lora_config,
-    pad_batch,
     token_f1,
     tokenize_documents,
 )
 from models.lm_loss import token_losses
+from models.packing import PackedBatch, pack_sequences, packed_attention
 from models.self_edit import QUESTION_PROMPT, generate, render_prompt
 
 
@@ -64,7 +64,8 @@ class StackedLoraLinear(nn.Module):
         device = base.weight.device
         self.lora_A = nn.Parameter(torch.zeros(capacity, rank, base.in_features, device=device))
         self.lora_B = nn.Parameter(torch.zeros(capacity, base.out_features, rank, device=device))
-        self.rows: slice | torch.Tensor | None = None  # adapter of each batch row (see AdapterStack.route)
+        # adapter of each batch row, or of each span of a packed row (see AdapterStack.route)
+        self.rows: slice | torch.Tensor | TokenSpans | None = None
 
     @torch.no_grad()
     def reset(self, index: int, generator: torch.Generator) -> None:
@@ -78,6 +79,11 @@ class StackedLoraLinear(nn.Module):
         out = self.base(x)
         if self.rows is None:
             return out
+        if isinstance(self.rows, TokenSpans):
+            if self.dropout and self.training:
+                x = nn.functional.dropout(x.to(self.lora_A.dtype), self.dropout, training=True)
+            lora = _LoraSpans.apply(x, self.lora_A, self.lora_B, self.rows, self.scaling)
+            return out + lora.to(out.dtype)
         # x: (batch, seq, in); A[rows]: (batch, rank, in); B[rows]: (batch, out, rank)
         if self.dropout and self.training:
             a, b = self.lora_A[self.rows], self.lora_B[self.rows]
@@ -123,6 +129,64 @@ class _LoraDelta(torch.autograd.Function):
         return grad_x, grad_a, grad_b, None, None
 
 
+class TokenSpans(tuple):
+    """``(adapter, start, stop)`` triples: tokens ``start:stop`` of a packed row (batch 1) go
+    through ``adapter``; tokens in no span go through none."""
+
+
+class _LoraSpans(torch.autograd.Function):
+    """:class:`_LoraDelta` for a packed row (x: (1, tokens, in)): each span of tokens through
+    its own adapter, one matrix multiply per span and product, written in place. The scaling
+    goes on the (out x rank) B matrix, not on tokens x out activations; an adapter with no
+    span gets a zero gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                spans: TokenSpans, scaling: float) -> torch.Tensor:
+        flat = x[0]
+        dtype = lora_a.dtype
+        out = flat.new_zeros((flat.shape[0], lora_b.shape[1]), dtype=dtype)
+        xa = flat.new_zeros((flat.shape[0], lora_a.shape[1]), dtype=dtype)
+        for k, start, stop in spans:
+            torch.mm(flat[start:stop].to(dtype), lora_a[k].T, out=xa[start:stop])
+            torch.mm(xa[start:stop], (lora_b[k] * scaling).T, out=out[start:stop])
+        ctx.save_for_backward(x, xa, lora_a, lora_b)
+        ctx.spans, ctx.scaling = spans, scaling
+        return out[None]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, xa, lora_a, lora_b = ctx.saved_tensors
+        flat, grad = x[0], grad[0].to(lora_a.dtype)  # (tokens, out)
+        want_x, want_a, want_b = ctx.needs_input_grad[:3]
+        grad_x = torch.zeros_like(flat, dtype=lora_a.dtype) if want_x else None
+        grad_a = _unused_zeroed(lora_a, ctx.spans) if want_a else None
+        grad_b = _unused_zeroed(lora_b, ctx.spans) if want_b else None
+        for k, start, stop in ctx.spans:
+            g = grad[start:stop]
+            grad_xa = g @ (lora_b[k] * ctx.scaling)  # (span, rank)
+            if want_x:
+                torch.mm(grad_xa, lora_a[k], out=grad_x[start:stop])
+            if want_a:
+                torch.mm(grad_xa.T, flat[start:stop].to(lora_a.dtype), out=grad_a[k])
+            if want_b:
+                torch.mm(g.T, xa[start:stop], out=grad_b[k]).mul_(ctx.scaling)
+        if want_x:
+            grad_x = grad_x.to(x.dtype)[None]
+        return grad_x, grad_a, grad_b, None, None
+
+
+def _unused_zeroed(stacked: torch.Tensor, spans: TokenSpans) -> torch.Tensor:
+    """An uninitialized gradient for ``stacked`` with the adapters outside ``spans`` zeroed
+    (each adapter has at most one span; its slice is written whole)."""
+    grad = torch.empty_like(stacked)
+    used = {k for k, _, _ in spans}
+    for k in range(stacked.shape[0]):
+        if k not in used:
+            grad[k].zero_()
+    return grad
+
+
 def _scatter_rows(row_grads: torch.Tensor, rows: slice | torch.Tensor, stacked: torch.Tensor) -> torch.Tensor:
     """Per-row gradients summed into a gradient of the stacked weights (zero for unused adapters)."""
     grad = torch.zeros_like(stacked)
@@ -150,26 +214,22 @@ class StackedAdamW:
 
     @torch.no_grad()
     def step(self, learning_rates: Sequence[float]) -> None:
-        """One update; ``learning_rates[k]`` for adapter k (0: frozen this step, its gradient ignored)."""
+        """One update; ``learning_rates[k]`` for adapter k (0: frozen this step, its gradient
+        ignored). Each adapter's slices go through torch's fused AdamW kernel (one pass over
+        weights, gradients and moments) with its own learning rate."""
         beta1, beta2 = self.betas
         self.steps += 1
-        lr = torch.tensor(learning_rates, dtype=torch.float32, device=self.params[0].device)
-        frozen = lr == 0
-        grads = []
-        for p in self.params:
-            grad = p.grad[: self.count] if p.grad is not None else torch.zeros_like(p[: self.count])
-            if frozen.any():  # finished or failed adapters: no update, and a NaN gradient stays out
-                grad = grad.masked_fill(frozen.view(-1, *[1] * (grad.dim() - 1)), 0.0)
-            grads.append(grad)
-        torch._foreach_lerp_(self.exp_avg, grads, 1 - beta1)
-        torch._foreach_mul_(self.exp_avg_sq, beta2)
-        torch._foreach_addcmul_(self.exp_avg_sq, grads, grads, value=1 - beta2)
-        denominators = torch._foreach_sqrt(self.exp_avg_sq)
-        torch._foreach_div_(denominators, math.sqrt(1 - beta2**self.steps))
-        torch._foreach_add_(denominators, self.eps)
-        step_size = (lr / (1 - beta1**self.steps))
-        for p, avg, denominator in zip(self.params, self.exp_avg, denominators):
-            p[: self.count].addcdiv_(avg * -step_size.view(-1, *[1] * (avg.dim() - 1)), denominator)
+        step = torch.tensor(float(self.steps), device=self.params[0].device)
+        for k, lr in enumerate(learning_rates[: self.count]):
+            if lr == 0:  # finished or failed adapters: no update, and a NaN gradient stays out
+                continue
+            weights = [p[k] for p in self.params]
+            grads = [p.grad[k] if p.grad is not None else torch.zeros_like(p[k]) for p in self.params]
+            torch._fused_adamw_(
+                weights, grads, [m[k] for m in self.exp_avg], [v[k] for v in self.exp_avg_sq], [],
+                [step] * len(weights), lr=float(lr), beta1=beta1, beta2=beta2, weight_decay=0.0,
+                eps=self.eps, amsgrad=False, maximize=False,
+            )
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -242,6 +302,13 @@ class AdapterStack:
                 rows = slice(first, first + len(row_adapter))  # consecutive adapters: a view of the weights
         for layer in self.layers.values():
             layer.rows = rows
+
+    def route_spans(self, spans: Sequence[tuple[int, int, int]]) -> None:
+        """Send tokens ``start:stop`` of a packed row through ``adapter``, for each
+        ``(adapter, start, stop)`` (see :mod:`models.packing`)."""
+        routed = TokenSpans(spans)
+        for layer in self.layers.values():
+            layer.rows = routed
 
     def weights(self) -> list[nn.Parameter]:
         """Every layer's stacked A and B (adapter first)."""
@@ -358,17 +425,17 @@ def train_stacked(
             label_counts = {k: sum(len(seq) - 1 for j, seq in rows if j == k) for k in active}
             step_loss = dict.fromkeys(active, 0.0)
             for part in token_budget_parts(rows, config.max_batch_tokens):
-                batch = pad_batch([seq for _, seq in part], tokenizer.pad_token_id)
-                batch = {key: value.to(model.device) for key, value in batch.items()}
-                row_adapter = torch.tensor([k for k, _ in part], device=model.device)
-                stack.route(row_adapter)
-                # Next-token loss per token: (rows, seq-1)
-                token_loss = token_losses(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-                labels = batch["labels"][:, 1:]
+                batch = pack_sequences([seq for _, seq in part], model.device)
+                spans = adapter_spans([k for k, _ in part], batch)
+                stack.route_spans(spans)
+                with packed_attention(model):
+                    # Next-token loss per token, (tokens - 1,); 0 at each row's last token
+                    token_loss = token_losses(model, batch.input_ids, batch.labels, **batch.model_kwargs())[0]
                 total = None
-                for k in sorted({k for k, _ in part} - failed.keys()):
-                    mask = (row_adapter == k)[:, None] & (labels != -100)
-                    loss_k = token_loss[mask].sum() / label_counts[k]
+                for k, start, stop in spans:
+                    if k in failed:
+                        continue
+                    loss_k = token_loss[start:stop].sum() / label_counts[k]
                     if not torch.isfinite(loss_k):
                         failed[k] = NonFiniteLossError(
                             f"loss became {loss_k.item()} at step {step}; "
@@ -376,7 +443,7 @@ def train_stacked(
                         )
                         continue
                     step_loss[k] += loss_k.item()
-                    tokens[k] += int(batch["attention_mask"][row_adapter == k].sum())
+                    tokens[k] += stop - start
                     total = loss_k if total is None else total + loss_k
                 if total is not None:
                     total.backward()  # gradients add up over the step's parts
@@ -405,16 +472,34 @@ def train_stacked(
 
 
 def token_budget_parts(rows: Sequence[tuple[int, list[int]]], max_tokens: int) -> list[list[tuple[int, list[int]]]]:
-    """Split a step's ``(adapter, token ids)`` rows into batches of at most ``max_tokens`` padded
-    tokens (rows x longest row; a longer row goes alone). Rows of similar length go together, so
-    short documents are not padded to a long one, and each batch lists its rows by adapter."""
+    """Split a step's ``(adapter, token ids)`` rows into packed batches of at most ``max_tokens``
+    tokens (a longer row goes alone), longest rows first, each into the first batch it fits;
+    each batch lists its rows by adapter, so an adapter's rows are one span of the packed row."""
     parts: list[list[tuple[int, list[int]]]] = []
+    sizes: list[int] = []
     for row in sorted(rows, key=lambda r: -len(r[1])):
-        if parts and (len(parts[-1]) + 1) * len(parts[-1][0][1]) <= max_tokens:
-            parts[-1].append(row)
-        else:
+        fits = next((i for i, size in enumerate(sizes) if size + len(row[1]) <= max_tokens), None)
+        if fits is None:
             parts.append([row])
+            sizes.append(len(row[1]))
+        else:
+            parts[fits].append(row)
+            sizes[fits] += len(row[1])
     return [sorted(part, key=lambda r: r[0]) for part in parts]
+
+
+def adapter_spans(row_adapters: Sequence[int], batch: PackedBatch) -> list[tuple[int, int, int]]:
+    """``(adapter, start, stop)`` of each adapter's tokens in a packed batch whose rows are
+    grouped by adapter (``row_adapters[i]``: row i's adapter)."""
+    spans: list[tuple[int, int, int]] = []
+    for k, start, length in zip(row_adapters, batch.starts(), batch.lengths):
+        if spans and spans[-1][0] == k and spans[-1][2] == start:
+            spans[-1] = (k, spans[-1][1], start + length)
+        else:
+            spans.append((k, start, start + length))
+    if len({k for k, _, _ in spans}) != len(spans):
+        raise ValueError(f"rows must be grouped by adapter, got {list(row_adapters)}")
+    return spans
 
 
 def evaluate_stacked(

@@ -44,7 +44,7 @@ def test_chunked_losses_and_gradients_equal_the_full_logits(model, monkeypatch):
     input_ids, attention_mask, labels = _batch(model)
     expected = _reference(model, input_ids, attention_mask, labels)
     expected_grads = _grads(model, expected, labels)
-    losses = token_losses(model, input_ids, attention_mask, labels)
+    losses = token_losses(model, input_ids, labels, attention_mask=attention_mask)
     grads = _grads(model, losses, labels)
     torch.testing.assert_close(losses, expected, rtol=1e-5, atol=1e-5)
     assert torch.all(losses[1, 8:] == 0)  # ignored positions
@@ -56,7 +56,7 @@ def test_chunked_losses_and_gradients_equal_the_full_logits(model, monkeypatch):
 def test_a_trainable_head_takes_the_full_logits_path(model):
     model.get_output_embeddings().weight.requires_grad_(True)
     input_ids, attention_mask, labels = _batch(model)
-    losses = token_losses(model, input_ids, attention_mask, labels)
+    losses = token_losses(model, input_ids, labels, attention_mask=attention_mask)
     losses.sum().backward()
     assert model.get_output_embeddings().weight.grad is not None
     torch.testing.assert_close(losses, _reference(model, input_ids, attention_mask, labels))

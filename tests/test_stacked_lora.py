@@ -4,7 +4,8 @@ import torch
 
 from models.base_model import load_model
 from models.config import InnerLoopConfig, LoraConfig
-from models.stacked_lora import stacked_adapters, token_budget_parts, train_stacked
+from models.packing import pack_sequences
+from models.stacked_lora import adapter_spans, stacked_adapters, token_budget_parts, train_stacked
 
 LORA = LoraConfig(rank=4, alpha=8)
 TRAIN = InnerLoopConfig(learning_rate=1e-2, epochs=3, batch_size=1, max_length=64)
@@ -166,12 +167,20 @@ def test_one_adapter_trains_as_peft_with_torch_adamw_does(model):
     assert ours.mean_loss == pytest.approx(reference.mean_loss, rel=1e-5)
 
 
-def test_token_budget_parts_keep_similar_lengths_together_under_the_budget():
-    rows = [(0, [1] * 10), (1, [1] * 3), (2, [1] * 9), (3, [1] * 4), (4, [1] * 30)]
+def test_token_budget_parts_fill_packed_batches_up_to_the_budget():
+    rows = [(0, [1] * 10), (1, [1] * 3), (2, [1] * 9), (3, [1] * 4), (4, [1] * 30), (5, [1] * 6)]
     parts = token_budget_parts(rows, max_tokens=20)
-    assert [[k for k, _ in part] for part in parts] == [[4], [0, 2], [1, 3]]  # 30 alone; 2x10; 2x4
-    assert all(len(part) * max(len(seq) for _, seq in part) <= 20 for part in parts[1:])
-    assert sorted(k for part in parts for k, _ in part) == [0, 1, 2, 3, 4]
+    # 30 alone; then longest first, each into the first batch with room: 10+9, 6+4+3
+    assert [[k for k, _ in part] for part in parts] == [[4], [0, 2], [1, 3, 5]]
+    assert all(sum(len(seq) for _, seq in part) <= 20 for part in parts[1:])
+    assert sorted(k for part in parts for k, _ in part) == [0, 1, 2, 3, 4, 5]
+
+
+def test_adapter_spans_merge_an_adapters_rows_and_need_them_grouped():
+    batch = pack_sequences([[1, 2], [3, 4, 5], [6], [7, 8]])
+    assert adapter_spans([0, 0, 2, 3], batch) == [(0, 0, 5), (2, 5, 6), (3, 6, 8)]
+    with pytest.raises(ValueError, match="grouped by adapter"):
+        adapter_spans([0, 1, 0, 3], batch)
 
 
 def test_a_step_split_by_the_token_budget_trains_as_one_batch(model):
@@ -187,5 +196,6 @@ def test_a_step_split_by_the_token_budget_trains_as_one_batch(model):
         assert split[k].mean_loss == pytest.approx(whole[k].mean_loss, rel=1e-5)
         assert split[k].tokens == whole[k].tokens
         for a, b in zip(split_weights[k], whole_weights[k]):
-            # round-off of differently padded batches; Adam scales a near-zero gradient to a full step
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=5e-5)
+            # round-off of differently packed batches: Adam turns a near-zero gradient's round-off
+            # into a step of up to lr (1e-2), so allow 1% of lr
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
