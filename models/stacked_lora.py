@@ -65,7 +65,7 @@ class StackedLoraLinear(nn.Module):
         self.lora_A = nn.Parameter(torch.zeros(capacity, rank, base.in_features, device=device))
         self.lora_B = nn.Parameter(torch.zeros(capacity, base.out_features, rank, device=device))
         # adapter of each batch row, or of each span of a packed row (see AdapterStack.route)
-        self.rows: slice | torch.Tensor | TokenSpans | None = None
+        self.rows: slice | torch.Tensor | TokenSpans | RowSpans | None = None
 
     @torch.no_grad()
     def reset(self, index: int, generator: torch.Generator) -> None:
@@ -79,11 +79,15 @@ class StackedLoraLinear(nn.Module):
         out = self.base(x)
         if self.rows is None:
             return out
-        if isinstance(self.rows, TokenSpans):
+        if isinstance(self.rows, (TokenSpans, RowSpans)):
+            spans = self.rows if isinstance(self.rows, TokenSpans) else self.rows.tokens(x.shape[1])
             if self.dropout and self.training:
                 x = nn.functional.dropout(x.to(self.lora_A.dtype), self.dropout, training=True)
-            lora = _LoraSpans.apply(x, self.lora_A, self.lora_B, self.rows, self.scaling)
+            lora = _LoraSpans.apply(x, self.lora_A, self.lora_B, spans, self.scaling)
             return out + lora.to(out.dtype)
+        shape = x.shape
+        if isinstance(self.rows, slice):  # rows grouped by adapter, as many for each: a batch per adapter
+            x = x.reshape(self.rows.stop - self.rows.start, -1, shape[-1])
         # x: (batch, seq, in); A[rows]: (batch, rank, in); B[rows]: (batch, out, rank)
         if self.dropout and self.training:
             a, b = self.lora_A[self.rows], self.lora_B[self.rows]
@@ -91,7 +95,7 @@ class StackedLoraLinear(nn.Module):
             lora = self.scaling * torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
         else:
             lora = _LoraDelta.apply(x, self.lora_A, self.lora_B, self.rows, self.scaling)
-        return out + lora.to(out.dtype)
+        return out + lora.reshape(*shape[:-1], -1).to(out.dtype)
 
 
 class _LoraDelta(torch.autograd.Function):
@@ -130,49 +134,63 @@ class _LoraDelta(torch.autograd.Function):
 
 
 class TokenSpans(tuple):
-    """``(adapter, start, stop)`` triples: tokens ``start:stop`` of a packed row (batch 1) go
-    through ``adapter``; tokens in no span go through none."""
+    """``(adapter, start, stop)`` triples: tokens ``start:stop`` of the batch, flattened (a
+    packed row, batch 1) go through ``adapter``; tokens in no span go through none."""
+
+
+class RowSpans(tuple):
+    """``(adapter, first, stop)`` triples: batch rows ``first:stop`` go through ``adapter`` (a
+    batch grouped by adapter, as in generation, where every step has its own sequence length)."""
+
+    def tokens(self, seq: int) -> TokenSpans:
+        return TokenSpans((k, first * seq, stop * seq) for k, first, stop in self)
 
 
 class _LoraSpans(torch.autograd.Function):
-    """:class:`_LoraDelta` for a packed row (x: (1, tokens, in)): each span of tokens through
-    its own adapter, one matrix multiply per span and product, written in place. The scaling
-    goes on the (out x rank) B matrix, not on tokens x out activations; an adapter with no
-    span gets a zero gradient."""
+    """:class:`_LoraDelta` for spans of the flattened batch (x: (batch, seq, in)): each span of
+    tokens through its own adapter, one matrix multiply per span and product, written in place.
+    The scaling goes on the (tokens x rank) projection, never on a tokens x out activation; an
+    adapter with no span gets a zero gradient."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                 spans: TokenSpans, scaling: float) -> torch.Tensor:
-        flat = x[0]
-        dtype = lora_a.dtype
-        out = flat.new_zeros((flat.shape[0], lora_b.shape[1]), dtype=dtype)
-        xa = flat.new_zeros((flat.shape[0], lora_a.shape[1]), dtype=dtype)
+        flat = x.reshape(-1, x.shape[-1])
+        tokens, dtype = flat.shape[0], lora_a.dtype
+        new = flat.new_empty if sum(stop - start for _, start, stop in spans) == tokens else flat.new_zeros
+        xa = new((tokens, lora_a.shape[1]), dtype=dtype)
+        out = new((tokens, lora_b.shape[1]), dtype=dtype)
         for k, start, stop in spans:
             torch.mm(flat[start:stop].to(dtype), lora_a[k].T, out=xa[start:stop])
-            torch.mm(xa[start:stop], (lora_b[k] * scaling).T, out=out[start:stop])
+        xa.mul_(scaling)
+        for k, start, stop in spans:
+            torch.mm(xa[start:stop], lora_b[k].T, out=out[start:stop])
         ctx.save_for_backward(x, xa, lora_a, lora_b)
-        ctx.spans, ctx.scaling = spans, scaling
-        return out[None]
+        ctx.spans, ctx.scaling, ctx.new = spans, scaling, new
+        return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        x, xa, lora_a, lora_b = ctx.saved_tensors
-        flat, grad = x[0], grad[0].to(lora_a.dtype)  # (tokens, out)
+        x, xa, lora_a, lora_b = ctx.saved_tensors  # xa is scaled
+        flat = x.reshape(-1, x.shape[-1])
+        grad = grad.reshape(-1, grad.shape[-1]).to(lora_a.dtype)  # (tokens, out)
         want_x, want_a, want_b = ctx.needs_input_grad[:3]
-        grad_x = torch.zeros_like(flat, dtype=lora_a.dtype) if want_x else None
-        grad_a = _unused_zeroed(lora_a, ctx.spans) if want_a else None
         grad_b = _unused_zeroed(lora_b, ctx.spans) if want_b else None
+        grad_xa = ctx.new(xa.shape, dtype=xa.dtype)
         for k, start, stop in ctx.spans:
-            g = grad[start:stop]
-            grad_xa = g @ (lora_b[k] * ctx.scaling)  # (span, rank)
-            if want_x:
-                torch.mm(grad_xa, lora_a[k], out=grad_x[start:stop])
-            if want_a:
-                torch.mm(grad_xa.T, flat[start:stop].to(lora_a.dtype), out=grad_a[k])
+            torch.mm(grad[start:stop], lora_b[k], out=grad_xa[start:stop])
             if want_b:
-                torch.mm(g.T, xa[start:stop], out=grad_b[k]).mul_(ctx.scaling)
+                torch.mm(grad[start:stop].T, xa[start:stop], out=grad_b[k])
+        grad_xa.mul_(ctx.scaling)
+        grad_x = ctx.new(flat.shape, dtype=lora_a.dtype) if want_x else None
+        grad_a = _unused_zeroed(lora_a, ctx.spans) if want_a else None
+        for k, start, stop in ctx.spans:
+            if want_x:
+                torch.mm(grad_xa[start:stop], lora_a[k], out=grad_x[start:stop])
+            if want_a:
+                torch.mm(grad_xa[start:stop].T, flat[start:stop].to(lora_a.dtype), out=grad_a[k])
         if want_x:
-            grad_x = grad_x.to(x.dtype)[None]
+            grad_x = grad_x.to(x.dtype).view(x.shape)
         return grad_x, grad_a, grad_b, None, None
 
 
@@ -297,9 +315,19 @@ class AdapterStack:
         """Send batch row i through adapter ``row_adapter[i]`` (None: the bare base model)."""
         rows = row_adapter
         if row_adapter is not None:
-            first = int(row_adapter[0])
-            if torch.equal(row_adapter.cpu(), torch.arange(first, first + len(row_adapter))):
-                rows = slice(first, first + len(row_adapter))  # consecutive adapters: a view of the weights
+            adapters = row_adapter.tolist()
+            if adapters == sorted(adapters):  # grouped by adapter: no per-row copies of the weights
+                spans: list[tuple[int, int, int]] = []
+                for i, k in enumerate(adapters):
+                    if spans and spans[-1][0] == k:
+                        spans[-1] = (k, spans[-1][1], i + 1)
+                    else:
+                        spans.append((k, i, i + 1))
+                first, size = spans[0][0], spans[0][2]
+                if all(k == first + j and stop - start == size for j, (k, start, stop) in enumerate(spans)):
+                    rows = slice(first, first + len(spans))  # consecutive adapters, equal groups: one bmm
+                else:
+                    rows = RowSpans(spans)  # one matrix multiply per adapter
         for layer in self.layers.values():
             layer.rows = rows
 

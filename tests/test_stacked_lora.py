@@ -199,3 +199,29 @@ def test_a_step_split_by_the_token_budget_trains_as_one_batch(model):
             # round-off of differently packed batches: Adam turns a near-zero gradient's round-off
             # into a step of up to lr (1e-2), so allow 1% of lr
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("row_adapter", [[0, 1, 2], [0, 0, 1, 1], [0, 0, 1, 2, 2], [2, 0, 1, 0]])
+def test_every_routing_gives_each_row_its_own_adapters_output_and_gradients(row_adapter):
+    """Consecutive adapters and equal groups take one bmm, other grouped batches one product
+    per adapter, ungrouped ones a gather of per-row weights; all must agree with the formula."""
+    from models.stacked_lora import AdapterStack, StackedLoraLinear
+
+    torch.manual_seed(0)
+    layer = StackedLoraLinear(torch.nn.Linear(8, 6, bias=False), rank=2, alpha=4, dropout=0.0, capacity=3)
+    with torch.no_grad():
+        layer.lora_A.normal_()
+        layer.lora_B.normal_()
+    x = torch.randn(len(row_adapter), 5, 8, requires_grad=True)
+    AdapterStack(None, {"layer": layer}, LORA, capacity=3, frozen=[]).route(torch.tensor(row_adapter))
+    out = layer(x)
+    (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
+    got = (out.detach(), x.grad.clone(), layer.lora_A.grad.clone(), layer.lora_B.grad.clone())
+
+    x.grad, layer.lora_A.grad, layer.lora_B.grad = None, None, None
+    expected = torch.stack([
+        layer.base(x[i]) + 2.0 * x[i] @ layer.lora_A[k].T @ layer.lora_B[k].T for i, k in enumerate(row_adapter)
+    ])
+    (expected * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
+    for a, b in zip(got, (expected.detach(), x.grad, layer.lora_A.grad, layer.lora_B.grad)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
