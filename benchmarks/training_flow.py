@@ -21,8 +21,9 @@ from flows.cli import QUIET_ENV, prefect_environment
 DEFAULT_CONFIG = Path(__file__).parents[1] / "deployments" / "configs" / "knowledge-smollm2.yaml"
 
 
-def task_seconds(since) -> tuple[float, int, dict[str, int]]:
-    """Sum of the run times of the task runs that started after ``since``, their count, states."""
+def task_seconds(since) -> tuple[float, int, dict[str, int], dict[str, float]]:
+    """Sum of the run times of the task runs that started after ``since``, their count, states,
+    and the run time by task function."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterStartTime
     from prefect.client.schemas.sorting import TaskRunSort
@@ -40,9 +41,13 @@ def task_seconds(since) -> tuple[float, int, dict[str, int]]:
     # A subflow shows up as a task run wrapping it; its time is its tasks' time.
     leaves = [r for r in runs if not (r.state and r.state.state_details.child_flow_run_id)]
     states: dict[str, int] = {}
+    by_task: dict[str, float] = {}
     for run in leaves:
         states[run.state_name] = states.get(run.state_name, 0) + 1
-    return sum(r.total_run_time.total_seconds() for r in leaves), len(leaves), states
+        name = run.task_key.rsplit("-", 1)[0]  # the task function, without its source hash
+        by_task[name] = by_task.get(name, 0.0) + run.total_run_time.total_seconds()
+    by_task = dict(sorted(by_task.items(), key=lambda item: -item[1]))
+    return sum(r.total_run_time.total_seconds() for r in leaves), len(leaves), states, by_task
 
 
 class TreeMemory:
@@ -107,15 +112,16 @@ def main() -> int:
             start = time.perf_counter()
             result = seal_training(config)
             wall = time.perf_counter() - start
-            busy, count, states = task_seconds(since)
+            busy, count, states, by_task = task_seconds(since)
             report[attempt] = {
-                "wall_s": wall, "task_s": busy, "tasks": count, "states": states,
+                "wall_s": wall, "task_s": busy, "tasks": count, "states": states, "task_s_by_task": by_task,
                 "overhead_fraction": (wall - busy) / wall,
                 "held_out": {label: r.correct | {"total": r.total} for label, r in result.held_out},
                 "rewards": [r.metrics["reward_mean"] for r in result.iterations],
             }
             print(f"{attempt}: {wall:.1f}s wall, {busy:.1f}s in {count} task runs {states}, "
-                  f"overhead {report[attempt]['overhead_fraction']:.1%}", flush=True)
+                  f"overhead {report[attempt]['overhead_fraction']:.1%}; by task: "
+                  + ", ".join(f"{name} {seconds:.0f}s" for name, seconds in by_task.items()), flush=True)
         report["rerun_fraction"] = report["rerun"]["wall_s"] / report["first"]["wall_s"]
     report["peak_memory_mb"] = peak_memory_mb()
     report["peak_tree_memory_mb"] = memory.peak_mb
