@@ -56,7 +56,7 @@ from tasks.knowledge import (
     evaluate_baseline,
     fetch_contexts,
     resolve_base_policy,
-    sample_self_edits,
+    sample_held_out_self_edits,
     update_policy,
 )
 from tasks.records import (
@@ -320,19 +320,18 @@ def _evaluate_policy(config: SealConfig, policy: PolicyRef, base: PolicyRef) -> 
     contexts = fetch_contexts(config.data, "validation", config.data.num_eval_contexts, seed=config.data.seed)
     progress = Progress(f"held-out-{policy.name}", {"contexts": len(contexts)})
     domain = domain_for(config)
-    seeds = {c.id: stable_seed(config.seed, "held-out", c.id) for c in contexts}
-    base_edits = {c.id: sample_self_edits.submit(base, config.model, c, config.self_edit, seed=seeds[c.id],
-                                                 num_samples=1) for c in contexts}
+    # One self-edit per context and column, sampled for all contexts in one batched call.
+    seed = stable_seed(config.seed, "held-out", *[c.id for c in contexts])
+    base_edits = sample_held_out_self_edits.submit(base, config.model, contexts, config.self_edit, seed, base.name)
     same = policy.digest == base.digest  # before any update both columns are the same work
-    policy_edits = base_edits if same else {
-        c.id: sample_self_edits.submit(policy, config.model, c, config.self_edit, seed=seeds[c.id], num_samples=1)
-        for c in contexts}
+    policy_edits = base_edits if same else sample_held_out_self_edits.submit(
+        policy, config.model, contexts, config.self_edit, seed, policy.name)
     baselines = [evaluate_baseline.submit(base, config.model, c, config.eval) for c in contexts]
     base_loops = domain.inner_loops(base, config, [
-        item for c in contexts for item in ((c, None, "passage"), (c, base_edits[c.id].result()[0], "base-edit"))
+        item for c, edit in zip(contexts, base_edits.result()) for item in ((c, None, "passage"), (c, edit, "base-edit"))
     ], tag="base")
     policy_loops = base_loops[1::2] if same else domain.inner_loops(
-        policy, config, [(c, policy_edits[c.id].result()[0], "policy-edit") for c in contexts], tag="policy")
+        policy, config, [(c, edit, "policy-edit") for c, edit in zip(contexts, policy_edits.result())], tag="policy")
     futures = [
         {"no_adaptation": baseline, "passage_only": passage, "base_self_edits": base_edit,
          "policy_self_edits": policy_edit}

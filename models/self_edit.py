@@ -155,6 +155,31 @@ def sample_self_edits(
     return [SelfEdit(text, parse_self_edit(text, max_documents)) for text in texts]
 
 
+def sample_one_self_edit_each(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    passages: list[tuple[str, str]],
+    *,
+    kind: str = "implications",
+    temperature: float = 1.0,
+    top_p: float = 0.95,
+    max_new_tokens: int = 192,
+    max_documents: int = 16,
+    seed: int = 0,
+) -> list[SelfEdit]:
+    """One self-edit for each ``(title, context)`` passage, all in one batched ``generate`` call.
+
+    Decoding one row at a time is dominated by per-step costs (on 2 CPU cores SmolLM2 writes ~8
+    tokens/s at batch 1 and ~10x that summed over 16 rows), so held-out evaluation, which needs
+    one self-edit per context, samples them together. A row's sample depends on ``seed`` and on
+    the batch it was drawn in.
+    """
+    prompts = [render_prompt(tokenizer, self_edit_prompt(kind, title, context)) for title, context in passages]
+    texts = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                     top_p=top_p, seed=seed)
+    return [SelfEdit(text, parse_self_edit(text, max_documents)) for text in texts]
+
+
 def parse_self_edit(text: str, max_documents: int = 16) -> tuple[str, ...]:
     """Split a generation into documents: one non-empty line each, list numbering stripped.
 

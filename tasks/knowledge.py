@@ -80,6 +80,24 @@ def sample_self_edits(
             for i, e in enumerate(edits)]
 
 
+@task(cache_policy=CACHED, persist_result=True, task_run_name="sample-held-out-self-edits-{label}")
+def sample_held_out_self_edits(
+    policy_ref: PolicyRef, model: ModelConfig, contexts: list[Context], config: SelfEditConfig, seed: int, label: str
+) -> list[SelfEditRecord]:
+    """One self-edit per held-out context (index 0), sampled from the policy in one batched call."""
+    for context in contexts:
+        maybe_fail("sample_self_edits", context.id)
+    with use_model(policy_ref, model) as loaded:
+        edits = self_edit.sample_one_self_edit_each(
+            loaded.model, loaded.tokenizer, [(c.title, c.context) for c in contexts],
+            kind=config.prompt, temperature=config.temperature, top_p=config.top_p,
+            max_new_tokens=config.max_new_tokens, max_documents=config.max_documents, seed=seed,
+        )
+    return [SelfEditRecord(index=0, text=e.text, documents=list(e.documents),
+                           prompt=self_edit.self_edit_prompt(config.prompt, c.title, c.context))
+            for c, e in zip(contexts, edits)]
+
+
 @task(cache_policy=CACHED, persist_result=True, tags=["gpu"], task_run_name="train-adapters-{label}")
 def train_adapters(
     policy_ref: PolicyRef, model: ModelConfig, items: list[tuple[Context, SelfEditRecord | None]],

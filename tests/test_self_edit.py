@@ -84,3 +84,17 @@ def test_k_samples_in_one_generate_call_deterministic_by_seed(tiny, monkeypatch)
     assert len(first) == 4 and all(isinstance(e, SelfEdit) for e in first)
     assert sample_self_edits(tiny.model, tiny.tokenizer, seed=1, **kwargs) == first
     assert sample_self_edits(tiny.model, tiny.tokenizer, seed=2, **kwargs) != first
+
+
+def test_one_self_edit_for_each_passage_in_one_generate_call(tiny, monkeypatch):
+    from models.self_edit import sample_one_self_edit_each
+
+    calls = []
+    real = tiny.model.generate
+    monkeypatch.setattr(tiny.model, "generate", lambda **kw: calls.append(kw) or real(**kw))
+    passages = [("T", "Orvanne Kelthrop made clocks."), ("Sallowmere", "The lantern weighs 37 kilograms and hangs high.")]
+    first = sample_one_self_edit_each(tiny.model, tiny.tokenizer, passages, max_new_tokens=12, seed=1)
+    assert len(calls) == 1 and calls[0]["input_ids"].shape[0] == 2
+    assert len(first) == 2 and all(isinstance(e, SelfEdit) for e in first)
+    assert sample_one_self_edit_each(tiny.model, tiny.tokenizer, passages, max_new_tokens=12, seed=1) == first
+    assert sample_one_self_edit_each(tiny.model, tiny.tokenizer, passages, max_new_tokens=12, seed=2) != first

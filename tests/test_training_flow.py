@@ -59,7 +59,8 @@ def test_training_flow_tracks_everything_and_reruns_from_cache(prefect_env, monk
     # Same config, new flow run: no sampling, training or evaluation runs again.
     calls = []
     for module, name in [(stacked_lora, "train_stacked"), (stacked_lora, "evaluate_stacked"),
-                         (inner_loop, "evaluate_adapter"), (self_edit, "sample_self_edits")]:
+                         (inner_loop, "evaluate_adapter"), (self_edit, "sample_self_edits"),
+                         (self_edit, "sample_one_self_edit_each")]:
         real = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
     second = seal_training(config)
@@ -69,12 +70,12 @@ def test_training_flow_tracks_everything_and_reruns_from_cache(prefect_env, monk
     assert second.run_id != first.run_id
 
     # A changed M-step setting reuses the whole E-step and the baseline columns; only the update
-    # and the new policy's column (2 contexts: sample each; train and evaluate both adapters
-    # together, one group) run again.
+    # and the new policy's column (2 contexts: both self-edits in one sampling call; train and
+    # evaluate both adapters together, one group) run again.
     calls.clear()
     changed = config.model_copy(update={"policy_update": config.policy_update.model_copy(update={"learning_rate": 5e-3})})
     third = seal_training(changed)
-    assert sorted(calls) == sorted(["sample_self_edits"] * 2 + ["train_stacked", "evaluate_stacked"])
+    assert sorted(calls) == sorted(["sample_one_self_edit_each", "train_stacked", "evaluate_stacked"])
     assert [r.metrics["reward_mean"] for r in third.iterations] == [r.metrics["reward_mean"] for r in first.iterations]
     assert third.held_out[0][1].correct == first.held_out[0][1].correct
 
