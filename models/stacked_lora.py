@@ -6,6 +6,12 @@ each row routed through its own LoRA weights, so the base model's matrix multipl
 more rows (on 2 CPU cores SmolLM2 trains ~1.5x more tokens per second at 240 tokens per step
 than at 60).
 
+A step's rows are packed end to end (:mod:`models.packing`): no padding reaches the linear
+layers, each adapter's rows are one span of the packed row and go through its LoRA weights as
+one matrix multiply, and attention stays within each row. Generation routes whole batch rows:
+a batch grouped by adapter multiplies each adapter's rows together, never copying weights per
+row.
+
 Equivalence with training each adapter alone: rows never interact in a causal LM's forward
 pass, the loss is the sum of each adapter's own mean loss (so adapter k's gradient is the one
 it would get alone), every adapter has its own learning-rate schedule and step count
