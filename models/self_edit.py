@@ -141,18 +141,9 @@ def sample_self_edits(
     Returns:
         ``num_samples`` self-edits; a garbled generation yields an empty one, never an error.
     """
-    prompt = render_prompt(tokenizer, self_edit_prompt(kind, title, context))
-    texts = generate(
-        model,
-        tokenizer,
-        [prompt],
-        max_new_tokens=max_new_tokens,
-        num_return_sequences=num_samples,
-        temperature=temperature,
-        top_p=top_p,
-        seed=seed,
-    )
-    return [SelfEdit(text, parse_self_edit(text, max_documents)) for text in texts]
+    return _sample(model, tokenizer, [(title, context)], num_samples=num_samples, kind=kind,
+                   temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                   max_documents=max_documents, seed=seed)
 
 
 def sample_one_self_edit_each(
@@ -174,9 +165,17 @@ def sample_one_self_edit_each(
     one self-edit per context, samples them together. A row's sample depends on ``seed`` and on
     the batch it was drawn in.
     """
+    return _sample(model, tokenizer, passages, num_samples=1, kind=kind, temperature=temperature,
+                   top_p=top_p, max_new_tokens=max_new_tokens, max_documents=max_documents, seed=seed)
+
+
+def _sample(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, passages: list[tuple[str, str]], *,
+            num_samples: int, kind: str, temperature: float, top_p: float, max_new_tokens: int,
+            max_documents: int, seed: int) -> list[SelfEdit]:
+    """``num_samples`` self-edits of each passage (passage-major), from one ``generate`` call."""
     prompts = [render_prompt(tokenizer, self_edit_prompt(kind, title, context)) for title, context in passages]
-    texts = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                     top_p=top_p, seed=seed)
+    texts = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, num_return_sequences=num_samples,
+                     temperature=temperature, top_p=top_p, seed=seed)
     return [SelfEdit(text, parse_self_edit(text, max_documents)) for text in texts]
 
 

@@ -323,12 +323,7 @@ class AdapterStack:
         if row_adapter is not None:
             adapters = row_adapter.tolist()
             if adapters == sorted(adapters):  # grouped by adapter: no per-row copies of the weights
-                spans: list[tuple[int, int, int]] = []
-                for i, k in enumerate(adapters):
-                    if spans and spans[-1][0] == k:
-                        spans[-1] = (k, spans[-1][1], i + 1)
-                    else:
-                        spans.append((k, i, i + 1))
+                spans = _runs(adapters)
                 first, size = spans[0][0], spans[0][2]
                 if all(k == first + j and stop - start == size for j, (k, start, stop) in enumerate(spans)):
                     rows = slice(first, first + len(spans))  # consecutive adapters, equal groups: one bmm
@@ -525,15 +520,22 @@ def token_budget_parts(rows: Sequence[tuple[int, list[int]]], max_tokens: int) -
 def adapter_spans(row_adapters: Sequence[int], batch: PackedBatch) -> list[tuple[int, int, int]]:
     """``(adapter, start, stop)`` of each adapter's tokens in a packed batch whose rows are
     grouped by adapter (``row_adapters[i]``: row i's adapter)."""
-    spans: list[tuple[int, int, int]] = []
-    for k, start, length in zip(row_adapters, batch.starts(), batch.lengths):
-        if spans and spans[-1][0] == k and spans[-1][2] == start:
-            spans[-1] = (k, spans[-1][1], start + length)
-        else:
-            spans.append((k, start, start + length))
-    if len({k for k, _, _ in spans}) != len(spans):
+    runs = _runs(row_adapters)
+    if len({k for k, _, _ in runs}) != len(runs):
         raise ValueError(f"rows must be grouped by adapter, got {list(row_adapters)}")
-    return spans
+    starts = batch.starts()
+    return [(k, starts[first], starts[stop - 1] + batch.lengths[stop - 1]) for k, first, stop in runs]
+
+
+def _runs(adapters: Sequence[int]) -> list[tuple[int, int, int]]:
+    """``(adapter, first, stop)`` of each run of equal consecutive entries of ``adapters``."""
+    runs: list[tuple[int, int, int]] = []
+    for i, k in enumerate(adapters):
+        if runs and runs[-1][0] == k:
+            runs[-1] = (k, runs[-1][1], i + 1)
+        else:
+            runs.append((k, i, i + 1))
+    return runs
 
 
 def evaluate_stacked(
