@@ -43,11 +43,13 @@ class Domain(Protocol):
     def fetch_contexts(self, config: SealConfig, split: str, count: int, seed: int) -> list:
         """``count`` contexts of ``split`` ("train" or "validation"), chosen by ``seed``."""
 
-    def sample_self_edits(self, policy: PolicyRef, config: SealConfig, context: Any, seed: int, num_samples: int):
-        """Future of K self-edit records sampled from ``policy`` for ``context``."""
+    def sample_self_edits(self, policy: PolicyRef, config: SealConfig, contexts: list, seeds: list[int],
+                          num_samples: int, label: str) -> list:
+        """For each context, a future of K self-edit records sampled from ``policy`` with its seed
+        (``result()``, ``wait()``, ``state``; several may share one task); ``label`` names tasks."""
 
-    def evaluate_baseline(self, policy: PolicyRef, config: SealConfig, context: Any):
-        """Future of the unadapted policy's score on the context's targets."""
+    def evaluate_baselines(self, policy: PolicyRef, config: SealConfig, contexts: list, label: str) -> list:
+        """For each context, a future of the unadapted policy's score on its targets."""
 
     def inner_loops(self, policy: PolicyRef, config: SealConfig, items: list[tuple[Any, Any, str]],
                     tag: str = "") -> list:
@@ -75,12 +77,16 @@ class KnowledgeDomain:
     def fetch_contexts(self, config, split, count, seed):
         return knowledge.fetch_contexts(config.data, split, count, seed=seed)
 
-    def sample_self_edits(self, policy, config, context, seed, num_samples):
-        return knowledge.sample_self_edits.submit(policy, config.model, context, config.self_edit, seed=seed,
-                                                  num_samples=num_samples)
+    def sample_self_edits(self, policy, config, contexts, seeds, num_samples, label):
+        """All contexts in one batched sampling task."""
+        future = knowledge.sample_self_edits.submit(policy, config.model, contexts, config.self_edit, seeds,
+                                                    num_samples, label)
+        return [FutureItem(future, i) for i in range(len(contexts))]
 
-    def evaluate_baseline(self, policy, config, context):
-        return knowledge.evaluate_baseline.submit(policy, config.model, context, config.eval)
+    def evaluate_baselines(self, policy, config, contexts, label):
+        """All contexts' questions in one batched evaluation task."""
+        future = knowledge.evaluate_baselines.submit(policy, config.model, contexts, config.eval, label)
+        return [FutureItem(future, i) for i in range(len(contexts))]
 
     def inner_loops(self, policy, config, items, tag=""):
         """Groups of ``inner_loop.group_size`` inner loops, each trained and evaluated together
@@ -128,9 +134,11 @@ class FewshotDomain:
     def fetch_contexts(self, config, split, count, seed):
         return fewshot.fetch_arc_tasks(config.fewshot, split, count, seed=seed)
 
-    def sample_self_edits(self, policy, config, context, seed, num_samples):
-        return fewshot.sample_self_edits.submit(policy, config.model, context, config.self_edit, config.fewshot,
-                                                config.inner_loop.batch_size, seed=seed, num_samples=num_samples)
+    def sample_self_edits(self, policy, config, contexts, seeds, num_samples, label):
+        """A task per ARC task: each redraws its own invalid configs."""
+        return [fewshot.sample_self_edits.submit(policy, config.model, arc, config.self_edit, config.fewshot,
+                                                 config.inner_loop.batch_size, seed=seed, num_samples=num_samples)
+                for arc, seed in zip(contexts, seeds, strict=True)]
 
     def train_adapter(self, policy, config, context, edit, label, refresh=False):
         train = fewshot.train_adapter.with_options(refresh_cache=True) if refresh else fewshot.train_adapter
@@ -142,8 +150,8 @@ class FewshotDomain:
         evaluate = fewshot.evaluate_adapter.with_options(refresh_cache=True) if refresh else fewshot.evaluate_adapter
         return evaluate.submit(policy, config.model, context, adapter, label, config.eval, config.fewshot.voting)
 
-    def evaluate_baseline(self, policy, config, context):
-        return self.evaluate_adapter(policy, config, context, None, "baseline")
+    def evaluate_baselines(self, policy, config, contexts, label):
+        return [self.evaluate_adapter(policy, config, arc, None, "baseline") for arc in contexts]
 
     def inner_loops(self, policy, config, items, tag=""):
         """One inner loop per self-edit: each config trains on its own augmented task."""
@@ -172,6 +180,24 @@ class FewshotDomain:
         from flows.fewshot import evaluate_fewshot_policy  # flows.fewshot imports flows.training
 
         return on_runner(evaluate_fewshot_policy, config.runner)(config, policy, base)
+
+
+class FutureItem:
+    """Item ``index`` of a future whose result is a list: what the flows expect of a per-context
+    future when one task serves several contexts."""
+
+    def __init__(self, future, index: int) -> None:
+        self.future, self.index = future, index
+
+    @property
+    def state(self):
+        return self.future.state
+
+    def wait(self, timeout: float | None = None) -> None:
+        self.future.wait(timeout)
+
+    def result(self, *args, **kwargs):
+        return self.future.result(*args, **kwargs)[self.index]
 
 
 def length_groups(lengths: list[int], size: int) -> list[list[int]]:

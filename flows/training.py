@@ -52,13 +52,7 @@ from flows.runner import SERIAL, on_runner, placement, ray_cluster, with_storage
 from flows.tracking import MlflowTracker, Tracker, default_tracking_uri, find_resumable_run
 from models.base_model import seal_home, weights_digest
 from models.config import SealConfig
-from tasks.knowledge import (
-    evaluate_baseline,
-    fetch_contexts,
-    resolve_base_policy,
-    sample_held_out_self_edits,
-    update_policy,
-)
+from tasks.knowledge import fetch_contexts, resolve_base_policy, update_policy
 from tasks.records import (
     AdapterRecord,
     Context,
@@ -236,12 +230,11 @@ def _run_iteration(config: SealConfig, policy: PolicyRef, iteration: int) -> Ite
     domain = domain_for(config)
     contexts = domain.fetch_contexts(config, "train", config.data.num_train_contexts,
                                      seed=stable_seed(config.data.seed, "train", iteration))
-    samples = {
-        c.id: domain.sample_self_edits(policy, config, c, seed=stable_seed(config.seed, iteration, c.id),
-                                       num_samples=config.self_edit.num_samples)
-        for c in contexts
-    }
-    baselines = {c.id: domain.evaluate_baseline(policy, config, c) for c in contexts}
+    label = f"iteration-{iteration}"
+    samples = dict(zip([c.id for c in contexts], domain.sample_self_edits(
+        policy, config, contexts, [stable_seed(config.seed, iteration, c.id) for c in contexts],
+        config.self_edit.num_samples, label)))
+    baselines = dict(zip([c.id for c in contexts], domain.evaluate_baselines(policy, config, contexts, label)))
     edits = len(contexts) * config.self_edit.num_samples
     progress = Progress(f"iteration-{iteration}", {
         "sampling": len(contexts), "training": edits, "evaluation": edits + len(contexts)})
@@ -320,18 +313,18 @@ def _evaluate_policy(config: SealConfig, policy: PolicyRef, base: PolicyRef) -> 
     contexts = fetch_contexts(config.data, "validation", config.data.num_eval_contexts, seed=config.data.seed)
     progress = Progress(f"held-out-{policy.name}", {"contexts": len(contexts)})
     domain = domain_for(config)
-    # One self-edit per context and column, sampled for all contexts in one batched call.
-    seed = stable_seed(config.seed, "held-out", *[c.id for c in contexts])
-    base_edits = sample_held_out_self_edits.submit(base, config.model, contexts, config.self_edit, seed, base.name)
+    # One self-edit per context and column, all contexts sampled in one batched call.
+    seeds = [stable_seed(config.seed, "held-out", c.id) for c in contexts]
+    base_edits = domain.sample_self_edits(base, config, contexts, seeds, 1, f"held-out-{base.name}")
     same = policy.digest == base.digest  # before any update both columns are the same work
-    policy_edits = base_edits if same else sample_held_out_self_edits.submit(
-        policy, config.model, contexts, config.self_edit, seed, policy.name)
-    baselines = [evaluate_baseline.submit(base, config.model, c, config.eval) for c in contexts]
+    policy_edits = base_edits if same else domain.sample_self_edits(
+        policy, config, contexts, seeds, 1, f"held-out-{policy.name}")
+    baselines = domain.evaluate_baselines(base, config, contexts, f"held-out-{base.name}")
     base_loops = domain.inner_loops(base, config, [
-        item for c, edit in zip(contexts, base_edits.result()) for item in ((c, None, "passage"), (c, edit, "base-edit"))
+        item for c, edits in zip(contexts, base_edits) for item in ((c, None, "passage"), (c, edits.result()[0], "base-edit"))
     ], tag="base")
     policy_loops = base_loops[1::2] if same else domain.inner_loops(
-        policy, config, [(c, edit, "policy-edit") for c, edit in zip(contexts, policy_edits.result())], tag="policy")
+        policy, config, [(c, edits.result()[0], "policy-edit") for c, edits in zip(contexts, policy_edits)], tag="policy")
     futures = [
         {"no_adaptation": baseline, "passage_only": passage, "base_self_edits": base_edit,
          "policy_self_edits": policy_edit}

@@ -301,16 +301,44 @@ def evaluate_adapter(
         Predictions, per-question correctness (normalized gold contained in the prediction)
         and token F1 (best over the golds).
     """
-    if len(questions) != len(answers):
-        raise ValueError(f"{len(questions)} questions but {len(answers)} answer lists")
+    (result,) = evaluate_contexts(model, tokenizer, [questions], [answers], config)
+    return result
+
+
+def evaluate_contexts(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    questions: Sequence[Sequence[str]],
+    answers: Sequence[Sequence[Sequence[str]]],
+    config: EvalConfig,
+) -> list[EvalResult]:
+    """:func:`evaluate_adapter` for several contexts' questions, asked in shared batches.
+
+    Each result's ``seconds`` is its share of the total (by question count).
+    """
+    for qs, golds in zip(questions, answers, strict=True):
+        if len(qs) != len(golds):
+            raise ValueError(f"{len(qs)} questions but {len(golds)} answer lists")
     start = time.perf_counter()
-    predictions = answer_questions(model, tokenizer, questions, config)
-    return EvalResult(
-        predictions=tuple(predictions),
-        correct=tuple(is_correct(p, golds) for p, golds in zip(predictions, answers)),
-        f1=tuple(max(token_f1(p, g) for g in golds) for p, golds in zip(predictions, answers)),
-        seconds=time.perf_counter() - start,
-    )
+    predictions = answer_questions(model, tokenizer, [q for qs in questions for q in qs], config)
+    return grade(predictions, answers, time.perf_counter() - start)
+
+
+def grade(predictions: Sequence[str], answers: Sequence[Sequence[Sequence[str]]], seconds: float) -> list[EvalResult]:
+    """Split ``predictions`` (all contexts' questions in order) into one graded result per
+    context; ``answers[i]`` holds context i's gold answers per question."""
+    total = sum(len(golds) for golds in answers)
+    results, offset = [], 0
+    for golds in answers:
+        preds = predictions[offset : offset + len(golds)]
+        offset += len(golds)
+        results.append(EvalResult(
+            predictions=tuple(preds),
+            correct=tuple(is_correct(p, g) for p, g in zip(preds, golds)),
+            f1=tuple(max(token_f1(p, gold) for gold in g) for p, g in zip(preds, golds)),
+            seconds=seconds * len(golds) / total if total else 0.0,
+        ))
+    return results
 
 
 @contextmanager

@@ -9,10 +9,18 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    TemperatureLogitsWarper,
+    TopPLogitsWarper,
+)
 
 # The paper's prompts (SEAL §4.2 and its reference code).
 SELF_EDIT_PROMPTS = {
@@ -73,6 +81,33 @@ def self_edit_prompt(kind: str, title: str, context: str) -> str:
     return SELF_EDIT_PROMPTS[kind].format(title=title, context=context)
 
 
+def row_seed(seed: int, index: int) -> int:
+    """The generator seed of sample ``index`` of a prompt sampled with ``seed``."""
+    digest = hashlib.sha256(f"{seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+class RowSampler(LogitsProcessor):
+    """Draws each row's next token from the row's own generator (temperature, then top-p) and
+    leaves only that token, which greedy decoding then takes.
+
+    With one generator per row, a row's sample depends on its seed alone, not on which other
+    rows share its batch: sampling many prompts in one ``generate`` call gives each prompt what
+    sampling it alone would (up to floating-point round-off in the batched matrix multiplies).
+    """
+
+    def __init__(self, generators: Sequence[torch.Generator], temperature: float, top_p: float) -> None:
+        self.generators = list(generators)
+        self.warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)])
+        if top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(top_p))
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        probs = self.warpers(input_ids, scores).float().softmax(-1)
+        tokens = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, self.generators)])
+        return torch.full_like(scores, float("-inf")).scatter_(1, tokens[:, None], 0.0)
+
+
 @torch.no_grad()
 def generate(
     model: PreTrainedModel,
@@ -83,34 +118,43 @@ def generate(
     num_return_sequences: int = 1,
     temperature: float | None = None,
     top_p: float = 1.0,
-    seed: int = 0,
+    seed: int | Sequence[int] = 0,
     stop_at_newline: bool = False,
 ) -> list[str]:
     """Batched, KV-cached generation; greedy when ``temperature`` is None.
 
     Prompts are already rendered (see :func:`render_prompt`) and left-padded here so that
-    every row's new tokens start at the same position.
+    every row's new tokens start at the same position. When sampling, ``seed`` is one per
+    prompt (an int: the same for every prompt) and sample j of a prompt draws from its own
+    generator, seeded ``row_seed(seed, j)`` (:class:`RowSampler`).
 
     Returns:
         ``len(prompts) * num_return_sequences`` completions, prompt-major, special tokens removed.
     """
+    seeds = [seed] * len(prompts) if isinstance(seed, int) else list(seed)
+    if len(seeds) != len(prompts):
+        raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
     padding_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
         batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     finally:
         tokenizer.padding_side = padding_side
-    batch = batch.to(model.device)
-    sampling = temperature is not None
-    torch.manual_seed(seed)
+    # Each prompt's rows side by side (what num_return_sequences would do, which greedy refuses).
+    batch = {name: t.repeat_interleave(num_return_sequences, dim=0).to(model.device) for name, t in batch.items()}
+    processors = LogitsProcessorList()
+    if temperature is not None:
+        generators = [torch.Generator(model.device).manual_seed(row_seed(s, j))
+                      for s in seeds for j in range(num_return_sequences)]
+        processors.append(RowSampler(generators, temperature, top_p))
     output = model.generate(
         **batch,
         max_new_tokens=max_new_tokens,
-        do_sample=sampling,
-        temperature=temperature if sampling else None,
-        top_p=top_p if sampling else None,
+        do_sample=False,  # sampled rows are drawn by RowSampler, which leaves greedy one token
+        temperature=None,
+        top_p=None,
         top_k=None,
-        num_return_sequences=num_return_sequences,
+        logits_processor=processors,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         # Answers are graded on their first line: stop a row once it has written one.
@@ -141,42 +185,41 @@ def sample_self_edits(
     Returns:
         ``num_samples`` self-edits; a garbled generation yields an empty one, never an error.
     """
-    return _sample(model, tokenizer, [(title, context)], num_samples=num_samples, kind=kind,
-                   temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                   max_documents=max_documents, seed=seed)
+    (edits,) = sample_self_edits_batch(
+        model, tokenizer, [(title, context)], [seed], kind=kind, num_samples=num_samples,
+        temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, max_documents=max_documents,
+    )
+    return edits
 
 
-def sample_one_self_edit_each(
+def sample_self_edits_batch(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    passages: list[tuple[str, str]],
+    passages: Sequence[tuple[str, str]],
+    seeds: Sequence[int],
     *,
     kind: str = "implications",
+    num_samples: int = 5,
     temperature: float = 1.0,
     top_p: float = 0.95,
     max_new_tokens: int = 192,
     max_documents: int = 16,
-    seed: int = 0,
-) -> list[SelfEdit]:
-    """One self-edit for each ``(title, context)`` passage, all in one batched ``generate`` call.
+) -> list[list[SelfEdit]]:
+    """K self-edits for each ``(title, context)`` passage, all in one batched ``generate`` call.
 
-    Decoding one row at a time is dominated by per-step costs (on 2 CPU cores SmolLM2 writes ~8
-    tokens/s at batch 1 and ~10x that summed over 16 rows), so held-out evaluation, which needs
-    one self-edit per context, samples them together. A row's sample depends on ``seed`` and on
-    the batch it was drawn in.
+    Decoding is dominated by streaming the weights once per step, not by the rows (SmolLM2 on
+    2 CPU cores: ~105 ms per step at batch 1, ~260 ms at batch 16), so an iteration's contexts
+    are sampled together. Passage i's samples come from ``seeds[i]`` alone: the same as
+    :func:`sample_self_edits` with that seed gives for it (up to round-off).
+
+    Returns:
+        For each passage, ``num_samples`` self-edits; a garbled generation yields an empty one.
     """
-    return _sample(model, tokenizer, passages, num_samples=1, kind=kind, temperature=temperature,
-                   top_p=top_p, max_new_tokens=max_new_tokens, max_documents=max_documents, seed=seed)
-
-
-def _sample(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, passages: list[tuple[str, str]], *,
-            num_samples: int, kind: str, temperature: float, top_p: float, max_new_tokens: int,
-            max_documents: int, seed: int) -> list[SelfEdit]:
-    """``num_samples`` self-edits of each passage (passage-major), from one ``generate`` call."""
     prompts = [render_prompt(tokenizer, self_edit_prompt(kind, title, context)) for title, context in passages]
     texts = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, num_return_sequences=num_samples,
-                     temperature=temperature, top_p=top_p, seed=seed)
-    return [SelfEdit(text, parse_self_edit(text, max_documents)) for text in texts]
+                     temperature=temperature, top_p=top_p, seed=seeds)
+    edits = [SelfEdit(text, parse_self_edit(text, max_documents)) for text in texts]
+    return [edits[i * num_samples : (i + 1) * num_samples] for i in range(len(passages))]
 
 
 def parse_self_edit(text: str, max_documents: int = 16) -> tuple[str, ...]:

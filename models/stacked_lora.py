@@ -42,9 +42,8 @@ from models.inner_loop import (
     TrainResult,
     atomic_folder,
     first_line,
-    is_correct,
+    grade,
     lora_config,
-    token_f1,
     tokenize_documents,
 )
 from models.lm_loss import token_losses
@@ -563,15 +562,4 @@ def evaluate_stacked(
             predictions += [first_line(text) for text in outputs]
     finally:
         stack.route(None)
-    seconds = time.perf_counter() - start
-    results, offset = [], 0
-    for k in range(stack.count):
-        preds = predictions[offset : offset + len(questions[k])]
-        offset += len(questions[k])
-        results.append(EvalResult(
-            predictions=tuple(preds),
-            correct=tuple(is_correct(p, golds) for p, golds in zip(preds, answers[k])),
-            f1=tuple(max(token_f1(p, g) for g in golds) for p, golds in zip(preds, answers[k])),
-            seconds=seconds,
-        ))
-    return results
+    return grade(predictions, answers, time.perf_counter() - start)

@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from models.self_edit import (
     SELF_EDIT_PROMPTS,
@@ -6,6 +7,7 @@ from models.self_edit import (
     parse_self_edit,
     render_prompt,
     sample_self_edits,
+    sample_self_edits_batch,
     self_edit_prompt,
     training_documents,
 )
@@ -80,21 +82,39 @@ def test_k_samples_in_one_generate_call_deterministic_by_seed(tiny, monkeypatch)
     monkeypatch.setattr(tiny.model, "generate", lambda **kw: calls.append(kw) or real(**kw))
     kwargs = dict(title="T", context="Orvanne Kelthrop made clocks.", num_samples=4, max_new_tokens=12)
     first = sample_self_edits(tiny.model, tiny.tokenizer, seed=1, **kwargs)
-    assert len(calls) == 1 and calls[0]["num_return_sequences"] == 4
+    assert len(calls) == 1 and calls[0]["input_ids"].shape[0] == 4
     assert len(first) == 4 and all(isinstance(e, SelfEdit) for e in first)
     assert sample_self_edits(tiny.model, tiny.tokenizer, seed=1, **kwargs) == first
     assert sample_self_edits(tiny.model, tiny.tokenizer, seed=2, **kwargs) != first
 
 
-def test_one_self_edit_for_each_passage_in_one_generate_call(tiny, monkeypatch):
-    from models.self_edit import sample_one_self_edit_each
-
+def test_passages_sampled_together_get_what_each_gets_alone(tiny, monkeypatch):
     calls = []
     real = tiny.model.generate
     monkeypatch.setattr(tiny.model, "generate", lambda **kw: calls.append(kw) or real(**kw))
     passages = [("T", "Orvanne Kelthrop made clocks."), ("Sallowmere", "The lantern weighs 37 kilograms and hangs high.")]
-    first = sample_one_self_edit_each(tiny.model, tiny.tokenizer, passages, max_new_tokens=12, seed=1)
-    assert len(calls) == 1 and calls[0]["input_ids"].shape[0] == 2
-    assert len(first) == 2 and all(isinstance(e, SelfEdit) for e in first)
-    assert sample_one_self_edit_each(tiny.model, tiny.tokenizer, passages, max_new_tokens=12, seed=1) == first
-    assert sample_one_self_edit_each(tiny.model, tiny.tokenizer, passages, max_new_tokens=12, seed=2) != first
+    kwargs = dict(num_samples=3, max_new_tokens=12)
+    together = sample_self_edits_batch(tiny.model, tiny.tokenizer, passages, [1, 2], **kwargs)
+    assert len(calls) == 1 and calls[0]["input_ids"].shape[0] == 6
+    assert [len(edits) for edits in together] == [3, 3]
+    # Each passage's samples come from its own seed, whatever else is in the batch.
+    for (title, context), seed, edits in zip(passages, [1, 2], together):
+        assert sample_self_edits(tiny.model, tiny.tokenizer, title=title, context=context, seed=seed, **kwargs) == edits
+    assert sample_self_edits_batch(tiny.model, tiny.tokenizer, passages[::-1], [2, 1], **kwargs) == together[::-1]
+    # The K samples of a passage differ from each other, and a new seed draws new ones.
+    assert len({e.text for e in together[0]}) == 3
+    assert sample_self_edits_batch(tiny.model, tiny.tokenizer, passages, [3, 2], **kwargs)[0] != together[0]
+
+
+def test_row_sampler_keeps_to_top_p():
+    from models.self_edit import RowSampler
+
+    # Probabilities 0.5, 0.3, 0.15, 0.05: top-p 0.7 keeps the first two tokens only.
+    scores = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log().repeat(2, 1)
+    generators = [torch.Generator().manual_seed(s) for s in (0, 1)]
+    drawn = set()
+    for _ in range(200):
+        out = RowSampler(generators, temperature=1.0, top_p=0.7)(torch.zeros(2, 1, dtype=torch.long), scores.clone())
+        assert (out == 0).sum(1).tolist() == [1, 1]  # one token left per row
+        drawn |= set(out.argmax(1).tolist())
+    assert drawn == {0, 1}
