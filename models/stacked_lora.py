@@ -537,6 +537,24 @@ def _runs(adapters: Sequence[int]) -> list[tuple[int, int, int]]:
     return runs
 
 
+def row_batches(counts: Sequence[int], batch_size: int) -> list[tuple[int, int]]:
+    """``(first, stop)`` row ranges of at most ``batch_size`` rows over groups of ``counts[k]``
+    consecutive rows, cut between groups where a group fits (in order, greedily); a group larger
+    than a batch is split."""
+    batches, first, stop = [], 0, 0
+    for count in counts:
+        if stop - first + count > batch_size and stop > first:
+            batches.append((first, stop))
+            first = stop
+        stop += count
+        while stop - first > batch_size:
+            batches.append((first, first + batch_size))
+            first += batch_size
+    if stop > first:
+        batches.append((first, stop))
+    return batches
+
+
 def evaluate_stacked(
     stack: AdapterStack,
     tokenizer: PreTrainedTokenizerBase,
@@ -544,20 +562,21 @@ def evaluate_stacked(
     answers: Sequence[Sequence[Sequence[str]]],
     config: EvalConfig,
 ) -> list[EvalResult]:
-    """Closed-book answers of adapter k to ``questions[k]``, all adapters in one generation.
+    """Closed-book answers of adapter k to ``questions[k]``, all adapters in shared generations
+    of at most ``config.batch_size`` rows.
 
     Rows are routed to their adapter as in training; generation keeps the batch's rows in
-    place, so the routing holds for every decoding step.
+    place, so the routing holds for every decoding step. A batch holds whole adapters' questions
+    where they fit (equal groups take the one-``bmm`` route of :meth:`AdapterStack.route`).
     """
     rows = [(k, q) for k in range(stack.count) for q in questions[k]]
     prompts = [render_prompt(tokenizer, QUESTION_PROMPT.format(question=q)) for _, q in rows]
     start = time.perf_counter()
     predictions: list[str] = []
     try:
-        for first in range(0, len(rows), config.batch_size):
-            chunk = rows[first : first + config.batch_size]
-            stack.route(torch.tensor([k for k, _ in chunk], device=stack.model.device))
-            outputs = generate(stack.model, tokenizer, prompts[first : first + config.batch_size],
+        for first, stop in row_batches([len(q) for q in questions[: stack.count]], config.batch_size):
+            stack.route(torch.tensor([k for k, _ in rows[first:stop]], device=stack.model.device))
+            outputs = generate(stack.model, tokenizer, prompts[first:stop],
                                max_new_tokens=config.max_new_tokens, stop_at_newline=True)
             predictions += [first_line(text) for text in outputs]
     finally:

@@ -32,7 +32,11 @@ from models.inner_loop import AdapterSlot
 from models.stacked_lora import AdapterStack
 from tasks.records import PolicyRef
 
-_MAX_LOADED = 2  # the base policy and the current one
+# One model at a time: a flow's tasks use one policy for long stretches (an iteration uses only
+# its policy; held-out evaluation finds the base model's columns cached after the first), and
+# on a CPU SmolLM2 reloads in under a second, while a second resident copy cost the SmolLM2
+# flow ~0.5 GB of its 4 GB budget during every iteration after the first.
+_MAX_LOADED = 1
 _models: OrderedDict[tuple[str, str, str, str], tuple[LoadedModel, threading.Lock]] = OrderedDict()
 _registry_lock = threading.Lock()
 # id(model) -> its reusable LoRA layers: a peft slot (one adapter) or a stack (a group of them)

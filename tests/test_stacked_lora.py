@@ -201,7 +201,7 @@ def test_a_step_split_by_the_token_budget_trains_as_one_batch(model):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("row_adapter", [[0, 1, 2], [0, 0, 1, 1], [0, 0, 1, 2, 2], [2, 0, 1, 0]])
+@pytest.mark.parametrize("row_adapter", [[0, 1, 2], [0, 0, 1, 1], [0, 0, 1, 2, 2], [0, 2, 2, 2], [2, 0, 1, 0]])
 def test_every_routing_gives_each_row_its_own_adapters_output_and_gradients(row_adapter):
     """Consecutive adapters and equal groups take one bmm, other grouped batches one product
     per adapter, ungrouped ones a gather of per-row weights; all must agree with the formula."""
@@ -225,3 +225,16 @@ def test_every_routing_gives_each_row_its_own_adapters_output_and_gradients(row_
     (expected * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
     for a, b in zip(got, (expected.detach(), x.grad, layer.lora_A.grad, layer.lora_B.grad)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("counts, batch_size, expected", [
+    ([5] * 10, 32, [(0, 30), (30, 50)]),  # whole adapters: equal groups in each batch
+    ([4, 6, 5, 5, 7, 3], 32, [(0, 30)]),
+    ([40, 2], 32, [(0, 32), (32, 42)]),  # a group larger than a batch is split
+    ([5, 5], 5, [(0, 5), (5, 10)]),
+    ([], 32, []),
+])
+def test_row_batches_cut_between_adapters(counts, batch_size, expected):
+    from models.stacked_lora import row_batches
+
+    assert row_batches(counts, batch_size) == expected
