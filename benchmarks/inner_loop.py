@@ -12,9 +12,8 @@ For each of ``--contexts`` held-out contexts, K self-edits are sampled from the 
 one batched call (timed as sampling at batch K, and one more at batch 1; not part of the inner
 loop). Then, on the same model in memory, the same self-edits' inner loops three ways:
 
-- **ours**, the path the training flow takes (``models/stacked_lora.py``): the contexts'
-  no-adaptation answers once, in one batched call, then all contexts' K self-edits trained
-  together through stacked adapters (one group, as the flow groups several contexts' self-edits)
+- **ours**, the path the training flow takes (``models/stacked_lora.py``): the context's
+  no-adaptation answers once, then its K self-edits trained together through stacked adapters
   and evaluated in shared batched generations;
 - **strong** and **reference**: see ``benchmarks/baselines.py``. The reference runs only
   ``--reference-self-edits`` self-edits and, with ``--reference-steps``, times that many
@@ -51,7 +50,7 @@ from benchmarks.baselines import SelfEditTiming, now, run_reference, run_strong 
 from models.base_model import LoadedModel, load_model  # noqa: E402
 from models.config import SealConfig, load_config  # noqa: E402
 from models.demo import peak_memory_mb  # noqa: E402
-from models.inner_loop import NonFiniteLossError, evaluate_contexts  # noqa: E402
+from models.inner_loop import NonFiniteLossError, evaluate_adapter  # noqa: E402
 from models.knowledge_data import load_contexts, select_contexts  # noqa: E402
 from models.self_edit import sample_self_edits, training_documents  # noqa: E402
 from models.stacked_lora import evaluate_stacked, stacked_adapters, train_stacked  # noqa: E402
@@ -96,57 +95,39 @@ def sample(loaded: LoadedModel, config: SealConfig, ctx: dict, num_samples: int,
     return edits, {"batch": num_samples, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
 
 
-def run_ours(loaded: LoadedModel, config: SealConfig,
-             inputs: list[tuple[str, list[list[str]], list[str], list[list[str]]]]) -> list[list[SelfEditTiming]]:
-    """The contexts' self-edits as the training flow runs them: every context's no-adaptation
-    answers in one batched call, then all K x contexts adapters trained together through stacked
-    adapters and their answers in shared batched generations. ``inputs`` holds, per context, its
-    id, its K self-edits' documents, its questions and their gold answers.
-
-    Returns:
-        Per context, its K self-edits' timings: the context's share of the baseline answers
-        (by question count) split over its K, and an equal share of the group's training and
-        evaluation.
+def run_ours(loaded: LoadedModel, config: SealConfig, documents: list[list[str]], questions: list[str],
+             answers: list[list[str]]) -> list[SelfEditTiming]:
+    """One context's K self-edits (``documents[k]``) as the training flow runs them: baseline
+    answers once, K adapters trained together, their answers in shared batched generations.
 
     Raises:
         NonFiniteLossError: if an adapter's loss became NaN or infinite.
     """
-    device = loaded.device
-    documents = [docs for _, edits, _, _ in inputs for docs in edits]
-    questions = [q for _, edits, q, _ in inputs for _ in edits]
-    answers = [a for _, edits, _, a in inputs for _ in edits]
-    n = len(documents)
+    device, k = loaded.device, len(documents)
     start = now(device)
-    baselines = evaluate_contexts(loaded.model, loaded.tokenizer, [q for _, _, q, _ in inputs],
-                                  [a for _, _, _, a in inputs], config.eval)
+    baseline = evaluate_adapter(loaded.model, loaded.tokenizer, questions, answers, config.eval)
     baseline_end = now(device)
-    with stacked_adapters(loaded.model, config.lora, [config.inner_loop.seed] * n) as stack:
+    with stacked_adapters(loaded.model, config.lora, [config.inner_loop.seed] * k) as stack:
         train_start = now(device)
         trained = train_stacked(stack, loaded.tokenizer, documents, config.inner_loop)
         train_end = now(device)
         for result in trained:
             if isinstance(result, NonFiniteLossError):
                 raise result
-        scored = evaluate_stacked(stack, loaded.tokenizer, questions, answers, config.eval)
+        scored = evaluate_stacked(stack, loaded.tokenizer, [questions] * k, [answers] * k, config.eval)
         eval_end = now(device)
     end = now(device)
     baseline_s, train_s, eval_s = baseline_end - start, train_end - train_start, eval_end - train_end
     other_s = (end - start) - baseline_s - train_s - eval_s
-    timings, first = [], 0
-    for (_, edits, _, _), baseline in zip(inputs, baselines):
-        k = len(edits)
-        timings.append([
-            SelfEditTiming(
-                baseline_s=baseline_s * len(baseline.correct) / sum(len(b.correct) for b in baselines) / k,
-                train_s=train_s / n, eval_s=eval_s / n, other_s=other_s / n,
-                steps=result.steps, steps_timed=result.steps, tokens=result.tokens, padded_tokens=None,
-                train_timed_s=train_s / n, baseline_correct=baseline.num_correct, correct=score.num_correct,
-                predictions=list(score.predictions),
-            )
-            for result, score in zip(trained[first : first + k], scored[first : first + k])
-        ])
-        first += k
-    return timings
+    return [
+        SelfEditTiming(
+            baseline_s=baseline_s / k, train_s=train_s / k, eval_s=eval_s / k, other_s=other_s / k,
+            steps=result.steps, steps_timed=result.steps, tokens=result.tokens, padded_tokens=None,
+            train_timed_s=train_s / k, baseline_correct=baseline.num_correct, correct=score.num_correct,
+            predictions=list(score.predictions),
+        )
+        for result, score in zip(trained, scored)
+    ]
 
 
 def summarize(timings: list[SelfEditTiming], parameters: int, peak_gflops: float) -> dict:
@@ -239,11 +220,10 @@ def main(argv: list[str] | None = None) -> int:
 
     timings: dict[str, list[SelfEditTiming]] = {"ours": [], "strong": [], "reference": []}
     records: dict[str, list[dict]] = {"ours": [], "strong": [], "reference": []}
-    ours = run_ours(loaded, config, inputs)
     for method in ("ours", "strong"):
-        for (context_id, documents, questions, answers), ours_result in zip(inputs, ours):
+        for context_id, documents, questions, answers in inputs:
             if method == "ours":
-                result = ours_result
+                result = run_ours(loaded, config, documents, questions, answers)
             else:
                 result = run_strong(model, tokenizer, documents, questions, answers,
                                     config.lora, config.inner_loop, config.eval)

@@ -60,7 +60,7 @@ def _unchanged(tiny, before, requires_grad):
 def test_three_methods_train_on_the_same_documents_and_tokens(tiny, config):
     before = {k: v.clone() for k, v in tiny.model.state_dict().items()}
     requires_grad = [p.requires_grad for p in tiny.model.parameters()]
-    (ours,) = bench.run_ours(tiny, config, [("ctx", DOCUMENTS, QUESTIONS, ANSWERS)])
+    ours = bench.run_ours(tiny, config, DOCUMENTS, QUESTIONS, ANSWERS)
     strong = baselines.run_strong(tiny.model, tiny.tokenizer, DOCUMENTS, QUESTIONS, ANSWERS,
                                   config.lora, config.inner_loop, config.eval)
     reference = [baselines.run_reference(tiny.model, tiny.tokenizer, docs, QUESTIONS, ANSWERS, config.lora,
@@ -107,18 +107,6 @@ def test_baseline_answers_once_per_context_for_strong_and_per_self_edit_for_refe
         baselines.run_reference(tiny.model, tiny.tokenizer, docs, QUESTIONS, ANSWERS, config.lora,
                                 config.inner_loop, config.eval, timed_steps=1)
     assert generate_calls == [1] * (2 * len(QUESTIONS) * len(DOCUMENTS))  # one question at a time, twice
-
-
-def test_ours_groups_every_contexts_self_edits_and_answers_baselines_once(tiny, config, generate_calls):
-    other = [["Kelthrop\nThe guild met in Brindlecourt."]]
-    ours = bench.run_ours(tiny, config, [("a", DOCUMENTS, QUESTIONS, ANSWERS), ("b", other, QUESTIONS[:1], ANSWERS[:1])])
-    assert [len(timings) for timings in ours] == [2, 1]
-    # Both contexts' baselines in one call, then the 3 adapters' 5 questions in one generation.
-    assert generate_calls == [len(QUESTIONS) + 1, 2 * len(QUESTIONS) + 1]
-    train = [t.train_s for timings in ours for t in timings]
-    assert len(set(train)) == 1 and train[0] > 0  # one group: an equal share each
-    # Baseline shares by question count: context a's 2 of 3 questions over its 2 self-edits.
-    assert ours[0][0].baseline_s == pytest.approx(ours[1][0].baseline_s)
 
 
 @pytest.mark.parametrize("train_s, steps_seconds, steps, expected", [
