@@ -48,14 +48,13 @@ def _evaluate_fewshot_policy(config: SealConfig, policy: PolicyRef, base: Policy
     for arc in tasks:
         seed = stable_seed(config.seed, "held-out", arc.id)
         in_context = FEWSHOT.evaluate_adapter(base, config, arc, None, "baseline")
-        (base_edits,) = FEWSHOT.sample_self_edits(base, config, [arc], [seed], k, f"held-out-{base.name}")
-        base_edits = base_edits.result()
+        base_edits = FEWSHOT.sample_self_edits(base, config, [arc], [seed], k, f"held-out-{base.name}")[0].result()
         ttt = [InnerLoop(base, config, arc, e, f"base-edit{e.index}") for e in base_edits]
         if policy.digest == base.digest:  # before any update both rows are the same work
             seal = ttt
         else:
-            (policy_edits,) = FEWSHOT.sample_self_edits(policy, config, [arc], [seed], k, f"held-out-{policy.name}")
-            policy_edits = policy_edits.result()
+            policy_edits = FEWSHOT.sample_self_edits(
+                policy, config, [arc], [seed], k, f"held-out-{policy.name}")[0].result()
             # The policy writes the config; test-time training still adapts the base model.
             seal = [InnerLoop(base, config, arc, e, f"policy-edit{e.index}") for e in policy_edits]
         oracle = [InnerLoop(base, config, arc, e, f"oracle{e.index}") for e in FEWSHOT.oracle_self_edits(config, arc)]

@@ -321,10 +321,12 @@ def _evaluate_policy(config: SealConfig, policy: PolicyRef, base: PolicyRef) -> 
         policy, config, contexts, seeds, 1, f"held-out-{policy.name}")
     baselines = domain.evaluate_baselines(base, config, contexts, f"held-out-{base.name}")
     base_loops = domain.inner_loops(base, config, [
-        item for c, edits in zip(contexts, base_edits) for item in ((c, None, "passage"), (c, edits.result()[0], "base-edit"))
+        item for c, edits in zip(contexts, base_edits)
+        for item in ((c, None, "passage"), (c, edits.result()[0], "base-edit"))
     ], tag="base")
     policy_loops = base_loops[1::2] if same else domain.inner_loops(
-        policy, config, [(c, edits.result()[0], "policy-edit") for c, edits in zip(contexts, policy_edits)], tag="policy")
+        policy, config, [(c, edits.result()[0], "policy-edit") for c, edits in zip(contexts, policy_edits)],
+        tag="policy")
     futures = [
         {"no_adaptation": baseline, "passage_only": passage, "base_self_edits": base_edit,
          "policy_self_edits": policy_edit}

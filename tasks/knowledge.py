@@ -172,8 +172,7 @@ def evaluate_adapters(
         results = stacked_lora.evaluate_stacked(
             stack, loaded.tokenizer, [c.questions for _, c, _ in usable], [c.answers for _, c, _ in usable], config)
     for (i, _, _), result in zip(usable, results):
-        records[i] = EvalRecord(predictions=list(result.predictions), correct=list(result.correct),
-                                f1=list(result.f1), seconds=result.seconds)
+        records[i] = EvalRecord.of(result)
     return records
 
 
@@ -187,8 +186,7 @@ def evaluate_baselines(
     with use_model(policy_ref, model) as loaded:
         results = inner_loop.evaluate_contexts(
             loaded.model, loaded.tokenizer, [c.questions for c in contexts], [c.answers for c in contexts], config)
-    return [EvalRecord(predictions=list(r.predictions), correct=list(r.correct), f1=list(r.f1), seconds=r.seconds)
-            for r in results]
+    return [EvalRecord.of(result) for result in results]
 
 
 @task(cache_policy=CACHED, persist_result=True, task_run_name="select-self-edits-{context_id}")

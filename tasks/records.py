@@ -80,6 +80,12 @@ class EvalRecord(_Record):
     failure: str | None = None
 
     @classmethod
+    def of(cls, result) -> EvalRecord:
+        """The record of a graded ``models.inner_loop.EvalResult``."""
+        return cls(predictions=list(result.predictions), correct=list(result.correct), f1=list(result.f1),
+                   seconds=result.seconds)
+
+    @classmethod
     def failed(cls, questions: int, failure: str) -> EvalRecord:
         """Every question wrong, with the reason: how a failed inner loop is scored."""
         return cls(predictions=[], correct=[False] * questions, f1=[0.0] * questions, failure=failure)

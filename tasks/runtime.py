@@ -35,7 +35,8 @@ from tasks.records import PolicyRef
 # One model at a time: a flow's tasks use one policy for long stretches (an iteration uses only
 # its policy; held-out evaluation finds the base model's columns cached after the first), and
 # on a CPU SmolLM2 reloads in under a second, while a second resident copy cost the SmolLM2
-# flow ~0.5 GB of its 4 GB budget during every iteration after the first.
+# flow ~0.5 GB of its 4 GB budget during every iteration after the first. (The few-shot held-out
+# flow alternates: the policy writes each ARC task's configs, the base model is adapted.)
 _MAX_LOADED = 1
 _models: OrderedDict[tuple[str, str, str, str], tuple[LoadedModel, threading.Lock]] = OrderedDict()
 _registry_lock = threading.Lock()
