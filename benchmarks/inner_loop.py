@@ -23,9 +23,10 @@ Each method's seconds per self-edit, all-in, are its wall time divided by the se
 split into baseline answers / training / evaluation / other (attaching adapters, saving,
 loading). Training FLOPs are approximated as 4 x parameters x tokens trained (issue 8; forward
 2, backward through the frozen weights for the activations' gradients 2, LoRA's own FLOPs and
-attention left out) and set against this machine's fp32 matrix-multiply peak, measured here
-with ``torch.mm``. The speedup of ours over a baseline is the baseline's seconds per self-edit
-over ours (equivalently ours' self-edits per minute over the baseline's).
+attention left out) and set against this machine's matrix-multiply peak in the model's dtype,
+measured here with ``torch.mm``. On CUDA an untimed warm-up (one sampling call, one epoch of
+ours and of strong) comes first. The speedup of ours over a baseline is the baseline's seconds
+per self-edit over ours (equivalently ours' self-edits per minute over the baseline's).
 """
 
 from __future__ import annotations
@@ -66,11 +67,12 @@ QUESTIONS = 5  # per context (issue 8)
 FLOPS_FORMULA = "training FLOPs = 4 x parameters x tokens trained"
 
 
-def matmul_peak_gflops(size: int, device: torch.device, repeats: int = 5) -> float:
-    """Best-of-``repeats`` GFLOP/s of one fp32 ``torch.mm`` of two ``size`` x ``size`` matrices,
-    with torch's configured threads (2 size^3 FLOPs each)."""
-    a = torch.randn(size, size, device=device)
-    b = torch.randn(size, size, device=device)
+def matmul_peak_gflops(size: int, device: torch.device, dtype: torch.dtype = torch.float32,
+                       repeats: int = 5) -> float:
+    """Best-of-``repeats`` GFLOP/s of one ``torch.mm`` of two ``size`` x ``size`` matrices of
+    ``dtype``, with torch's configured threads and matmul precision (2 size^3 FLOPs each)."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
     out = torch.mm(a, b)  # warm-up: threads, allocator, kernels
     best = float("inf")
     for _ in range(repeats):
@@ -130,6 +132,16 @@ def run_ours(loaded: LoadedModel, config: SealConfig, documents: list[list[str]]
     ]
 
 
+def warm_up(loaded: LoadedModel, config: SealConfig, documents: list[list[str]], questions: list[str],
+            answers: list[list[str]]) -> None:
+    """One untimed epoch of ours and of strong, so that neither method's timed runs pay for the
+    device's one-time costs (CUDA kernels loaded and tuned, allocator pools grown)."""
+    short = config.model_copy(update={"inner_loop": config.inner_loop.model_copy(update={"epochs": 1})})
+    run_ours(loaded, short, documents[:2], questions, answers)
+    run_strong(loaded.model, loaded.tokenizer, documents[:1], questions, answers, short.lora, short.inner_loop,
+               short.eval)
+
+
 def summarize(timings: list[SelfEditTiming], parameters: int, peak_gflops: float) -> dict:
     """Per-self-edit means of a method's timings, its throughput and its training FLOP rate."""
     n = len(timings)
@@ -176,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference-steps", type=int, default=3,
                         help="training steps the reference times before extrapolating (0: all; default 3)")
     parser.add_argument("--matmul-size", type=int, default=4096, help="side of the matrices of the peak measurement")
+    parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=None,
+                        help="an untimed epoch of ours and strong first (default: on CUDA only)")
     parser.add_argument("--json", help="also write the measurements to this file")
     parser.add_argument("overrides", nargs="*", help="section.key=value config overrides, after issue 8's")
     args = parser.parse_args(argv)
@@ -198,11 +212,15 @@ def main(argv: list[str] | None = None) -> int:
           f"{QUESTIONS} questions, <= {config.eval.max_new_tokens} new tokens; "
           f"{args.contexts} contexts x K={args.k}", flush=True)
 
-    peak = matmul_peak_gflops(args.matmul_size, device)
-    print(f"fp32 matmul peak {peak:.1f} GFLOP/s (torch.mm {args.matmul_size}x{args.matmul_size}, best of 5)",
+    dtype = str(model.dtype).removeprefix("torch.")
+    peak = matmul_peak_gflops(args.matmul_size, device, model.dtype)
+    print(f"{dtype} matmul peak {peak:.1f} GFLOP/s (torch.mm {args.matmul_size}x{args.matmul_size}, best of 5)",
           flush=True)
     memory = {"after_load_mb": peak_memory_mb()}
 
+    warm = args.warmup if args.warmup is not None else device.type == "cuda"
+    if warm:
+        sample(loaded, config, contexts[0], 1, seed=config.seed)
     # Sampling: the self-edits every method trains on, then one more at batch 1 for its throughput.
     inputs, sampling = [], {"batch_1": [], "batch_k": []}
     for index, ctx in enumerate(contexts):
@@ -217,6 +235,10 @@ def main(argv: list[str] | None = None) -> int:
               f"batch 1: {at_1['tokens_per_s']:.1f} tokens/s",
               flush=True)
     memory["after_sampling_mb"] = peak_memory_mb()
+
+    if warm:
+        warm_up(loaded, config, *inputs[0][1:])
+        print("warmed up: one epoch of ours (2 self-edits) and of strong (1), untimed", flush=True)
 
     timings: dict[str, list[SelfEditTiming]] = {"ours": [], "strong": [], "reference": []}
     records: dict[str, list[dict]] = {"ours": [], "strong": [], "reference": []}
@@ -274,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
             "model": config.model.name, "device": str(device), "threads": torch.get_num_threads(),
             "contexts": args.contexts, "k": args.k, "questions_per_context": QUESTIONS,
             "parameters": parameters, "flops_formula": FLOPS_FORMULA,
-            "matmul": {"size": args.matmul_size, "peak_gflops": peak},
+            "matmul": {"size": args.matmul_size, "dtype": dtype, "peak_gflops": peak},
             "sampling": {**sampling_summary, "runs": sampling},
             "reference_steps_timed": args.reference_steps,
             "summary": summary, "speedup": speedup, "peak_memory_mb": memory, "records": records,
