@@ -85,10 +85,13 @@ class StackedLoraLinear(nn.Module):
         if self.rows is None:
             return out
         if isinstance(self.rows, (TokenSpans, RowSpans)):
-            spans = self.rows if isinstance(self.rows, TokenSpans) else self.rows.tokens(x.shape[1])
             if self.dropout and self.training:
                 x = nn.functional.dropout(x.to(self.lora_A.dtype), self.dropout, training=True)
-            lora = _LoraSpans.apply(x, self.lora_A, self.lora_B, spans, self.scaling)
+            if isinstance(self.rows, PaddedSpans) and self.rows.tokens * x.shape[-1] == x.numel():
+                lora = _LoraPadded.apply(x, self.lora_A, self.lora_B, self.rows, self.scaling)
+            else:
+                spans = self.rows if isinstance(self.rows, TokenSpans) else self.rows.tokens(x.shape[1])
+                lora = _LoraSpans.apply(x, self.lora_A, self.lora_B, spans, self.scaling)
             return out + lora.to(out.dtype)
         shape = x.shape
         if isinstance(self.rows, slice):  # rows grouped by adapter, as many for each: a batch per adapter
@@ -197,6 +200,89 @@ class _LoraSpans(torch.autograd.Function):
         if want_x:
             grad_x = grad_x.to(x.dtype).view(x.shape)
         return grad_x, grad_a, grad_b, None, None
+
+
+class PaddedSpans(TokenSpans):
+    """:class:`TokenSpans` with one span per adapter, consecutive from token 0, also laid out as a
+    zero-padded batch for batched products: span i becomes row i of an (adapters, longest span)
+    batch, so each product over all adapters is one ``bmm`` (training's spans: a handful of
+    adapters with rows of similar length) rather than one matrix multiply per span. A layer
+    whose input has more tokens than the spans cover takes the per-span route."""
+
+    def __new__(cls, spans: Sequence[tuple[int, int, int]], device: torch.device):
+        return super().__new__(cls, spans)
+
+    def __init__(self, spans: Sequence[tuple[int, int, int]], device: torch.device):
+        adapters = [k for k, _, _ in spans]
+        lengths = [stop - start for _, start, stop in spans]
+        self.count, self.longest, self.tokens = len(spans), max(lengths), sum(lengths)
+        first = adapters[0]
+        self.adapters: slice | torch.Tensor = (
+            slice(first, first + len(adapters)) if adapters == list(range(first, first + len(adapters)))
+            else torch.tensor(adapters, device=device))
+        # padded slot (span i, position j: i * longest + j) of each packed token, in order; the rest
+        slots = [torch.arange(length) + i * self.longest for i, length in enumerate(lengths)]
+        padding = [torch.arange(length, self.longest) + i * self.longest for i, length in enumerate(lengths)]
+        self.slots, self.padding = torch.cat(slots).to(device), torch.cat(padding).to(device)
+
+    @staticmethod
+    def covering(spans: Sequence[tuple[int, int, int]]) -> bool:
+        """Whether ``spans`` are consecutive from token 0, with distinct adapters."""
+        ends = [0] + [stop for _, _, stop in spans[:-1]]
+        return (bool(spans) and [start for _, start, _ in spans] == ends
+                and len({k for k, _, _ in spans}) == len(spans))
+
+    def pad(self, flat: torch.Tensor) -> torch.Tensor:
+        """(tokens, d) packed -> (adapters, longest, d), zeros in the padding."""
+        padded = flat.new_empty(self.count * self.longest, flat.shape[1]).index_copy_(0, self.slots, flat)
+        if len(self.padding):
+            padded.index_fill_(0, self.padding, 0)
+        return padded.view(self.count, self.longest, -1)
+
+    def unpad(self, padded: torch.Tensor) -> torch.Tensor:
+        """(adapters, longest, d) -> (tokens, d), the padding dropped."""
+        return padded.view(self.count * self.longest, -1).index_select(0, self.slots)
+
+
+class _LoraPadded(torch.autograd.Function):
+    """:class:`_LoraSpans` through :class:`PaddedSpans`: each product one ``bmm`` over all
+    adapters' spans. Padding rows are zero, so they add nothing to the weights' gradients. The
+    padded input is rebuilt in the backward pass rather than kept."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                layout: PaddedSpans, scaling: float) -> torch.Tensor:
+        a, b = lora_a[layout.adapters], lora_b[layout.adapters]
+        xp = layout.pad(x.reshape(-1, x.shape[-1]).to(a.dtype))
+        xa = torch.bmm(xp, a.transpose(1, 2)).mul_(scaling)  # (adapters, longest, rank), scaled
+        ctx.save_for_backward(x, xa, lora_a, lora_b)
+        ctx.layout, ctx.scaling = layout, scaling
+        return layout.unpad(torch.bmm(xa, b.transpose(1, 2))).view(*x.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, xa, lora_a, lora_b = ctx.saved_tensors
+        layout = ctx.layout
+        a, b = lora_a[layout.adapters], lora_b[layout.adapters]
+        gp = layout.pad(grad.reshape(-1, grad.shape[-1]).to(a.dtype))  # (adapters, longest, out)
+        want_x, want_a, want_b = ctx.needs_input_grad[:3]
+        grad_b = _into_stack(torch.bmm(gp.transpose(1, 2), xa), layout.adapters, lora_b) if want_b else None
+        gxa = torch.bmm(gp, b).mul_(ctx.scaling)  # (adapters, longest, rank)
+        grad_x = layout.unpad(torch.bmm(gxa, a)).to(x.dtype).view(x.shape) if want_x else None
+        grad_a = None
+        if want_a:
+            xp = layout.pad(x.reshape(-1, x.shape[-1]).to(a.dtype))
+            grad_a = _into_stack(torch.bmm(gxa.transpose(1, 2), xp), layout.adapters, lora_a)
+        return grad_x, grad_a, grad_b, None, None
+
+
+def _into_stack(grads: torch.Tensor, adapters: slice | torch.Tensor, stacked: torch.Tensor) -> torch.Tensor:
+    """The given adapters' gradients as a gradient of the whole stack (zero for the others)."""
+    if isinstance(adapters, slice) and adapters.start == 0 and adapters.stop == stacked.shape[0]:
+        return grads
+    full = torch.zeros_like(stacked)
+    full[adapters] = grads
+    return full
 
 
 def _unused_zeroed(stacked: torch.Tensor, spans: TokenSpans) -> torch.Tensor:
@@ -334,7 +420,8 @@ class AdapterStack:
     def route_spans(self, spans: Sequence[tuple[int, int, int]]) -> None:
         """Send tokens ``start:stop`` of a packed row through ``adapter``, for each
         ``(adapter, start, stop)`` (see :mod:`models.packing`)."""
-        routed = TokenSpans(spans)
+        device = next(iter(self.layers.values())).lora_A.device
+        routed = PaddedSpans(spans, device) if PaddedSpans.covering(spans) else TokenSpans(spans)
         for layer in self.layers.values():
             layer.rows = routed
 

@@ -238,3 +238,41 @@ def test_row_batches_cut_between_adapters(counts, batch_size, expected):
     from models.stacked_lora import row_batches
 
     assert row_batches(counts, batch_size) == expected
+
+
+@pytest.mark.parametrize("spans", [
+    [(0, 0, 4), (1, 4, 11), (2, 11, 13)],  # training's case: consecutive adapters cover the row
+    [(1, 0, 6), (2, 6, 13)],  # adapter 0 unused: its gradient is zero
+    [(0, 0, 3), (2, 3, 13)],  # not consecutive: weights gathered
+    [(2, 0, 13)],
+    [(0, 2, 5), (1, 9, 13)],  # tokens outside any span get no adapter (one product per span)
+    [(1, 0, 6), (2, 6, 9)],  # consecutive, but tokens 9.. in no span: one product per span
+])
+def test_every_packed_routing_gives_each_span_its_own_adapters_output_and_gradients(spans):
+    """Spans covering the packed row take the padded-``bmm`` route, others one product per span;
+    both must agree with the formula, token by token."""
+    from models.stacked_lora import AdapterStack, StackedLoraLinear
+
+    torch.manual_seed(0)
+    layer = StackedLoraLinear(torch.nn.Linear(8, 6, bias=False), rank=2, alpha=4, dropout=0.0, capacity=3)
+    with torch.no_grad():
+        layer.lora_A.normal_()
+        layer.lora_B.normal_()
+    x = torch.randn(1, 13, 8, requires_grad=True)
+    AdapterStack(None, {"layer": layer}, LORA, capacity=3, frozen=[]).route_spans(spans)
+    out = layer(x)
+    weights = torch.linspace(-1, 1, out.numel()).view(out.shape)
+    (out * weights).sum().backward()
+    got = (out.detach(), x.grad.clone(), layer.lora_A.grad.clone(), layer.lora_B.grad.clone())
+
+    x.grad, layer.lora_A.grad, layer.lora_B.grad = None, None, None
+    adapter = dict.fromkeys(range(13))
+    for k, start, stop in spans:
+        adapter.update(dict.fromkeys(range(start, stop), k))
+    expected = torch.stack([
+        layer.base(x[0, t]) + (0 if k is None else 2.0 * x[0, t] @ layer.lora_A[k].T @ layer.lora_B[k].T)
+        for t, k in adapter.items()
+    ])[None]
+    (expected * weights).sum().backward()
+    for a, b in zip(got, (expected.detach(), x.grad, layer.lora_A.grad, layer.lora_B.grad)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
