@@ -104,6 +104,11 @@ class InnerLoopConfig(_Section):
     batch_size: int = Field(1, ge=1, description="Documents per step.")  # paper: 1
     max_length: int = Field(256, ge=8, description="Documents are truncated to this many tokens.")
     seed: int = Field(0, description="Seed of adapter init and document order.")
+    max_grad_norm: float | None = Field(
+        1.0, gt=0,
+        description="Each adapter's gradient is scaled down to at most this norm before its update, as "
+        "the Hugging Face Trainer of the paper's inner loop does by default (None: no clipping).",
+    )
     max_batch_tokens: int = Field(
         1024, ge=1,
         description="Stacked training: a step's rows (one per adapter and document) are split into "

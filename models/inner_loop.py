@@ -205,8 +205,9 @@ def train_adapter(
 ) -> TrainResult:
     """Supervised fine-tuning of the attached adapter on ``documents``.
 
-    AdamW on the LoRA parameters only, learning rate decaying linearly to zero (the schedule
-    of the paper's Hugging Face Trainer), documents reshuffled every epoch from ``config.seed``.
+    AdamW on the LoRA parameters only, learning rate decaying linearly to zero and gradients
+    clipped to ``config.max_grad_norm`` (the paper's Hugging Face Trainer's defaults), documents
+    reshuffled every epoch from ``config.seed``.
 
     Args:
         model: a model with a trainable adapter attached (see :func:`fresh_adapter`).
@@ -250,6 +251,8 @@ def train_adapter(
                         f"lower inner_loop.learning_rate (now {config.learning_rate})"
                     )
                 loss.backward()
+                if config.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
                 optimizer.step()
                 schedule.step()
                 optimizer.zero_grad(set_to_none=True)

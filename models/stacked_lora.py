@@ -312,11 +312,14 @@ class StackedAdamW:
     The same arithmetic as ``torch.optim.AdamW`` applied to each adapter's slice on its own
     (AdamW is elementwise), for adapters that all start at step 0: adapter k's bias correction
     is the shared step count while it trains. An adapter given learning rate 0 is left as it is.
+    With ``max_grad_norm``, each adapter's gradient is first clipped to that norm on its own, as
+    ``torch.nn.utils.clip_grad_norm_`` would clip it alone.
     """
 
     def __init__(self, params: list[nn.Parameter], count: int, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8):
+                 eps: float = 1e-8, max_grad_norm: float | None = None):
         self.params, self.count, self.betas, self.eps = params, count, betas, eps
+        self.max_grad_norm = max_grad_norm
         self.exp_avg = [torch.zeros_like(p[:count]) for p in params]
         self.exp_avg_sq = [torch.zeros_like(p[:count]) for p in params]
         self.steps = 0
@@ -327,6 +330,8 @@ class StackedAdamW:
         ignored). Each adapter's slices go through torch's fused AdamW kernel (one pass over
         weights, gradients and moments) with its own learning rate."""
         beta1, beta2 = self.betas
+        if self.max_grad_norm is not None:
+            self._clip()
         self.steps += 1
         step = torch.tensor(float(self.steps), device=self.params[0].device)
         for k, lr in enumerate(learning_rates[: self.count]):
@@ -339,6 +344,16 @@ class StackedAdamW:
                 [step] * len(weights), lr=float(lr), beta1=beta1, beta2=beta2, weight_decay=0.0,
                 eps=self.eps, amsgrad=False, maximize=False,
             )
+
+    def _clip(self) -> None:
+        """Scale each adapter's gradient to at most ``max_grad_norm`` over all its weights, as
+        ``torch.nn.utils.clip_grad_norm_`` does for one model's parameters."""
+        grads = [p.grad[: self.count] for p in self.params if p.grad is not None]
+        if not grads:
+            return
+        squares = torch.stack([g.flatten(1).pow(2).sum(1) for g in grads]).sum(0)  # (count,)
+        scale = (self.max_grad_norm / (squares.sqrt() + 1e-6)).clamp_(max=1.0)
+        torch._foreach_mul_(grads, [scale.view(-1, *[1] * (g.dim() - 1)) for g in grads])
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -524,7 +539,7 @@ def train_stacked(
             steps += [[seqs[i] for i in order[s : s + config.batch_size]] for s in range(0, len(order), config.batch_size)]
         schedules.append(steps)
     totals = [len(steps) for steps in schedules]
-    optimizer = StackedAdamW(stack.weights(), stack.count)
+    optimizer = StackedAdamW(stack.weights(), stack.count, max_grad_norm=config.max_grad_norm)
     losses: list[list[float]] = [[] for _ in range(stack.count)]
     tokens = [0] * stack.count
     failed: dict[int, NonFiniteLossError] = {}

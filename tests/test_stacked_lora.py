@@ -140,16 +140,20 @@ def test_bf16_base_keeps_float32_adapters(tmp_path):
     assert all(torch.isfinite(torch.tensor(r.mean_loss)) for r in results)
 
 
-def test_one_adapter_trains_as_peft_with_torch_adamw_does(model):
-    """The stack's own AdamW and routing against the plain path: peft's LoRA layers, torch's
-    AdamW and LambdaLR (models.inner_loop.train_adapter), from the same initial weights."""
+@pytest.mark.parametrize("max_grad_norm", [None, 1e-2])  # 1e-2 clips every step
+def test_one_adapter_trains_as_peft_with_torch_adamw_does(model, max_grad_norm):
+    """The stack's own AdamW, clipping and routing against the plain path: peft's LoRA layers,
+    torch's clip_grad_norm_, AdamW and LambdaLR (models.inner_loop.train_adapter), from the same
+    initial weights."""
     from peft.tuners.lora import LoraLayer
 
     from models.inner_loop import fresh_adapter, train_adapter
 
+    config = TRAIN.model_copy(update={"max_grad_norm": max_grad_norm})
+
     with stacked_adapters(model.model, LORA, [SEEDS[0]]) as stack:
         initial = {name: (layer.lora_A[0].clone(), layer.lora_B[0].clone()) for name, layer in stack.layers.items()}
-        (ours,) = train_stacked(stack, model.tokenizer, [DOCS[1]], TRAIN)
+        (ours,) = train_stacked(stack, model.tokenizer, [DOCS[1]], config)
         trained = {name: (layer.lora_A[0].clone(), layer.lora_B[0].clone()) for name, layer in stack.layers.items()}
     with fresh_adapter(model.model, LORA, seed=0) as adapted:
         layers = {name.removeprefix("base_model.model."): m for name, m in adapted.named_modules()
@@ -159,7 +163,7 @@ def test_one_adapter_trains_as_peft_with_torch_adamw_does(model):
             for name, layer in layers.items():
                 layer.lora_A["default"].weight.copy_(initial[name][0])
                 layer.lora_B["default"].weight.copy_(initial[name][1])
-        reference = train_adapter(adapted, model.tokenizer, DOCS[1], TRAIN)
+        reference = train_adapter(adapted, model.tokenizer, DOCS[1], config)
         for name, layer in layers.items():
             torch.testing.assert_close(layer.lora_A["default"].weight, trained[name][0], rtol=1e-4, atol=1e-6)
             torch.testing.assert_close(layer.lora_B["default"].weight, trained[name][1], rtol=1e-4, atol=1e-6)
@@ -184,7 +188,9 @@ def test_adapter_spans_merge_an_adapters_rows_and_need_them_grouped():
 
 
 def test_a_step_split_by_the_token_budget_trains_as_one_batch(model):
-    batch_of_two = TRAIN.model_copy(update={"batch_size": 2})  # an adapter's rows may land in different parts
+    # An adapter's rows may land in different parts. Clipping off: it acts on the step's summed
+    # gradient, after every part, and its norm's round-off would add to the packing's.
+    batch_of_two = TRAIN.model_copy(update={"batch_size": 2, "max_grad_norm": None})
     results = {}
     for budget in (10_000, 1):  # one batch per step; every row on its own
         config = batch_of_two.model_copy(update={"max_batch_tokens": budget})
@@ -276,3 +282,16 @@ def test_every_packed_routing_gives_each_span_its_own_adapters_output_and_gradie
     (expected * weights).sum().backward()
     for a, b in zip(got, (expected.detach(), x.grad, layer.lora_A.grad, layer.lora_B.grad)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_each_adapters_gradient_is_clipped_on_its_own():
+    from models.stacked_lora import StackedAdamW
+
+    weights = [torch.nn.Parameter(torch.zeros(3, 2, 2)), torch.nn.Parameter(torch.zeros(3, 4))]
+    weights[0].grad = torch.stack([torch.full((2, 2), 3.0), torch.full((2, 2), 0.1), torch.full((2, 2), 5.0)])
+    weights[1].grad = torch.stack([torch.full((4,), 4.0), torch.full((4,), 0.1), torch.full((4,), 5.0)])
+    StackedAdamW(weights, count=2, max_grad_norm=1.0)._clip()
+    norms = [torch.cat([w.grad[k].flatten() for w in weights]).norm().item() for k in range(3)]
+    assert norms[0] == pytest.approx(1.0, rel=1e-5)  # 10 scaled to 1
+    assert norms[1] == pytest.approx(0.1 * 8**0.5)  # under the limit: unchanged
+    assert norms[2] == pytest.approx(5.0 * 8**0.5)  # beyond count: untouched
