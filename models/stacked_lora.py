@@ -7,8 +7,10 @@ more rows (on 2 CPU cores SmolLM2 trains ~1.5x more tokens per second at 240 tok
 than at 60).
 
 A step's rows are packed end to end (:mod:`models.packing`): no padding reaches the linear
-layers, each adapter's rows are one span of the packed row and go through its LoRA weights as
-one matrix multiply, and attention stays within each row. Generation routes whole batch rows:
+layers, each adapter's rows are one span of the packed row, and attention stays within each row.
+Only the LoRA products pad: every adapter's span becomes a row of a zero-padded batch, so each
+product is one ``bmm`` over all adapters (measured 13 % less time per SmolLM2 step on 2 CPU
+cores than one matrix multiply per span). Generation routes whole batch rows:
 a batch grouped by adapter multiplies each adapter's rows together, never copying weights per
 row.
 
