@@ -268,23 +268,14 @@ class _LoraPadded(torch.autograd.Function):
         a, b = lora_a[layout.adapters], lora_b[layout.adapters]
         gp = layout.pad(grad.reshape(-1, grad.shape[-1]).to(a.dtype))  # (adapters, longest, out)
         want_x, want_a, want_b = ctx.needs_input_grad[:3]
-        grad_b = _into_stack(torch.bmm(gp.transpose(1, 2), xa), layout.adapters, lora_b) if want_b else None
+        grad_b = _scatter_rows(torch.bmm(gp.transpose(1, 2), xa), layout.adapters, lora_b) if want_b else None
         gxa = torch.bmm(gp, b).mul_(ctx.scaling)  # (adapters, longest, rank)
         grad_x = layout.unpad(torch.bmm(gxa, a)).to(x.dtype).view(x.shape) if want_x else None
         grad_a = None
         if want_a:
             xp = layout.pad(x.reshape(-1, x.shape[-1]).to(a.dtype))
-            grad_a = _into_stack(torch.bmm(gxa.transpose(1, 2), xp), layout.adapters, lora_a)
+            grad_a = _scatter_rows(torch.bmm(gxa.transpose(1, 2), xp), layout.adapters, lora_a)
         return grad_x, grad_a, grad_b, None, None
-
-
-def _into_stack(grads: torch.Tensor, adapters: slice | torch.Tensor, stacked: torch.Tensor) -> torch.Tensor:
-    """The given adapters' gradients as a gradient of the whole stack (zero for the others)."""
-    if isinstance(adapters, slice) and adapters.start == 0 and adapters.stop == stacked.shape[0]:
-        return grads
-    full = torch.zeros_like(stacked)
-    full[adapters] = grads
-    return full
 
 
 def _unused_zeroed(stacked: torch.Tensor, spans: TokenSpans) -> torch.Tensor:
@@ -300,6 +291,8 @@ def _unused_zeroed(stacked: torch.Tensor, spans: TokenSpans) -> torch.Tensor:
 
 def _scatter_rows(row_grads: torch.Tensor, rows: slice | torch.Tensor, stacked: torch.Tensor) -> torch.Tensor:
     """Per-row gradients summed into a gradient of the stacked weights (zero for unused adapters)."""
+    if isinstance(rows, slice) and rows.start == 0 and rows.stop == stacked.shape[0]:
+        return row_grads  # every adapter, one row each, in order: already the stack's gradient
     grad = torch.zeros_like(stacked)
     if isinstance(rows, slice):
         grad[rows] = row_grads
