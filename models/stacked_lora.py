@@ -226,6 +226,7 @@ class PaddedSpans(TokenSpans):
         slots = [torch.arange(length) + i * self.longest for i, length in enumerate(lengths)]
         padding = [torch.arange(length, self.longest) + i * self.longest for i, length in enumerate(lengths)]
         self.slots, self.padding = torch.cat(slots).to(device), torch.cat(padding).to(device)
+        self._input: tuple[torch.Tensor, int, torch.dtype, torch.Tensor] | None = None  # see pad_input
 
     @staticmethod
     def covering(spans: Sequence[tuple[int, int, int]]) -> bool:
@@ -233,6 +234,14 @@ class PaddedSpans(TokenSpans):
         ends = [0] + [stop for _, _, stop in spans[:-1]]
         return (bool(spans) and [start for _, start, _ in spans] == ends
                 and len({k for k, _, _ in spans}) == len(spans))
+
+    def pad_input(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """:meth:`pad` of a layer's input ``x`` (..., d) cast to ``dtype``; layers given the same
+        input tensor (q, k and v; gate and up), unchanged since, get the same padded copy."""
+        cached = self._input
+        if cached is None or cached[0] is not x or cached[1] != x._version or cached[2] != dtype:
+            self._input = cached = (x, x._version, dtype, self.pad(x.reshape(-1, x.shape[-1]).to(dtype)))
+        return cached[3]
 
     def pad(self, flat: torch.Tensor) -> torch.Tensor:
         """(tokens, d) packed -> (adapters, longest, d), zeros in the padding."""
@@ -249,32 +258,30 @@ class PaddedSpans(TokenSpans):
 class _LoraPadded(torch.autograd.Function):
     """:class:`_LoraSpans` through :class:`PaddedSpans`: each product one ``bmm`` over all
     adapters' spans. Padding rows are zero, so they add nothing to the weights' gradients. The
-    padded input is rebuilt in the backward pass rather than kept."""
+    padded input is kept for the backward pass instead of the input (one copy for the layers
+    that share an input: q, k and v; gate and up)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                 layout: PaddedSpans, scaling: float) -> torch.Tensor:
         a, b = lora_a[layout.adapters], lora_b[layout.adapters]
-        xp = layout.pad(x.reshape(-1, x.shape[-1]).to(a.dtype))
+        xp = layout.pad_input(x, a.dtype)  # (adapters, longest, in), shared by layers with this input
         xa = torch.bmm(xp, a.transpose(1, 2)).mul_(scaling)  # (adapters, longest, rank), scaled
-        ctx.save_for_backward(x, xa, lora_a, lora_b)
-        ctx.layout, ctx.scaling = layout, scaling
+        ctx.save_for_backward(xp, xa, lora_a, lora_b)
+        ctx.layout, ctx.scaling, ctx.x_shape, ctx.x_dtype = layout, scaling, x.shape, x.dtype
         return layout.unpad(torch.bmm(xa, b.transpose(1, 2))).view(*x.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        x, xa, lora_a, lora_b = ctx.saved_tensors
+        xp, xa, lora_a, lora_b = ctx.saved_tensors
         layout = ctx.layout
         a, b = lora_a[layout.adapters], lora_b[layout.adapters]
         gp = layout.pad(grad.reshape(-1, grad.shape[-1]).to(a.dtype))  # (adapters, longest, out)
         want_x, want_a, want_b = ctx.needs_input_grad[:3]
         grad_b = _scatter_rows(torch.bmm(gp.transpose(1, 2), xa), layout.adapters, lora_b) if want_b else None
         gxa = torch.bmm(gp, b).mul_(ctx.scaling)  # (adapters, longest, rank)
-        grad_x = layout.unpad(torch.bmm(gxa, a)).to(x.dtype).view(x.shape) if want_x else None
-        grad_a = None
-        if want_a:
-            xp = layout.pad(x.reshape(-1, x.shape[-1]).to(a.dtype))
-            grad_a = _scatter_rows(torch.bmm(gxa.transpose(1, 2), xp), layout.adapters, lora_a)
+        grad_x = layout.unpad(torch.bmm(gxa, a)).to(ctx.x_dtype).view(ctx.x_shape) if want_x else None
+        grad_a = _scatter_rows(torch.bmm(gxa.transpose(1, 2), xp), layout.adapters, lora_a) if want_a else None
         return grad_x, grad_a, grad_b, None, None
 
 
@@ -318,41 +325,47 @@ class StackedAdamW:
         self.exp_avg = [torch.zeros_like(p[:count]) for p in params]
         self.exp_avg_sq = [torch.zeros_like(p[:count]) for p in params]
         self.steps = 0
+        # Adapter k's slices of the weights and moments, made once (thousands of views per step otherwise).
+        with torch.no_grad():
+            self._slices = [_by_adapter(tensors, count) for tensors in (params, self.exp_avg, self.exp_avg_sq)]
 
     @torch.no_grad()
     def step(self, learning_rates: Sequence[float]) -> None:
         """One update; ``learning_rates[k]`` for adapter k (0: frozen this step, its gradient
         ignored). Each adapter's slices go through torch's fused AdamW kernel (one pass over
-        weights, gradients and moments) with its own learning rate."""
+        weights, gradients and moments) with its own learning rate; clipping is that kernel's
+        gradient scale, not a pass of its own."""
         beta1, beta2 = self.betas
-        if self.max_grad_norm is not None:
-            self._clip()
+        grads = _by_adapter([p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params],
+                            self.count)
+        scales = self.clip_coefficients(grads) if self.max_grad_norm is not None else None
         self.steps += 1
         step = torch.tensor(float(self.steps), device=self.params[0].device)
+        weights, exp_avg, exp_avg_sq = self._slices
         for k, lr in enumerate(learning_rates[: self.count]):
             if lr == 0:  # finished or failed adapters: no update, and a NaN gradient stays out
                 continue
-            weights = [p[k] for p in self.params]
-            grads = [p.grad[k] if p.grad is not None else torch.zeros_like(p[k]) for p in self.params]
             torch._fused_adamw_(
-                weights, grads, [m[k] for m in self.exp_avg], [v[k] for v in self.exp_avg_sq], [],
-                [step] * len(weights), lr=float(lr), beta1=beta1, beta2=beta2, weight_decay=0.0,
-                eps=self.eps, amsgrad=False, maximize=False,
+                weights[k], grads[k], exp_avg[k], exp_avg_sq[k], [], [step] * len(weights[k]),
+                lr=float(lr), beta1=beta1, beta2=beta2, weight_decay=0.0, eps=self.eps, amsgrad=False,
+                maximize=False, grad_scale=None if scales is None else 1 / scales[k],  # divides the gradient
             )
 
-    def _clip(self) -> None:
-        """Scale each adapter's gradient to at most ``max_grad_norm`` over all its weights, as
-        ``torch.nn.utils.clip_grad_norm_`` does for one model's parameters."""
-        grads = [p.grad[: self.count] for p in self.params if p.grad is not None]
-        if not grads:
-            return
-        squares = torch.stack([g.flatten(1).pow(2).sum(1) for g in grads]).sum(0)  # (count,)
-        scale = (self.max_grad_norm / (squares.sqrt() + 1e-6)).clamp_(max=1.0)
-        torch._foreach_mul_(grads, [scale.view(-1, *[1] * (g.dim() - 1)) for g in grads])
+    def clip_coefficients(self, grads: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
+        """For each adapter (``grads[k]``: its gradients), the factor that scales its gradient to
+        at most ``max_grad_norm`` over all its weights, as ``torch.nn.utils.clip_grad_norm_``
+        computes it for one model's parameters; ``(count,)``."""
+        norms = torch.stack([torch.linalg.vector_norm(torch.stack(torch._foreach_norm(g))) for g in grads])
+        return (self.max_grad_norm / (norms + 1e-6)).clamp_(max=1.0)
 
     def zero_grad(self) -> None:
         for p in self.params:
             p.grad = None
+
+
+def _by_adapter(stacked: Sequence[torch.Tensor], count: int) -> list[list[torch.Tensor]]:
+    """``[[t[k] for t in stacked] for k in range(count)]``, one ``unbind`` per tensor."""
+    return [list(views) for views in zip(*(t.unbind(0)[:count] for t in stacked))]
 
 
 class AdapterStack:
