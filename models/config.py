@@ -144,6 +144,11 @@ class PolicyUpdateConfig(_Section):
     batch_size: int = Field(4, ge=1, description="Pairs per step.")
     max_length: int = Field(1024, ge=16, description="Prompt + self-edit truncated to this.")
     seed: int = Field(0, description="Seed of the update's adapter init and data order.")
+    max_grad_norm: float | None = Field(
+        1.0, gt=0,
+        description="The gradient is scaled down to at most this norm before each update, as the "
+        "Hugging Face Trainer of the paper's policy update does by default (None: no clipping).",
+    )
 
 
 class RLConfig(_Section):

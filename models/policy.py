@@ -114,8 +114,9 @@ def update_policy(
     removed again and ``model`` keeps its weights.
 
     AdamW on a fresh LoRA adapter (``config.rank``/``config.alpha``, dropout 0, initialized
-    from ``config.seed``). The learning rate decays linearly to zero and pairs are reshuffled
-    every epoch from ``config.seed``. The loss covers the self-edit tokens and EOS only.
+    from ``config.seed``), gradients clipped to ``config.max_grad_norm``. The learning rate
+    decays linearly to zero and pairs are reshuffled every epoch from ``config.seed``. The loss
+    covers the self-edit tokens and EOS only.
 
     Args:
         model: the current policy, on the device to train on.
@@ -123,7 +124,7 @@ def update_policy(
         pairs: ``(prompt, self_edit)``: the raw self-edit prompt (as from
             ``models.self_edit.self_edit_prompt``, not chat-rendered) and the self-edit the
             policy wrote for it that earned reward.
-        config: rank, alpha, learning rate, epochs, batch size, max length and seed.
+        config: rank, alpha, learning rate, epochs, batch size, max length, seed and clipping.
         target_modules: the linear layers that get LoRA weights (those of the inner loop).
         output_dir: the folder to write the next policy to, atomically.
         source: what to record as the model's origin in its ``seal-model.json``.
@@ -221,6 +222,8 @@ def _train(
                         f"policy update loss became {loss} at epoch {epoch}, step {len(losses)}; "
                         f"lower policy_update.learning_rate (now {config.learning_rate})"
                     )
+                if config.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
                 optimizer.step()
                 schedule.step()
                 optimizer.zero_grad(set_to_none=True)

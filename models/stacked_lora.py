@@ -237,7 +237,8 @@ class PaddedSpans(TokenSpans):
 
     def pad_input(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """:meth:`pad` of a layer's input ``x`` (..., d) cast to ``dtype``; layers given the same
-        input tensor (q, k and v; gate and up), unchanged since, get the same padded copy."""
+        input tensor (q, k and v; gate and up), unchanged since, get the same padded copy (the
+        last one made is kept: their backward passes also run one after another)."""
         cached = self._input
         if cached is None or cached[0] is not x or cached[1] != x._version or cached[2] != dtype:
             self._input = cached = (x, x._version, dtype, self.pad(x.reshape(-1, x.shape[-1]).to(dtype)))
@@ -258,8 +259,8 @@ class PaddedSpans(TokenSpans):
 class _LoraPadded(torch.autograd.Function):
     """:class:`_LoraSpans` through :class:`PaddedSpans`: each product one ``bmm`` over all
     adapters' spans. Padding rows are zero, so they add nothing to the weights' gradients. The
-    padded input is kept for the backward pass instead of the input (one copy for the layers
-    that share an input: q, k and v; gate and up)."""
+    padded input is rebuilt in the backward pass rather than kept, and layers that share an
+    input (q, k and v; gate and up) share one padded copy, forward and backward."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
@@ -267,21 +268,24 @@ class _LoraPadded(torch.autograd.Function):
         a, b = lora_a[layout.adapters], lora_b[layout.adapters]
         xp = layout.pad_input(x, a.dtype)  # (adapters, longest, in), shared by layers with this input
         xa = torch.bmm(xp, a.transpose(1, 2)).mul_(scaling)  # (adapters, longest, rank), scaled
-        ctx.save_for_backward(xp, xa, lora_a, lora_b)
-        ctx.layout, ctx.scaling, ctx.x_shape, ctx.x_dtype = layout, scaling, x.shape, x.dtype
+        ctx.save_for_backward(x, xa, lora_a, lora_b)
+        ctx.layout, ctx.scaling = layout, scaling
         return layout.unpad(torch.bmm(xa, b.transpose(1, 2))).view(*x.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        xp, xa, lora_a, lora_b = ctx.saved_tensors
+        x, xa, lora_a, lora_b = ctx.saved_tensors
         layout = ctx.layout
         a, b = lora_a[layout.adapters], lora_b[layout.adapters]
         gp = layout.pad(grad.reshape(-1, grad.shape[-1]).to(a.dtype))  # (adapters, longest, out)
         want_x, want_a, want_b = ctx.needs_input_grad[:3]
         grad_b = _scatter_rows(torch.bmm(gp.transpose(1, 2), xa), layout.adapters, lora_b) if want_b else None
         gxa = torch.bmm(gp, b).mul_(ctx.scaling)  # (adapters, longest, rank)
-        grad_x = layout.unpad(torch.bmm(gxa, a)).to(ctx.x_dtype).view(ctx.x_shape) if want_x else None
-        grad_a = _scatter_rows(torch.bmm(gxa.transpose(1, 2), xp), layout.adapters, lora_a) if want_a else None
+        grad_x = layout.unpad(torch.bmm(gxa, a)).to(x.dtype).view(x.shape) if want_x else None
+        grad_a = None
+        if want_a:
+            xp = layout.pad_input(x, a.dtype)
+            grad_a = _scatter_rows(torch.bmm(gxa.transpose(1, 2), xp), layout.adapters, lora_a)
         return grad_x, grad_a, grad_b, None, None
 
 

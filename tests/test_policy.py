@@ -120,6 +120,27 @@ def test_same_inputs_and_seed_give_the_same_policy(tmp_path):
     assert run("c", seed=1) != run("a", seed=0)
 
 
+@pytest.mark.parametrize("max_grad_norm", [None, 1e-3])
+def test_the_optimizer_sees_gradients_clipped_to_max_grad_norm(tmp_path, monkeypatch, max_grad_norm):
+    norms = []
+    step = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        norms.append(torch.nn.utils.get_total_norm(grads).item())
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    policy = _fresh_policy(tmp_path)
+    update_policy(policy.model, policy.tokenizer, PAIRS, CONFIG.model_copy(update={"max_grad_norm": max_grad_norm}),
+                  TARGETS, tmp_path / "policy", source="test")
+    assert len(norms) == 6
+    if max_grad_norm is None:
+        assert min(norms) > 1e-2  # the gradients this test clips below
+    else:
+        assert max(norms) == pytest.approx(max_grad_norm, rel=1e-3)
+
+
 def test_pairs_with_too_long_prompts_are_counted(tmp_path):
     policy = _fresh_policy(tmp_path)
     pairs = [("a short prompt", "a short self-edit"), ("p" * 200, "never trained on")]
