@@ -153,3 +153,28 @@ def test_script_reports_measured_numbers(seal_home, tmp_path, capsys):
     assert reference["steps_timed"] == 2 < reference["steps"] and report["summary"]["reference"]["extrapolated"]
     assert "EXTRAPOLATED" in printed
     assert report["peak_memory_mb"]["after_reference_mb"] > 0
+
+
+def test_fit_line_recovers_fixed_and_per_row_costs():
+    from benchmarks.step_scaling import fit_line
+
+    assert fit_line([1, 2, 5], [700 + 400 * n for n in (1, 2, 5)]) == pytest.approx((700, 400))
+    with pytest.raises(ValueError, match="two different adapter counts"):
+        fit_line([5, 5], [1.0, 2.0])
+
+
+def test_step_scaling_script_times_each_count_and_fits_the_line(seal_home, tmp_path):
+    from benchmarks import step_scaling
+
+    out = tmp_path / "scaling.json"
+    assert step_scaling.main(["--config", str(TINY), "--adapters", "1", "3", "--tokens", "12", "--steps", "2",
+                              "--repeats", "1", "--matmul-size", "128", "--json", str(out),
+                              "lora.rank=4", "lora.alpha=8"]) == 0
+    report = json.loads(out.read_text())
+    assert [p["adapters"] for p in report["points"]] == [1, 3]
+    assert all(p["ms_per_step"] > 0 and p["tokens_per_row"] >= 12 for p in report["points"])
+    ms = [p["ms_per_step"] for p in report["points"]]
+    fit = report["fit"]
+    assert fit["adapters"] == [1, 3]
+    assert fit["fixed_ms_per_step"] + fit["ms_per_row"] == pytest.approx(ms[0])  # two points: the line through them
+    assert report["matmul_floor_ms_per_token"] > 0
