@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -29,25 +30,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks.inner_loop import matmul_peak_gflops  # noqa: E402
+from benchmarks.inner_loop import COMPARISON, matmul_peak_gflops  # noqa: E402
 from models.base_model import load_model  # noqa: E402
 from models.config import load_config  # noqa: E402
 from models.stacked_lora import stacked_adapters, train_stacked  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).parents[1] / "deployments" / "configs" / "knowledge-smollm2.yaml"
-SETTINGS = ["model.dtype=float32", "lora.rank=32", "lora.alpha=64", "lora.dropout=0.0",
-            "inner_loop.learning_rate=1e-3", "inner_loop.batch_size=1", "inner_loop.max_batch_tokens=100000"]
+# Issue 8's hyperparameters, as benchmarks/inner_loop.py sets them; every row of a step in one batch.
+SETTINGS = [*COMPARISON, "inner_loop.max_batch_tokens=100000"]
 WORDS = "the river floods every spring and its mayor is elected by lot while the old bridge".split()
 
 
 def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
     """Least-squares ``(intercept, slope)`` of ``ys`` against ``xs``."""
-    n, mean_x, mean_y = len(xs), sum(xs) / len(xs), sum(ys) / len(ys)
-    var = sum((x - mean_x) ** 2 for x in xs)
-    if n < 2 or var == 0:
-        raise ValueError(f"a line needs at least two different adapter counts, got {xs}")
-    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / var
-    return mean_y - slope * mean_x, slope
+    try:
+        slope, intercept = statistics.linear_regression(xs, ys)
+    except statistics.StatisticsError as exc:
+        raise ValueError(f"a line needs at least two different adapter counts, got {xs}") from exc
+    return intercept, slope
 
 
 def main(argv: list[str] | None = None) -> int:
