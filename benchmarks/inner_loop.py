@@ -12,9 +12,11 @@ For each of ``--contexts`` held-out contexts, K self-edits are sampled from the 
 one batched call (timed as sampling at batch K, and one more at batch 1; not part of the inner
 loop). Then, on the same model in memory, the same self-edits' inner loops three ways:
 
-- **ours**, the path the training flow takes (``models/stacked_lora.py``): the context's
-  no-adaptation answers once, then its K self-edits trained together through stacked adapters
-  and evaluated in shared batched generations;
+- **ours**, the path the training flow takes (``models/stacked_lora.py``): every context's
+  no-adaptation answers in one batched call, then the self-edits in groups of
+  ``inner_loop.group_size`` of similar length, each group trained together through stacked
+  adapters in ``inner_loop.lanes`` lanes (``models/lanes.py``) and evaluated in shared batched
+  generations;
 - **strong** and **reference**: see ``benchmarks/baselines.py``. The reference runs only
   ``--reference-self-edits`` self-edits and, with ``--reference-steps``, times that many
   training steps and extrapolates to the full count (it says so in its line).
@@ -54,7 +56,7 @@ from models.demo import peak_memory_mb  # noqa: E402
 from models.inner_loop import NonFiniteLossError, evaluate_adapter  # noqa: E402
 from models.knowledge_data import load_contexts, select_contexts  # noqa: E402
 from models.self_edit import sample_self_edits, training_documents  # noqa: E402
-from models.stacked_lora import evaluate_stacked, stacked_adapters, train_stacked  # noqa: E402
+from models.stacked_lora import AdapterLanes, length_groups  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).parents[1] / "deployments" / "configs" / "knowledge-smollm2.yaml"
 # Issue 8's hyperparameters (the paper's inner loop), fp32.
@@ -97,39 +99,57 @@ def sample(loaded: LoadedModel, config: SealConfig, ctx: dict, num_samples: int,
     return edits, {"batch": num_samples, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
 
 
-def run_ours(loaded: LoadedModel, config: SealConfig, documents: list[list[str]], questions: list[str],
-             answers: list[list[str]]) -> list[SelfEditTiming]:
-    """One context's K self-edits (``documents[k]``) as the training flow runs them: baseline
-    answers once, K adapters trained together, their answers in shared batched generations.
+def run_ours(loaded: LoadedModel, config: SealConfig, inputs: list[tuple[str, list[list[str]], list[str], list[list[str]]]],
+             ) -> list[list[SelfEditTiming]]:
+    """Every context's K self-edits (``inputs``: ``(context id, documents per self-edit,
+    questions, answers)``) as the training flow runs an iteration's: all contexts'
+    no-adaptation answers in one batched call, then groups of ``inner_loop.group_size``
+    self-edits of similar length, each group's adapters trained together in
+    ``inner_loop.lanes`` lanes and evaluated in shared batched generations. Shared time is
+    split evenly over the self-edits that shared it. One list of timings per context.
 
     Raises:
         NonFiniteLossError: if an adapter's loss became NaN or infinite.
     """
-    device, k = loaded.device, len(documents)
+    device = loaded.device
+    items = [(c, k) for c, (_, documents, _, _) in enumerate(inputs) for k in range(len(documents))]
     start = now(device)
-    baseline = evaluate_adapter(loaded.model, loaded.tokenizer, questions, answers, config.eval)
-    baseline_end = now(device)
-    with stacked_adapters(loaded.model, config.lora, [config.inner_loop.seed] * k) as stack:
-        train_start = now(device)
-        trained = train_stacked(stack, loaded.tokenizer, documents, config.inner_loop)
-        train_end = now(device)
-        for result in trained:
-            if isinstance(result, NonFiniteLossError):
-                raise result
-        scored = evaluate_stacked(stack, loaded.tokenizer, [questions] * k, [answers] * k, config.eval)
-        eval_end = now(device)
-    end = now(device)
-    baseline_s, train_s, eval_s = baseline_end - start, train_end - train_start, eval_end - train_end
-    other_s = (end - start) - baseline_s - train_s - eval_s
-    return [
-        SelfEditTiming(
-            baseline_s=baseline_s / k, train_s=train_s / k, eval_s=eval_s / k, other_s=other_s / k,
-            steps=result.steps, steps_timed=result.steps, tokens=result.tokens, padded_tokens=None,
-            train_timed_s=train_s / k, baseline_correct=baseline.num_correct, correct=score.num_correct,
-            predictions=list(score.predictions),
-        )
-        for result, score in zip(trained, scored)
-    ]
+    baselines = evaluate_adapter(loaded.model, loaded.tokenizer, [q for _, _, qs, _ in inputs for q in qs],
+                                 [a for _, _, _, ans in inputs for a in ans], config.eval)
+    baseline_s = (now(device) - start) / len(items)
+    baseline_correct, offset = [], 0
+    for _, _, questions, _ in inputs:
+        baseline_correct.append(sum(baselines.correct[offset : offset + len(questions)]))
+        offset += len(questions)
+    timings: list[list[SelfEditTiming | None]] = [[None] * len(documents) for _, documents, _, _ in inputs]
+    size = config.inner_loop.group_size
+    lanes = AdapterLanes.attach(loaded.model, loaded.tokenizer, config.lora, min(size, len(items)),
+                                config.inner_loop.lanes)
+    try:
+        for group in length_groups([len(inputs[c][1][k]) for c, k in items], size):
+            members = [items[i] for i in group]
+            train_start = now(device)
+            trained = lanes.train([inputs[c][1][k] for c, k in members], config.inner_loop,
+                                  [config.inner_loop.seed] * len(members))
+            train_end = now(device)
+            for result in trained:
+                if isinstance(result, NonFiniteLossError):
+                    raise result
+            scored = lanes.evaluate([inputs[c][2] for c, _ in members], [inputs[c][3] for c, _ in members],
+                                    config.eval)
+            eval_end = now(device)
+            for (c, k), result, score in zip(members, trained, scored):
+                share = len(members)
+                timings[c][k] = SelfEditTiming(
+                    baseline_s=baseline_s, train_s=(train_end - train_start) / share,
+                    eval_s=(eval_end - train_end) / share, other_s=0.0, steps=result.steps,
+                    steps_timed=result.steps, tokens=result.tokens, padded_tokens=None,
+                    train_timed_s=(train_end - train_start) / share, baseline_correct=baseline_correct[c],
+                    correct=score.num_correct, predictions=list(score.predictions),
+                )
+    finally:
+        lanes.close()
+    return timings
 
 
 def warm_up(loaded: LoadedModel, config: SealConfig, documents: list[list[str]], questions: list[str],
@@ -137,7 +157,7 @@ def warm_up(loaded: LoadedModel, config: SealConfig, documents: list[list[str]],
     """One untimed epoch of ours and of strong, so that neither method's timed runs pay for the
     device's one-time costs (CUDA kernels loaded and tuned, allocator pools grown)."""
     short = config.model_copy(update={"inner_loop": config.inner_loop.model_copy(update={"epochs": 1})})
-    run_ours(loaded, short, documents[:2], questions, answers)
+    run_ours(loaded, short, [("warm-up", documents[:2], questions, answers)])
     run_strong(loaded.model, loaded.tokenizer, documents[:1], questions, answers, short.lora, short.inner_loop,
                short.eval)
 
@@ -242,10 +262,11 @@ def main(argv: list[str] | None = None) -> int:
 
     timings: dict[str, list[SelfEditTiming]] = {"ours": [], "strong": [], "reference": []}
     records: dict[str, list[dict]] = {"ours": [], "strong": [], "reference": []}
+    ours = run_ours(loaded, config, inputs)
     for method in ("ours", "strong"):
-        for context_id, documents, questions, answers in inputs:
+        for index, (context_id, documents, questions, answers) in enumerate(inputs):
             if method == "ours":
-                result = run_ours(loaded, config, documents, questions, answers)
+                result = ours[index]
             else:
                 result = run_strong(model, tokenizer, documents, questions, answers,
                                     config.lora, config.inner_loop, config.eval)

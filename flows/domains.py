@@ -29,6 +29,7 @@ from typing import Any, Protocol
 from flows.runner import on_runner
 from models.config import SealConfig
 from models.fewshot.self_edit import check_bounds
+from models.stacked_lora import length_groups
 from tasks import fewshot, knowledge
 from tasks.records import ConfigSelfEditRecord, PolicyRef
 
@@ -99,7 +100,8 @@ class KnowledgeDomain:
                 train, evaluate = train.with_options(refresh_cache=True), evaluate.with_options(refresh_cache=True)
             pairs, labels = [(c, e) for c, e, _ in group], [label for _, _, label in group]
             adapters = train.submit(policy, config.model, pairs, label, labels, config.lora, config.inner_loop)
-            scored = evaluate.submit(policy, config.model, [c for c, _ in pairs], adapters, label, labels, config.eval)
+            scored = evaluate.submit(policy, config.model, [c for c, _ in pairs], adapters, label, labels, config.eval,
+                                     config.inner_loop.lanes)
             return adapters, scored
 
         members: list = [None] * len(items)
@@ -198,16 +200,6 @@ class FutureItem:
 
     def result(self, *args, **kwargs):
         return self.future.result(*args, **kwargs)[self.index]
-
-
-def length_groups(lengths: list[int], size: int) -> list[list[int]]:
-    """Indices of items grouped ``size`` at a time, in order of length (ties in item order).
-
-    A group trains for as many steps as its longest member (one document per adapter per step),
-    so members of similar length go together. Results do not depend on the grouping, only the
-    time does."""
-    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
-    return [order[first : first + size] for first in range(0, len(order), size)]
 
 
 def _documents(edit) -> int:

@@ -26,10 +26,12 @@ it would get alone), every adapter has its own learning-rate schedule and step c
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -48,6 +50,7 @@ from models.inner_loop import (
     lora_config,
     tokenize_documents,
 )
+from models.lanes import balance, model_replicas, run_lanes
 from models.lm_loss import token_losses
 from models.packing import PackedBatch, pack_sequences, packed_attention
 from models.self_edit import QUESTION_PROMPT, generate, render_prompt
@@ -504,6 +507,121 @@ class AdapterStack:
             p.requires_grad_(True)
 
 
+_STEP_CHARS = 120
+
+
+class AdapterLanes:
+    """Adapters spread over :class:`AdapterStack` s on replicas of one model (:mod:`models.lanes`),
+    each stack's share trained or evaluated in its own lane (a thread with its share of the
+    cores); with one lane, a single stack on the model itself, in the calling thread.
+
+    Adapter i of a group lives in slot ``placement[i]`` = ``(lane, slot)``. :meth:`train` places
+    adapters by their documents' length (lanes of near-equal work) and :meth:`load` by count;
+    :meth:`evaluate` and :meth:`save` follow the placement. Results do not depend on the lanes:
+    each adapter trains exactly as alone (see :func:`train_stacked`).
+
+        lanes = AdapterLanes.attach(model, tokenizer, lora, capacity=8, lanes=2)
+        results = lanes.train(documents, config, seeds=[0] * len(documents))
+        scores = lanes.evaluate(questions, answers, eval_config)
+        lanes.save(3, folder)
+        lanes.close()
+    """
+
+    def __init__(self, stacks: Sequence[AdapterStack], tokenizers: Sequence[PreTrainedTokenizerBase]):
+        self.stacks, self.tokenizers = list(stacks), list(tokenizers)
+        self.placement: list[tuple[int, int]] = []
+
+    @classmethod
+    def attach(cls, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, lora: LoraConfig,
+               capacity: int, lanes: int = 1) -> AdapterLanes:
+        """A stack on each of ``lanes`` replicas of ``model`` (the first is ``model`` itself),
+        room for ``capacity`` adapters in all. ``model`` must have no adapters attached."""
+        replicas = model_replicas(model, lanes)
+        per_lane = -(-capacity // lanes)
+        stacks = [AdapterStack.attach(replica, lora, per_lane) for replica in replicas]
+        return cls(stacks, [tokenizer] + [copy.deepcopy(tokenizer) for _ in range(lanes - 1)])
+
+    @property
+    def capacity(self) -> int:
+        """Adapters that fit: every lane's stack full."""
+        return sum(stack.capacity for stack in self.stacks)
+
+    def matches(self, lora: LoraConfig) -> bool:
+        return self.stacks[0].matches(lora)
+
+    def _place(self, costs: Sequence[float]) -> list[list[int]]:
+        if not 0 < len(costs) <= self.capacity:
+            raise ValueError(f"a group of {len(costs)} adapters does not fit {len(self.stacks)} lane(s) "
+                             f"of {self.stacks[0].capacity}")
+        groups = balance(costs, len(self.stacks))
+        self.placement = [(0, 0)] * len(costs)
+        for lane, items in enumerate(groups):
+            for slot, index in enumerate(items):
+                self.placement[index] = (lane, slot)
+        return groups
+
+    def _groups(self) -> list[list[int]]:
+        groups: list[list[int]] = [[] for _ in self.stacks]
+        for index, (lane, _) in enumerate(self.placement):
+            groups[lane].append(index)
+        return [items for items in groups if items]
+
+    def train(self, documents: Sequence[Sequence[str]], config: InnerLoopConfig,
+              seeds: Sequence[int]) -> list[TrainResult | NonFiniteLossError]:
+        """Fresh adapters (adapter i from ``seeds[i]``), adapter i trained on ``documents[i]``
+        (:func:`train_stacked` in each lane); one result per adapter, in order. A result's
+        ``seconds`` is its lane's wall time."""
+        if len(seeds) != len(documents):
+            raise ValueError(f"{len(seeds)} seeds for {len(documents)} adapters")
+        # An adapter's work: its characters (tokens) plus, per document (a step each epoch), what
+        # a step costs besides its rows (~260 ms, ~30 tokens of SmolLM2 on 2 CPU cores).
+        groups = self._place([sum(len(d) + _STEP_CHARS for d in docs) for docs in documents])
+        for lane, items in enumerate(groups):
+            self.stacks[lane].reset([seeds[i] for i in items])
+        work = [
+            partial(train_stacked, self.stacks[lane], self.tokenizers[lane], [documents[i] for i in items], config)
+            for lane, items in enumerate(groups)
+        ]
+        return self._gather(groups, run_lanes(work))
+
+    def load(self, folders: Sequence[Path]) -> None:
+        """Saved adapters, placed by count (see :meth:`AdapterStack.load`)."""
+        groups = self._place([1.0] * len(folders))
+        for lane, items in enumerate(groups):
+            self.stacks[lane].load([folders[i] for i in items])
+
+    def evaluate(self, questions: Sequence[Sequence[str]], answers: Sequence[Sequence[Sequence[str]]],
+                 config: EvalConfig) -> list[EvalResult]:
+        """:func:`evaluate_stacked` of the placed adapters (``questions[i]`` for adapter i), each
+        lane's in its own thread. A result's ``seconds`` is its lane's wall time."""
+        if len(questions) != len(self.placement):
+            raise ValueError(f"questions for {len(questions)} adapters, {len(self.placement)} placed")
+        groups = self._groups()
+        work = [
+            partial(evaluate_stacked, self.stacks[lane], self.tokenizers[lane], [questions[i] for i in items],
+                    [answers[i] for i in items], config)
+            for lane, items in enumerate(groups)
+        ]
+        return self._gather(groups, run_lanes(work))
+
+    def save(self, index: int, folder: Path) -> Path:
+        """Adapter ``index`` of the group in PEFT's format (see :meth:`AdapterStack.save`)."""
+        lane, slot = self.placement[index]
+        return self.stacks[lane].save(slot, folder)
+
+    def close(self) -> None:
+        """Put the original layers back on every replica."""
+        for stack in self.stacks:
+            stack.close()
+
+    def _gather(self, groups: list[list[int]], per_lane: list[list]) -> list:
+        results: list = [None] * len(self.placement)
+        for items, lane_results in zip(groups, per_lane):
+            for index, result in zip(items, lane_results, strict=True):
+                results[index] = result
+        return results
+
+
 @contextmanager
 def stacked_adapters(model: PreTrainedModel, lora: LoraConfig, seeds: Sequence[int]) -> Iterator[AdapterStack]:
     """Attach ``len(seeds)`` fresh LoRA adapters to every target layer for the block; on exit
@@ -574,10 +692,10 @@ def train_stacked(
                     # Next-token loss per token, (tokens - 1,); 0 at each row's last token
                     token_loss = token_losses(model, batch.input_ids, batch.labels, **batch.model_kwargs())[0]
                 total = None
-                for k, start, stop in spans:
+                for k, first, stop in spans:
                     if k in failed:
                         continue
-                    loss_k = token_loss[start:stop].sum() / label_counts[k]
+                    loss_k = token_loss[first:stop].sum() / label_counts[k]
                     if not torch.isfinite(loss_k):
                         failed[k] = NonFiniteLossError(
                             f"loss became {loss_k.item()} at step {step}; "
@@ -585,7 +703,7 @@ def train_stacked(
                         )
                         continue
                     step_loss[k] += loss_k.item()
-                    tokens[k] += stop - start
+                    tokens[k] += stop - first
                     total = loss_k if total is None else total + loss_k
                 if total is not None:
                     total.backward()  # gradients add up over the step's parts
@@ -611,6 +729,16 @@ def train_stacked(
                     final_loss=losses[k][-1], seconds=seconds)
         for k in range(stack.count)
     ]
+
+
+def length_groups(lengths: Sequence[int], size: int) -> list[list[int]]:
+    """Indices of items grouped ``size`` at a time, in order of length (ties in item order).
+
+    A group trains for as many steps as its longest member (one document per adapter per step),
+    so members of similar length go together. Results do not depend on the grouping, only the
+    time does."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    return [order[first : first + size] for first in range(0, len(order), size)]
 
 
 def token_budget_parts(rows: Sequence[tuple[int, list[int]]], max_tokens: int) -> list[list[tuple[int, list[int]]]]:

@@ -16,7 +16,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 from prefect.tasks import exponential_backoff
 
-from models import inner_loop, policy, rest_em, self_edit, stacked_lora
+from models import inner_loop, policy, rest_em, self_edit
 from models.base_model import load_model, resolve_model, seal_home, weights_digest
 from models.config import DataConfig, EvalConfig, InnerLoopConfig, LoraConfig, ModelConfig, PolicyUpdateConfig, SelfEditConfig
 from models.knowledge_data import load_contexts, select_contexts
@@ -34,7 +34,7 @@ from tasks.records import (
 )
 from tasks.faults import maybe_fail
 from tasks.locking import FlockLockManager
-from tasks.runtime import adapter_stack, clear_models, release_freed_memory, use_model
+from tasks.runtime import adapter_lanes, clear_models, release_freed_memory, use_model
 
 # Keys from content and code, not the run id; "label(s)" only name task runs in the UI.
 # Serializable: when two runs on one SEAL_HOME reach the same key, the second waits for the
@@ -98,7 +98,8 @@ def train_adapters(
     """A fresh LoRA adapter per item, trained on its self-edit plus its context's passage (the
     passage alone when the self-edit is None), all of them together in shared batches through
     stacked adapters (``models/stacked_lora.py``: the same adapters as trained one by one, with
-    K times more rows per matrix multiply). Each is saved under ``$SEAL_HOME/adapters``.
+    K times more rows per matrix multiply), split over ``config.lanes`` lanes
+    (``models/lanes.py``). Each is saved under ``$SEAL_HOME/adapters``.
 
     ``label`` names the group's task run, ``labels`` its items (neither is in the cache key).
     What a self-edit causes is recorded, with reward 0 to follow: no usable line, a non-finite
@@ -120,10 +121,11 @@ def train_adapters(
     if not trainable:
         return records
     with use_model(policy_ref, model) as loaded:
-        stack = adapter_stack(loaded, lora, len(trainable))
-        stack.reset([config.seed] * len(trainable))
+        stacks = adapter_lanes(loaded, lora, len(trainable), config.lanes)
         try:
-            results = stacked_lora.train_stacked(stack, loaded.tokenizer, [docs for _, docs, _ in trainable], config)
+            start = time.perf_counter()
+            results = stacks.train([docs for _, docs, _ in trainable], config, [config.seed] * len(trainable))
+            seconds = time.perf_counter() - start
         except torch.OutOfMemoryError as exc:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -132,9 +134,9 @@ def train_adapters(
             if isinstance(result, inner_loop.NonFiniteLossError):
                 records[i] = AdapterRecord(path=None, failure=f"non-finite loss: {result}")
                 continue
-            stack.save(k, folder)
+            stacks.save(k, folder)
             records[i] = AdapterRecord(path=str(folder), steps=result.steps, tokens=result.tokens,
-                                       mean_loss=result.mean_loss, seconds=result.seconds / len(trainable),
+                                       mean_loss=result.mean_loss, seconds=seconds / len(trainable),
                                        digest=weights_digest(folder))
     return records
 
@@ -142,11 +144,11 @@ def train_adapters(
 @task(cache_policy=CACHED, persist_result=True, task_run_name="evaluate-adapters-{label}")
 def evaluate_adapters(
     policy_ref: PolicyRef, model: ModelConfig, contexts: list[Context], adapters: list[AdapterRecord],
-    label: str, labels: list[str], config: EvalConfig,
+    label: str, labels: list[str], config: EvalConfig, lanes: int = 1,
 ) -> list[EvalRecord]:
     """Closed-book answers to each context's questions with its adapter (``adapters[i]`` for
     ``contexts[i]``), all adapters' questions in the same batched generations (rows routed to
-    their adapter).
+    their adapter), the adapters split over ``lanes`` lanes (``inner_loop.lanes``).
 
     Raises:
         StaleArtifact: if an adapter's folder is gone or its weights no longer match the record.
@@ -167,10 +169,9 @@ def evaluate_adapters(
     if not usable:
         return records
     with use_model(policy_ref, model) as loaded:
-        stack = adapter_stack(loaded, inner_loop.saved_lora(usable[0][2]), len(usable))
-        stack.load([folder for _, _, folder in usable])
-        results = stacked_lora.evaluate_stacked(
-            stack, loaded.tokenizer, [c.questions for _, c, _ in usable], [c.answers for _, c, _ in usable], config)
+        stacks = adapter_lanes(loaded, inner_loop.saved_lora(usable[0][2]), len(usable), lanes)
+        stacks.load([folder for _, _, folder in usable])
+        results = stacks.evaluate([c.questions for _, c, _ in usable], [c.answers for _, c, _ in usable], config)
     for (i, _, _), result in zip(usable, results):
         records[i] = EvalRecord.of(result)
     return records

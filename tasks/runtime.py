@@ -29,7 +29,7 @@ from prefect.exceptions import MissingContextError
 from models.base_model import LoadedModel, load_model
 from models.config import LoraConfig, ModelConfig
 from models.inner_loop import AdapterSlot
-from models.stacked_lora import AdapterStack
+from models.stacked_lora import AdapterLanes
 from tasks.records import PolicyRef
 
 # One model at a time: a flow's tasks use one policy for long stretches (an iteration uses only
@@ -40,8 +40,8 @@ from tasks.records import PolicyRef
 _MAX_LOADED = 1
 _models: OrderedDict[tuple[str, str, str, str], tuple[LoadedModel, threading.Lock]] = OrderedDict()
 _registry_lock = threading.Lock()
-# id(model) -> its reusable LoRA layers: a peft slot (one adapter) or a stack (a group of them)
-_slots: dict[int, AdapterSlot | AdapterStack] = {}
+# id(model) -> its reusable LoRA layers: a peft slot (one adapter) or stacks (a group of them, in lanes)
+_slots: dict[int, AdapterSlot | AdapterLanes] = {}
 
 
 @contextmanager
@@ -79,15 +79,17 @@ def adapter_slot(loaded: LoadedModel, lora: LoraConfig) -> AdapterSlot:
     return slot
 
 
-def adapter_stack(loaded: LoadedModel, lora: LoraConfig, capacity: int) -> AdapterStack:
-    """The reusable stacked LoRA layers of a cached model, with room for at least ``capacity``
-    adapters (call inside ``use_model``). Groups of inner loops reset them in place."""
-    stack = _slots.get(id(loaded.model))
-    if not isinstance(stack, AdapterStack) or not stack.matches(lora) or stack.capacity < capacity:
-        if stack is not None:
-            stack.close()
-        stack = _slots[id(loaded.model)] = AdapterStack.attach(loaded.model, lora, capacity)
-    return stack
+def adapter_lanes(loaded: LoadedModel, lora: LoraConfig, capacity: int, lanes: int = 1) -> AdapterLanes:
+    """The reusable stacked LoRA layers of a cached model, spread over ``lanes`` lanes with room
+    for at least ``capacity`` adapters in all (call inside ``use_model``). Groups of inner
+    loops reset them in place."""
+    stacks = _slots.get(id(loaded.model))
+    if (not isinstance(stacks, AdapterLanes) or not stacks.matches(lora) or len(stacks.stacks) != lanes
+            or stacks.capacity < capacity):
+        if stacks is not None:
+            stacks.close()
+        stacks = _slots[id(loaded.model)] = AdapterLanes.attach(loaded.model, loaded.tokenizer, lora, capacity, lanes)
+    return stacks
 
 
 def _glibc():

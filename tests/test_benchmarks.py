@@ -60,7 +60,7 @@ def _unchanged(tiny, before, requires_grad):
 def test_three_methods_train_on_the_same_documents_and_tokens(tiny, config):
     before = {k: v.clone() for k, v in tiny.model.state_dict().items()}
     requires_grad = [p.requires_grad for p in tiny.model.parameters()]
-    ours = bench.run_ours(tiny, config, DOCUMENTS, QUESTIONS, ANSWERS)
+    ours = bench.run_ours(tiny, config, [("ctx", DOCUMENTS, QUESTIONS, ANSWERS)])[0]
     strong = baselines.run_strong(tiny.model, tiny.tokenizer, DOCUMENTS, QUESTIONS, ANSWERS,
                                   config.lora, config.inner_loop, config.eval)
     reference = [baselines.run_reference(tiny.model, tiny.tokenizer, docs, QUESTIONS, ANSWERS, config.lora,
@@ -107,6 +107,25 @@ def test_baseline_answers_once_per_context_for_strong_and_per_self_edit_for_refe
         baselines.run_reference(tiny.model, tiny.tokenizer, docs, QUESTIONS, ANSWERS, config.lora,
                                 config.inner_loop, config.eval, timed_steps=1)
     assert generate_calls == [1] * (2 * len(QUESTIONS) * len(DOCUMENTS))  # one question at a time, twice
+
+
+def test_ours_answers_every_contexts_baseline_in_one_call_and_lanes_change_no_result(tiny, generate_calls):
+    inputs = [("first", DOCUMENTS, QUESTIONS, ANSWERS), ("second", DOCUMENTS[::-1], QUESTIONS[:1], ANSWERS[:1])]
+    runs = {}
+    for lanes in (1, 2):
+        config = load_config(TINY, bench.COMPARISON + SMALL + [f"inner_loop.lanes={lanes}", "inner_loop.group_size=4"])
+        generate_calls.clear()
+        runs[lanes] = bench.run_ours(tiny, config, inputs)
+        # the baseline: both contexts' questions in one call; then each lane's adapters' questions
+        assert generate_calls[0] == len(QUESTIONS) + 1
+        assert sum(generate_calls[1:]) == 2 * len(QUESTIONS) + 2 * 1
+        assert len(generate_calls[1:]) == lanes
+    for one, two in zip(runs[1], runs[2], strict=True):
+        assert [t.tokens for t in one] == [t.tokens for t in two]
+        assert [t.steps for t in one] == [t.steps for t in two]
+        assert [t.predictions for t in one] == [t.predictions for t in two]
+    assert [len(timings) for timings in runs[2]] == [len(DOCUMENTS), len(DOCUMENTS)]
+    assert runs[2][1][0].tokens == runs[2][0][1].tokens  # the same documents, the same work
 
 
 @pytest.mark.parametrize("train_s, steps_seconds, steps, expected", [

@@ -42,7 +42,7 @@ def test_oracle_configs_over_the_step_cap_are_rejected_for_that_task():
 
 
 def test_inner_loops_are_grouped_by_length():
-    from flows.domains import length_groups
+    from models.stacked_lora import length_groups
 
     # passage-only items (1 document) and self-edits (9) alternate, as in the held-out flow
     lengths = [1, 9, 1, 9, 1, 7, 1, 9]

@@ -52,6 +52,19 @@ def test_a_group_trains_the_same_adapters_as_one_at_a_time(base):
         assert a.mean_loss == pytest.approx(b.mean_loss, rel=1e-5)
 
 
+def test_a_group_in_two_lanes_trains_and_scores_what_one_lane_does(base):
+    edits = [EDIT, None, SelfEditRecord(index=2, text="x", documents=["The guild met in 1873.", "Kelthrop."], prompt="p")]
+    one = _train(base, edits)
+    two = _train(base, edits, config=TRAIN.model_copy(update={"lanes": 2}))
+    for a, b in zip(one, two):
+        assert a.steps == b.steps and a.tokens == b.tokens and Path(b.path).exists()
+        assert a.mean_loss == pytest.approx(b.mean_loss, rel=1e-5)
+    labels = [f"edit{i}" for i in range(len(two))]
+    scored = [knowledge.evaluate_adapters.fn(base, MODEL, [CONTEXT] * len(two), two, "ctx1", labels, EVAL, lanes)
+              for lanes in (1, 2)]
+    assert [s.predictions for s in scored[0]] == [s.predictions for s in scored[1]]
+
+
 def test_a_non_finite_loss_is_recorded_and_scores_zero(base, monkeypatch):
     from models import stacked_lora
 
