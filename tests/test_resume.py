@@ -61,7 +61,10 @@ def test_sigkill_mid_iteration_then_rerun_matches_an_uninterrupted_run(tmp_path)
 
     env = environment("killed")
     command = [sys.executable, "-m", "flows.cli", "run", str(TINY), *_overrides(squad, seed=3)]
-    process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # A session of its own: the kill takes the run's Prefect server with it, as a killed machine or
+    # container would (SIGKILL to the flow process alone left that server running after the test).
+    process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
     adapters = tmp_path / "killed" / "adapters"
     deadline = time.monotonic() + 300
     # Kill once the first iteration has trained a few adapters (held-out ones come first).
@@ -70,7 +73,7 @@ def test_sigkill_mid_iteration_then_rerun_matches_an_uninterrupted_run(tmp_path)
             break
         time.sleep(0.2)
     assert process.poll() is None, "the run ended before it could be killed"
-    process.send_signal(signal.SIGKILL)
+    os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     finished_before = sum(1 for _ in adapters.rglob("adapter_model.safetensors"))
 
