@@ -123,8 +123,10 @@ def run_ours(loaded: LoadedModel, config: SealConfig, inputs: list[tuple[str, li
         offset += len(questions)
     timings: list[list[SelfEditTiming | None]] = [[None] * len(documents) for _, documents, _, _ in inputs]
     size = config.inner_loop.group_size
+    attach_start = now(device)
     lanes = AdapterLanes.attach(loaded.model, loaded.tokenizer, config.lora, min(size, len(items)),
                                 config.inner_loop.lanes)
+    other_s = (now(device) - attach_start) / len(items)  # the replicas and their LoRA layers, once
     try:
         for group in length_groups([len(inputs[c][1][k]) for c, k in items], size):
             members = [items[i] for i in group]
@@ -138,11 +140,11 @@ def run_ours(loaded: LoadedModel, config: SealConfig, inputs: list[tuple[str, li
             scored = lanes.evaluate([inputs[c][2] for c, _ in members], [inputs[c][3] for c, _ in members],
                                     config.eval)
             eval_end = now(device)
+            share = len(members)
             for (c, k), result, score in zip(members, trained, scored):
-                share = len(members)
                 timings[c][k] = SelfEditTiming(
                     baseline_s=baseline_s, train_s=(train_end - train_start) / share,
-                    eval_s=(eval_end - train_end) / share, other_s=0.0, steps=result.steps,
+                    eval_s=(eval_end - train_end) / share, other_s=other_s, steps=result.steps,
                     steps_timed=result.steps, tokens=result.tokens, padded_tokens=None,
                     train_timed_s=(train_end - train_start) / share, baseline_correct=baseline_correct[c],
                     correct=score.num_correct, predictions=list(score.predictions),

@@ -529,7 +529,7 @@ class AdapterLanes:
 
     def __init__(self, stacks: Sequence[AdapterStack], tokenizers: Sequence[PreTrainedTokenizerBase]):
         self.stacks, self.tokenizers = list(stacks), list(tokenizers)
-        self.placement: list[tuple[int, int]] = []
+        self.groups: list[list[int]] = []  # the group's adapter indices in each lane, lane 0 first
 
     @classmethod
     def attach(cls, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, lora: LoraConfig,
@@ -549,22 +549,18 @@ class AdapterLanes:
     def matches(self, lora: LoraConfig) -> bool:
         return self.stacks[0].matches(lora)
 
+    @property
+    def placement(self) -> list[tuple[int, int]]:
+        """``(lane, slot)`` of each adapter of the group, in order."""
+        where = {index: (lane, slot) for lane, items in enumerate(self.groups) for slot, index in enumerate(items)}
+        return [where[index] for index in range(len(where))]
+
     def _place(self, costs: Sequence[float]) -> list[list[int]]:
         if not 0 < len(costs) <= self.capacity:
             raise ValueError(f"a group of {len(costs)} adapters does not fit {len(self.stacks)} lane(s) "
                              f"of {self.stacks[0].capacity}")
-        groups = balance(costs, len(self.stacks))
-        self.placement = [(0, 0)] * len(costs)
-        for lane, items in enumerate(groups):
-            for slot, index in enumerate(items):
-                self.placement[index] = (lane, slot)
-        return groups
-
-    def _groups(self) -> list[list[int]]:
-        groups: list[list[int]] = [[] for _ in self.stacks]
-        for index, (lane, _) in enumerate(self.placement):
-            groups[lane].append(index)
-        return [items for items in groups if items]
+        self.groups = balance(costs, len(self.stacks))  # lanes left empty are the last ones
+        return self.groups
 
     def train(self, documents: Sequence[Sequence[str]], config: InnerLoopConfig,
               seeds: Sequence[int]) -> list[TrainResult | NonFiniteLossError]:
@@ -594,9 +590,9 @@ class AdapterLanes:
                  config: EvalConfig) -> list[EvalResult]:
         """:func:`evaluate_stacked` of the placed adapters (``questions[i]`` for adapter i), each
         lane's in its own thread. A result's ``seconds`` is its lane's wall time."""
-        if len(questions) != len(self.placement):
-            raise ValueError(f"questions for {len(questions)} adapters, {len(self.placement)} placed")
-        groups = self._groups()
+        groups = self.groups
+        if len(questions) != sum(len(items) for items in groups):
+            raise ValueError(f"questions for {len(questions)} adapters, {sum(map(len, groups))} placed")
         work = [
             partial(evaluate_stacked, self.stacks[lane], self.tokenizers[lane], [questions[i] for i in items],
                     [answers[i] for i in items], config)
@@ -615,7 +611,7 @@ class AdapterLanes:
             stack.close()
 
     def _gather(self, groups: list[list[int]], per_lane: list[list]) -> list:
-        results: list = [None] * len(self.placement)
+        results: list = [None] * sum(len(items) for items in groups)
         for items, lane_results in zip(groups, per_lane):
             for index, result in zip(items, lane_results, strict=True):
                 results[index] = result
