@@ -32,7 +32,7 @@ def tiny(tmp_path_factory):
     """The tiny random model, loaded once for the session (tests must leave it unadapted)."""
     from models.base_model import load_model
 
-    return load_model("tiny-random", home=tmp_path_factory.mktemp("tiny-home"), device="cpu")
+    return load_model("tiny-random", home=tmp_path_factory.mktemp("tiny-home"), device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="session")

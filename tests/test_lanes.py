@@ -29,7 +29,7 @@ SEEDS = [11, 12, 13, 14]
 
 @pytest.fixture
 def model(tmp_path):
-    return load_model("tiny-random", home=tmp_path, device="cpu")
+    return load_model("tiny-random", home=tmp_path, device="cpu", dtype="float32")
 
 
 def test_replicas_share_weights_and_buffers_but_not_modules_or_config(model):

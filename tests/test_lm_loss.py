@@ -10,7 +10,7 @@ from models.stacked_lora import StackedLoraLinear
 
 @pytest.fixture
 def model(tmp_path):
-    loaded = load_model("tiny-random", home=tmp_path, device="cpu")
+    loaded = load_model("tiny-random", home=tmp_path, device="cpu", dtype="float32")
     for name, p in loaded.model.named_parameters():
         p.requires_grad_("layers" in name)  # head and embeddings frozen, as under LoRA
     return loaded.model

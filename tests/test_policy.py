@@ -22,7 +22,7 @@ CONFIG = PolicyUpdateConfig(rank=8, alpha=16, learning_rate=1e-2, epochs=3, batc
 
 
 def _fresh_policy(home):
-    return load_model("tiny-random", home=home, device="cpu")
+    return load_model("tiny-random", home=home, device="cpu", dtype="float32")
 
 
 def _state(model):
