@@ -95,7 +95,7 @@ def test_update_raises_the_likelihood_of_kept_self_edits_and_saves_the_policy(tm
     assert result.path == tmp_path / "policy-1"
     assert (result.pairs, result.skipped, result.steps) == (3, 0, 6)  # 2 batches x 3 epochs
     assert math.isfinite(result.mean_loss) and result.final_loss < result.mean_loss
-    reloaded = load_model(str(result.path), home=tmp_path, device="cpu")
+    reloaded = load_model(str(result.path), home=tmp_path, device="cpu", dtype="float32")
     assert reloaded.digest == result.digest
     assert reloaded.digest != policy.digest
     after = reloaded.model.state_dict()
