@@ -268,9 +268,9 @@ class StackedAdamW:
         weights, gradients and moments) with its own learning rate; clipping is that kernel's
         gradient scale, not a pass of its own."""
         beta1, beta2 = self.betas
-        grads = _by_adapter([p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params],
-                            self.count)
-        scales = self.clip_coefficients(grads) if self.max_grad_norm is not None else None
+        stacked = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        scales = self.clip_coefficients(stacked) if self.max_grad_norm is not None else None
+        grads = _by_adapter(stacked, self.count)
         self.steps += 1
         step = torch.tensor(float(self.steps), device=self.params[0].device)
         weights, exp_avg, exp_avg_sq = self._slices
@@ -283,11 +283,14 @@ class StackedAdamW:
                 maximize=False, grad_scale=None if scales is None else 1 / scales[k],  # divides the gradient
             )
 
-    def clip_coefficients(self, grads: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
-        """For each adapter (``grads[k]``: its gradients), the factor that scales its gradient to
-        at most ``max_grad_norm`` over all its weights, as ``torch.nn.utils.clip_grad_norm_``
-        computes it for one model's parameters; ``(count,)``."""
-        norms = torch.stack([torch.linalg.vector_norm(torch.stack(torch._foreach_norm(g))) for g in grads])
+    def clip_coefficients(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
+        """For each adapter, the factor that scales its gradient (its slice of each stacked
+        gradient in ``grads``, adapter first) to at most ``max_grad_norm`` over all its weights,
+        as ``torch.nn.utils.clip_grad_norm_`` computes it for one model's parameters;
+        ``(count,)``. One norm per stacked tensor covers every adapter."""
+        count = self.count
+        per_tensor = torch.stack([torch.linalg.vector_norm(g[:count].reshape(count, -1), dim=1) for g in grads])
+        norms = torch.linalg.vector_norm(per_tensor, dim=0)
         return (self.max_grad_norm / (norms + 1e-6)).clamp_(max=1.0)
 
     def zero_grad(self) -> None:

@@ -301,8 +301,7 @@ def test_each_adapters_gradient_is_clipped_on_its_own():
     weights[0].grad = torch.stack([torch.full((2, 2), 3.0), torch.full((2, 2), 0.1), torch.full((2, 2), 5.0)])
     weights[1].grad = torch.stack([torch.full((4,), 4.0), torch.full((4,), 0.1), torch.full((4,), 5.0)])
     optimizer = StackedAdamW(weights, count=2, max_grad_norm=1.0)
-    grads = [[w.grad[k] for w in weights] for k in range(2)]
-    assert optimizer.clip_coefficients(grads).tolist() == pytest.approx([0.1, 1.0], rel=1e-5)  # norms 10, 0.28
+    assert optimizer.clip_coefficients([w.grad for w in weights]).tolist() == pytest.approx([0.1, 1.0], rel=1e-5)  # norms 10, 0.28
 
     # The coefficient scales what the update sees: with one step, Adam moves each weight by lr
     # times (nearly) the sign of its gradient, so compare the first moments instead.
