@@ -181,7 +181,8 @@ class _LinearSpans(torch.autograd.Function):
         for k, start, stop in spans:
             torch.addmm(xa[start:stop], xl[start:stop], lora_a[k].T, beta=0, alpha=scaling, out=xa[start:stop])
             _add_product(out[start:stop], xa[start:stop], lora_b[k].T)
-        ctx.save_for_backward(xl, weight, xa, lora_a, lora_b)
+        # The input as given (a bf16 base's layer keeps bf16, cast again below), or the dropped one.
+        ctx.save_for_backward(x if dropped is None else dropped, weight, xa, lora_a, lora_b)
         ctx.spans, ctx.scaling, ctx.dropped = spans, scaling, dropped is not None
         return out
 
@@ -189,10 +190,11 @@ class _LinearSpans(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         xl, weight, xa, lora_a, lora_b = ctx.saved_tensors  # xa is scaled
         want_x, want_dropped, _, _, want_a, want_b = ctx.needs_input_grad[:6]
+        xl = xl.to(lora_a.dtype) if want_a else None
         gl = grad.to(lora_a.dtype)
         gxa = gl.new_empty(xa.shape)  # gradient of the unscaled projection
         grad_x = torch.mm(grad, weight) if want_x else None  # (tokens, in), the base's dtype
-        grad_dropped = gxa.new_zeros(xl.shape) if want_dropped else None
+        grad_dropped = gxa.new_zeros((grad.shape[0], lora_a.shape[2])) if want_dropped else None
         grad_a = _unused_zeroed(lora_a, ctx.spans) if want_a else None
         grad_b = _unused_zeroed(lora_b, ctx.spans) if want_b else None
         for k, start, stop in ctx.spans:
