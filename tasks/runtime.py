@@ -50,15 +50,13 @@ def use_model(policy: PolicyRef, model: ModelConfig) -> Iterator[LoadedModel]:
     key = (policy.path, policy.digest, model.device, model.dtype)
     with _registry_lock:
         if key not in _models:
+            _evict(_MAX_LOADED - 1)  # before loading: the old and the new model never both resident
             start = time.perf_counter()
             loaded = load_model(policy.path, device=model.device, dtype=model.dtype)
             _logger().info("loaded policy %s (%s) on %s in worker %s in %.1fs, %d torch threads",
                            policy.name, policy.digest[:12], loaded.device, worker_id(),
                            time.perf_counter() - start, torch.get_num_threads())
             _models[key] = (loaded, threading.Lock())
-            while len(_models) > _MAX_LOADED:
-                _, (evicted, _) = _models.popitem(last=False)
-                _slots.pop(id(evicted.model), None)
         _models.move_to_end(key)
         loaded, lock = _models[key]
     with lock:
@@ -66,6 +64,21 @@ def use_model(policy: PolicyRef, model: ModelConfig) -> Iterator[LoadedModel]:
             yield loaded
         finally:
             release_freed_memory()
+
+
+def _evict(keep: int) -> None:
+    """Forget the least recently used models beyond ``keep`` (hold ``_registry_lock``), and free
+    them now: a model and its LoRA layers hold reference cycles, which Python's collector would
+    otherwise free only when it next runs (the SmolLM2 flow's peak was the base model, still
+    resident with its stacked adapters, under the next policy)."""
+    if len(_models) <= keep:
+        return
+    while len(_models) > keep:
+        _, (evicted, _) = _models.popitem(last=False)
+        _slots.pop(id(evicted.model), None)
+    del evicted
+    gc.collect()
+    release_freed_memory()
 
 
 def adapter_slot(loaded: LoadedModel, lora: LoraConfig) -> AdapterSlot:

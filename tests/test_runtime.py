@@ -27,3 +27,33 @@ def test_freed_tensor_memory_goes_back_to_the_os():
     kept = process.memory_info().rss - baseline
     assert grown > 300 * 2**20
     assert kept < 64 * 2**20, f"{kept / 2**20:.0f} MB of {grown / 2**20:.0f} MB kept"
+
+
+def test_a_new_policy_frees_the_previous_model_and_its_adapters(tmp_path, monkeypatch):
+    """One model at a time: switching policy frees the last one, LoRA layers and all, before
+    the new one loads (their reference cycles would otherwise keep both resident)."""
+    import gc
+    import weakref
+
+    from models.base_model import resolve_model
+    from models.config import LoraConfig, ModelConfig
+    from tasks import runtime
+    from tasks.records import PolicyRef
+
+    monkeypatch.setattr(runtime, "_models", type(runtime._models)())
+    monkeypatch.setattr(runtime, "_slots", {})
+    resolved = resolve_model("tiny-random", tmp_path)
+    config = ModelConfig(name="tiny-random", device="cpu", dtype="float32")
+    first = PolicyRef(name="base", path=str(resolved.path), digest=resolved.digest)
+    second = PolicyRef(name="iteration-1", path=str(resolved.path), digest="another")
+    gc.disable()  # only the eviction may collect
+    try:
+        with runtime.use_model(first, config) as loaded:
+            runtime.adapter_lanes(loaded, LoraConfig(rank=2, alpha=4), capacity=2, lanes=2)
+            old = weakref.ref(loaded.model)
+            del loaded
+        with runtime.use_model(second, config) as loaded:
+            assert old() is None
+            assert list(runtime._models) == [(second.path, "another", "cpu", "float32")]
+    finally:
+        gc.enable()
