@@ -160,9 +160,6 @@ def _logger() -> logging.Logger | logging.LoggerAdapter:
 
 
 def clear_models() -> None:
-    """Forget every loaded model (tests, and before a policy update frees memory)."""
+    """Forget every loaded model and free it (tests, and before a policy update frees memory)."""
     with _registry_lock:
-        _models.clear()
-        _slots.clear()
-    gc.collect()  # models and their LoRA layers hold reference cycles
-    release_freed_memory()
+        _evict(0)
