@@ -21,9 +21,9 @@ from flows.cli import QUIET_ENV, prefect_environment
 DEFAULT_CONFIG = Path(__file__).parents[1] / "deployments" / "configs" / "knowledge-smollm2.yaml"
 
 
-def task_seconds(since) -> tuple[float, int, dict[str, int], dict[str, float]]:
-    """Sum of the run times of the task runs that started after ``since``, their count, states,
-    and the run time by task function."""
+def task_runs(since) -> list:
+    """The leaf task runs that started after ``since`` (a subflow shows up as a task run wrapping
+    it; its time is its tasks' time)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterStartTime
     from prefect.client.schemas.sorting import TaskRunSort
@@ -37,17 +37,32 @@ def task_seconds(since) -> tuple[float, int, dict[str, int], dict[str, float]]:
         ):
             runs.update((run.id, run) for run in batch)
             offset += len(batch)
-        runs = list(runs.values())
-    # A subflow shows up as a task run wrapping it; its time is its tasks' time.
-    leaves = [r for r in runs if not (r.state and r.state.state_details.child_flow_run_id)]
+    return [r for r in runs.values() if not (r.state and r.state.state_details.child_flow_run_id)]
+
+
+def task_seconds(runs: list) -> tuple[float, dict[str, int], dict[str, float]]:
+    """Sum of the task runs' own run times, their states, and the run time by task function."""
     states: dict[str, int] = {}
     by_task: dict[str, float] = {}
-    for run in leaves:
+    for run in runs:
         states[run.state_name] = states.get(run.state_name, 0) + 1
         name = run.task_key.rsplit("-", 1)[0]  # the task function, without its source hash
         by_task[name] = by_task.get(name, 0.0) + run.total_run_time.total_seconds()
     by_task = dict(sorted(by_task.items(), key=lambda item: -item[1]))
-    return sum(r.total_run_time.total_seconds() for r in leaves), len(leaves), states, by_task
+    return sum(r.total_run_time.total_seconds() for r in runs), states, by_task
+
+
+def peak_by_task_run(samples: list[tuple[float, float]], runs: list, top: int = 5) -> dict[str, float]:
+    """The ``top`` task runs by the highest memory sample (``(unix time, MB)``) taken while they ran."""
+    peaks = {}
+    for run in runs:
+        if run.start_time is None or run.end_time is None:
+            continue
+        first, last = run.start_time.timestamp(), run.end_time.timestamp()
+        during = [mb for at, mb in samples if first <= at <= last]
+        if during:
+            peaks[run.name] = max(during)
+    return dict(sorted(peaks.items(), key=lambda item: -item[1])[:top])
 
 
 class TreeMemory:
@@ -60,6 +75,7 @@ class TreeMemory:
         self.peak_mb = 0.0
         self.peak_at = 0.0  # seconds after the start
         self.peak_parts: dict[str, float] = {}  # MB per process at the peak
+        self.samples: list[tuple[float, float]] = []  # (unix time, MB)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, args=(interval,), daemon=True)
 
@@ -74,6 +90,7 @@ class TreeMemory:
                     parts[f"{proc.pid} {' '.join(proc.cmdline()[1:3])[:60]}"] = proc.memory_info().rss / 2**20
                 except psutil.Error:  # exited between listing and reading
                     pass
+            self.samples.append((time.time(), sum(parts.values())))
             if sum(parts.values()) > self.peak_mb:
                 self.peak_mb, self.peak_at, self.peak_parts = sum(parts.values()), time.perf_counter() - start, parts
 
@@ -112,14 +129,17 @@ def main() -> int:
             start = time.perf_counter()
             result = seal_training(config)
             wall = time.perf_counter() - start
-            busy, count, states, by_task = task_seconds(since)
+            runs = task_runs(since)
+            busy, states, by_task = task_seconds(runs)
             report[attempt] = {
-                "wall_s": wall, "task_s": busy, "tasks": count, "states": states, "task_s_by_task": by_task,
+                "wall_s": wall, "task_s": busy, "tasks": len(runs), "states": states, "task_s_by_task": by_task,
+                # (with the Prefect server) which task runs were running when memory peaked
+                "peak_tree_memory_mb_by_task_run": peak_by_task_run(memory.samples, runs),
                 "overhead_fraction": (wall - busy) / wall,
                 "held_out": {label: r.correct | {"total": r.total} for label, r in result.held_out},
                 "rewards": [r.metrics["reward_mean"] for r in result.iterations],
             }
-            print(f"{attempt}: {wall:.1f}s wall, {busy:.1f}s in {count} task runs {states}, "
+            print(f"{attempt}: {wall:.1f}s wall, {busy:.1f}s in {len(runs)} task runs {states}, "
                   f"overhead {report[attempt]['overhead_fraction']:.1%}; by task: "
                   + ", ".join(f"{name} {seconds:.0f}s" for name, seconds in by_task.items()), flush=True)
         report["rerun_fraction"] = report["rerun"]["wall_s"] / report["first"]["wall_s"]
