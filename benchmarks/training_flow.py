@@ -52,17 +52,19 @@ def task_seconds(runs: list) -> tuple[float, dict[str, int], dict[str, float]]:
     return sum(r.total_run_time.total_seconds() for r in runs), states, by_task
 
 
-def peak_by_task_run(samples: list[tuple[float, float]], runs: list, top: int = 5) -> dict[str, float]:
-    """The ``top`` task runs by the highest memory sample (``(unix time, MB)``) taken while they ran."""
-    peaks = {}
-    for run in runs:
-        if run.start_time is None or run.end_time is None:
-            continue
+def memory_by_task_run(samples: list[tuple[float, float]], runs: list) -> list[tuple[str, float, float, float]]:
+    """``(name, start s, lowest MB, highest MB)`` of each task run that memory was sampled
+    during (``samples``: ``(unix time, MB)``), in order of start: the highest says which task
+    makes the peak, the lowest what stays resident between tasks."""
+    if not samples:
+        return []
+    origin, rows = samples[0][0], []
+    for run in sorted((r for r in runs if r.start_time and r.end_time), key=lambda r: r.start_time):
         first, last = run.start_time.timestamp(), run.end_time.timestamp()
         during = [mb for at, mb in samples if first <= at <= last]
         if during:
-            peaks[run.name] = max(during)
-    return dict(sorted(peaks.items(), key=lambda item: -item[1])[:top])
+            rows.append((run.name, round(first - origin, 1), round(min(during)), round(max(during))))
+    return rows
 
 
 class TreeMemory:
@@ -134,7 +136,7 @@ def main() -> int:
             report[attempt] = {
                 "wall_s": wall, "task_s": busy, "tasks": len(runs), "states": states, "task_s_by_task": by_task,
                 # (with the Prefect server) which task runs were running when memory peaked
-                "peak_tree_memory_mb_by_task_run": peak_by_task_run(memory.samples, runs),
+                "tree_memory_mb_by_task_run": memory_by_task_run(memory.samples, runs),
                 "overhead_fraction": (wall - busy) / wall,
                 "held_out": {label: r.correct | {"total": r.total} for label, r in result.held_out},
                 "rewards": [r.metrics["reward_mean"] for r in result.iterations],
