@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from models.base_model import load_model
 from models.config import EvalConfig, InnerLoopConfig, LoraConfig
 from models.lanes import balance, model_replicas, run_lanes
-from models.stacked_lora import AdapterLanes, AdapterStack, stacked_adapters, train_stacked
+from models.stacked_lora import AdapterLanes, AdapterStack, evaluate_stacked, stacked_adapters, train_stacked
 
 LORA = LoraConfig(rank=4, alpha=8)
 TRAIN = InnerLoopConfig(learning_rate=1e-2, epochs=2, batch_size=1, max_length=64)
@@ -94,10 +94,14 @@ def test_balance_needs_a_lane():
 
 
 def test_adapters_trained_in_lanes_are_the_adapters_trained_together(model, tmp_path):
+    questions = [["Who founded the guild?"], ["What does the lantern weigh?", "Where?"], ["What?"], ["When?"]]
+    answers = [[["Kelthrop"]], [["37"], ["Brindlecourt"]], [["x"]], [["spring"]]]
+    config = EvalConfig(max_new_tokens=4, batch_size=8)
     with stacked_adapters(model.model, LORA, SEEDS) as stack:
         together = train_stacked(stack, model.tokenizer, DOCS, TRAIN)
         for k in range(len(DOCS)):
             stack.save(k, tmp_path / f"together-{k}")
+        scored_together = evaluate_stacked(stack, model.tokenizer, questions, answers, config)
 
     lanes = AdapterLanes.attach(model.model, model.tokenizer, LORA, capacity=4, lanes=2)
     try:
@@ -107,10 +111,9 @@ def test_adapters_trained_in_lanes_are_the_adapters_trained_together(model, tmp_
         assert sorted(lane for lane, _ in lanes.placement) == [0, 0, 1, 1]
         for k in range(len(DOCS)):
             lanes.save(k, tmp_path / f"lanes-{k}")
-        questions = [["Who founded the guild?"], ["What does the lantern weigh?", "Where?"], ["What?"], ["When?"]]
-        answers = [[["Kelthrop"]], [["37"], ["Brindlecourt"]], [["x"]], [["spring"]]]
-        config = EvalConfig(max_new_tokens=4, batch_size=8)
-        in_lanes = lanes.evaluate(questions, answers, config)
+        in_lanes = lanes.evaluate(questions, answers, config)  # every lane's adapters in lane 0's stack
+        assert [layer.lora_A.shape[0] for stack in lanes.stacks for layer in stack.layers.values()] == [2] * (
+            2 * len(lanes.stacks[0].layers))  # lane 0's own weights are back
         lanes.load([tmp_path / f"together-{k}" for k in range(len(DOCS))])  # placed by count this time
         loaded = lanes.evaluate(questions, answers, config)
     finally:
@@ -125,7 +128,8 @@ def test_adapters_trained_in_lanes_are_the_adapters_trained_together(model, tmp_
         for name in theirs:
             torch.testing.assert_close(mine[name], theirs[name], rtol=1e-4, atol=1e-6)
     assert [len(r.predictions) for r in in_lanes] == [1, 2, 1, 1]
-    assert [r.predictions for r in in_lanes] == [r.predictions for r in loaded]
+    assert [r.predictions for r in in_lanes] == [r.predictions for r in loaded] == [
+        r.predictions for r in scored_together]
 
 
 def test_a_group_larger_than_the_lanes_hold_is_refused(model):
