@@ -46,6 +46,16 @@ _CHATML = (
 )
 
 
+# oneDNN, PyTorch's CPU path for bf16 matrix multiplies, caches a primitive per shape (1,024 by
+# default), each with its own scratch memory; packed training batches of ever new lengths fill it.
+# Measured (SmolLM2 in bf16 on a 2-core AMX CPU, stacked groups of 4 adapters in 2 lanes): resident
+# memory grew from 1.09 to 1.53 GB over 6 groups with the default, stayed at ~1.06 GB with 128 at
+# the same speed; with no cache training took 4.5x as long. oneDNN reads this when it creates its
+# first primitive, hence on import; a value set in the environment wins.
+ONEDNN_CACHE_CAPACITY = 128
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_CACHE_CAPACITY))
+
+
 class ModelNotFoundError(FileNotFoundError):
     """A model spec could not be resolved; the message says how to get the model."""
 

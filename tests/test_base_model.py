@@ -1,5 +1,9 @@
 import importlib.util
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,3 +91,38 @@ def test_smollm2_converts_and_answers(tmp_path):
     assert 130e6 < loaded.model.num_parameters() < 140e6
     assert loaded.model.dtype == torch.float32
     assert load_model("smollm2-135m-instruct", tmp_path).digest == loaded.digest
+
+
+_ONEDNN_PROBE = """
+import ctypes, gc, sys
+import torch
+import models.base_model  # sets oneDNN's primitive cache capacity unless the environment does
+def anonymous_mb():
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/smaps_rollup") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("Anonymous:"))
+w = torch.randn(1536, 576, dtype=torch.bfloat16)
+x = torch.randn(700, 576, dtype=torch.bfloat16)
+for rows in range(1, 40):
+    torch.nn.functional.linear(x[:rows], w)
+before = anonymous_mb()
+for rows in range(40, 700):  # a new shape each time, as packed training rows are
+    (x[:rows] @ w.T) @ w
+print(anonymous_mb() - before)
+"""
+
+
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and base_model.native_bf16("cpu")),
+                    reason="oneDNN runs bf16 matrix multiplies only on a CPU with native bf16 (Linux /proc)")
+def test_bf16_matmuls_of_many_shapes_keep_onednn_cache_bounded():
+    def growth(env: dict[str, str]) -> float:
+        out = subprocess.run([sys.executable, "-c", _ONEDNN_PROBE], env=env, check=True,
+                             capture_output=True, text=True, cwd=Path(__file__).parents[1])
+        return float(out.stdout.split()[-1])
+
+    environ = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    bounded = growth(environ)
+    default = growth({**environ, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024"})  # oneDNN's own default
+    # measured on a 2-core AMX CPU: ~330 MB against ~820 MB
+    assert bounded < 0.6 * default, (bounded, default)
