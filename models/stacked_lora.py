@@ -441,8 +441,9 @@ _STEP_CHARS = 120
 
 class AdapterLanes:
     """Adapters spread over :class:`AdapterStack` s on replicas of one model (:mod:`models.lanes`),
-    each stack's share trained or evaluated in its own lane (a thread with its share of the
-    cores); with one lane, a single stack on the model itself, in the calling thread.
+    each stack's share trained in its own lane (a thread with its share of the cores); with one
+    lane, a single stack on the model itself, in the calling thread. Evaluation joins the lanes'
+    adapters in lane 0's stack: generation gains from one batch over all of them.
 
     Adapter i of a group lives in slot ``placement[i]`` = ``(lane, slot)``. :meth:`train` places
     adapters by their documents' length (lanes of near-equal work) and :meth:`load` by count;

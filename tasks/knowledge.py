@@ -148,7 +148,8 @@ def evaluate_adapters(
 ) -> list[EvalRecord]:
     """Closed-book answers to each context's questions with its adapter (``adapters[i]`` for
     ``contexts[i]``), all adapters' questions in the same batched generations (rows routed to
-    their adapter), the adapters split over ``lanes`` lanes (``inner_loop.lanes``).
+    their adapter), with the adapters loaded into ``lanes`` lanes' stacks (``inner_loop.lanes``, as
+    training places them) and evaluated together in one.
 
     Raises:
         StaleArtifact: if an adapter's folder is gone or its weights no longer match the record.
