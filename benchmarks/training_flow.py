@@ -92,9 +92,10 @@ class TreeMemory:
                     parts[f"{proc.pid} {' '.join(proc.cmdline()[1:3])[:60]}"] = proc.memory_info().rss / 2**20
                 except psutil.Error:  # exited between listing and reading
                     pass
-            self.samples.append((time.time(), sum(parts.values())))
-            if sum(parts.values()) > self.peak_mb:
-                self.peak_mb, self.peak_at, self.peak_parts = sum(parts.values()), time.perf_counter() - start, parts
+            total = sum(parts.values())
+            self.samples.append((time.time(), total))
+            if total > self.peak_mb:
+                self.peak_mb, self.peak_at, self.peak_parts = total, time.perf_counter() - start, parts
 
     def __enter__(self) -> "TreeMemory":
         self._thread.start()
@@ -135,7 +136,7 @@ def main() -> int:
             busy, states, by_task = task_seconds(runs)
             report[attempt] = {
                 "wall_s": wall, "task_s": busy, "tasks": len(runs), "states": states, "task_s_by_task": by_task,
-                # (with the Prefect server) which task runs were running when memory peaked
+                # each task run's lowest and highest memory, with the Prefect server
                 "tree_memory_mb_by_task_run": memory_by_task_run(memory.samples, runs),
                 "overhead_fraction": (wall - busy) / wall,
                 "held_out": {label: r.correct | {"total": r.total} for label, r in result.held_out},
