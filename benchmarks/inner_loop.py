@@ -36,7 +36,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -105,7 +107,8 @@ def run_ours(loaded: LoadedModel, config: SealConfig, inputs: list[tuple[str, li
     questions, answers)``) as the training flow runs an iteration's: all contexts'
     no-adaptation answers in one batched call, then groups of ``inner_loop.group_size``
     self-edits of similar length, each group's adapters trained together in
-    ``inner_loop.lanes`` lanes and evaluated in shared batched generations. Shared time is
+    ``inner_loop.lanes`` lanes, ``inner_loop.slots`` at a time (each saved as it finishes, its
+    slot refilled), and evaluated from their folders in shared batched generations. Shared time is
     split evenly over the self-edits that shared it. One list of timings per context.
 
     Raises:
@@ -124,21 +127,24 @@ def run_ours(loaded: LoadedModel, config: SealConfig, inputs: list[tuple[str, li
     timings: list[list[SelfEditTiming | None]] = [[None] * len(documents) for _, documents, _, _ in inputs]
     size = config.inner_loop.group_size
     attach_start = now(device)
-    lanes = AdapterLanes.attach(loaded.model, loaded.tokenizer, config.lora, min(size, len(items)),
-                                config.inner_loop.lanes)
+    lanes = AdapterLanes.attach(loaded.model, loaded.tokenizer, config.lora,
+                                min(config.inner_loop.concurrent, len(items)), config.inner_loop.lanes)
     other_s = (now(device) - attach_start) / len(items)  # the replicas and their LoRA layers, once
+    scratch = tempfile.mkdtemp(prefix="seal-inner-loop-")
     try:
-        for group in length_groups([len(inputs[c][1][k]) for c, k in items], size):
+        for number, group in enumerate(length_groups([len(inputs[c][1][k]) for c, k in items], size)):
             members = [items[i] for i in group]
+            # As the flow does: each adapter saved as it finishes, evaluated from its folder.
+            folders = [Path(scratch) / f"group{number}-{c}-{k}" for c, k in members]
             train_start = now(device)
             trained = lanes.train([inputs[c][1][k] for c, k in members], config.inner_loop,
-                                  [config.inner_loop.seed] * len(members))
+                                  [config.inner_loop.seed] * len(members), folders=folders)
             train_end = now(device)
             for result in trained:
                 if isinstance(result, NonFiniteLossError):
                     raise result
-            scored = lanes.evaluate([inputs[c][2] for c, _ in members], [inputs[c][3] for c, _ in members],
-                                    config.eval)
+            scored = lanes.evaluate_saved(folders, [inputs[c][2] for c, _ in members],
+                                          [inputs[c][3] for c, _ in members], config.eval)
             eval_end = now(device)
             share = len(members)
             for (c, k), result, score in zip(members, trained, scored):
@@ -151,6 +157,7 @@ def run_ours(loaded: LoadedModel, config: SealConfig, inputs: list[tuple[str, li
                 )
     finally:
         lanes.close()
+        shutil.rmtree(scratch, ignore_errors=True)
     return timings
 
 

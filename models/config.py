@@ -118,8 +118,16 @@ class InnerLoopConfig(_Section):
     group_size: int = Field(
         4, ge=1, le=64,
         description="Inner loops trained together in shared batches through stacked LoRA adapters "
-        "(knowledge domain): each adapter ends as if trained alone, and every matrix multiply of "
-        "the frozen base gets that many times more rows. 1 trains them one at a time.",
+        "(knowledge domain), one train task and one evaluate task per group: each adapter ends as "
+        "if trained alone, and every matrix multiply of the frozen base gets a row of each. 1 "
+        "trains them one at a time.",
+    )
+    slots: int | None = Field(
+        None, ge=1, le=64,
+        description="Stacked inner loops: adapters training at once, in all lanes (None: the whole "
+        "group). A larger group trains as a queue: an adapter is saved when it finishes and the next "
+        "starts in its slot, so every step keeps every slot busy however the self-edits' lengths "
+        "differ. Memory grows with the slots, not with the group.",
     )
     lanes: int = Field(
         1, ge=1, le=16,
@@ -134,6 +142,11 @@ class InnerLoopConfig(_Section):
         "end; those that ran out of memory did not (an empty self-edit or a non-finite loss did: "
         "reward 0, recorded).",
     )
+
+    @property
+    def concurrent(self) -> int:
+        """Adapters training at once: ``slots``, or the whole group."""
+        return min(self.slots or self.group_size, self.group_size)
 
 
 class EvalConfig(_Section):

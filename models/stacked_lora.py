@@ -14,6 +14,10 @@ input gradient (no padding, no copies; 8 % less time per step than a padded ``bm
 adapters, issue 8's setting on 2 CPU cores). Generation routes whole batch rows: a batch grouped
 by adapter multiplies each adapter's rows together, never copying weights per row.
 
+A stack's adapters are slots (:func:`train_slots`): when one finishes its steps it is handed
+over (saved) and the slot starts the next self-edit at the next step, so self-edits of 2 and 8
+documents never leave a slot idle while the longest runs on: continuous batching, for fine-tunes.
+
 Equivalence with training each adapter alone: rows never interact in a causal LM's forward
 pass, the loss is the sum of each adapter's own mean loss (so adapter k's gradient is the one
 it would get alone), every adapter has its own learning-rate schedule and step count
@@ -27,9 +31,11 @@ it would get alone), every adapter has its own learning-rate schedule and step c
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -246,8 +252,9 @@ class StackedAdamW:
     """AdamW (no weight decay) over stacked adapter weights, with a learning rate per adapter.
 
     The same arithmetic as ``torch.optim.AdamW`` applied to each adapter's slice on its own
-    (AdamW is elementwise), for adapters that all start at step 0: adapter k's bias correction
-    is the shared step count while it trains. An adapter given learning rate 0 is left as it is.
+    (AdamW is elementwise): adapter k's bias correction counts its own updates, and
+    :meth:`reset` starts a slot over for the next adapter trained in it. An adapter given
+    learning rate 0 is left as it is.
     With ``max_grad_norm``, each adapter's gradient is first clipped to that norm on its own, as
     ``torch.nn.utils.clip_grad_norm_`` would clip it alone.
     """
@@ -258,7 +265,7 @@ class StackedAdamW:
         self.max_grad_norm = max_grad_norm
         self.exp_avg = [torch.zeros_like(p[:count]) for p in params]
         self.exp_avg_sq = [torch.zeros_like(p[:count]) for p in params]
-        self.steps = 0
+        self.steps = [0] * count  # updates of each adapter so far
         # Adapter k's slices of the weights and moments, made once (thousands of views per step otherwise).
         with torch.no_grad():
             self._slices = [_by_adapter(tensors, count) for tensors in (params, self.exp_avg, self.exp_avg_sq)]
@@ -273,17 +280,25 @@ class StackedAdamW:
         stacked = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         scales = self.clip_coefficients(stacked) if self.max_grad_norm is not None else None
         grads = _by_adapter(stacked, self.count)
-        self.steps += 1
-        step = torch.tensor(float(self.steps), device=self.params[0].device)
         weights, exp_avg, exp_avg_sq = self._slices
         for k, lr in enumerate(learning_rates[: self.count]):
             if lr == 0:  # finished or failed adapters: no update, and a NaN gradient stays out
                 continue
+            self.steps[k] += 1
+            step = torch.tensor(float(self.steps[k]), device=self.params[0].device)
             torch._fused_adamw_(
                 weights[k], grads[k], exp_avg[k], exp_avg_sq[k], [], [step] * len(weights[k]),
                 lr=float(lr), beta1=beta1, beta2=beta2, weight_decay=0.0, eps=self.eps, amsgrad=False,
                 maximize=False, grad_scale=None if scales is None else 1 / scales[k],  # divides the gradient
             )
+
+    @torch.no_grad()
+    def reset(self, index: int) -> None:
+        """Adapter ``index`` starts over: zero moments, no updates counted."""
+        for moments in (self._slices[1][index], self._slices[2][index]):
+            for tensor in moments:
+                tensor.zero_()
+        self.steps[index] = 0
 
     def clip_coefficients(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
         """For each adapter, the factor that scales its gradient (its slice of each stacked
@@ -357,10 +372,14 @@ class AdapterStack:
         if not 0 < len(seeds) <= self.capacity:
             raise ValueError(f"a group of {len(seeds)} adapters does not fit a stack of {self.capacity}")
         for k, seed in enumerate(seeds):
-            generator = torch.Generator().manual_seed(seed)
-            for layer in self.layers.values():
-                layer.reset(k, generator)
+            self.reset_slot(k, seed)
         self.count = len(seeds)
+
+    def reset_slot(self, index: int, seed: int) -> None:
+        """A fresh adapter in slot ``index``, its A drawn from ``seed`` alone."""
+        generator = torch.Generator().manual_seed(seed)
+        for layer in self.layers.values():
+            layer.reset(index, generator)
 
     def route(self, row_adapter: torch.Tensor | None) -> None:
         """Send batch row i through adapter ``row_adapter[i]`` (None: the bare base model)."""
@@ -445,15 +464,16 @@ class AdapterLanes:
     lane, a single stack on the model itself, in the calling thread. Evaluation joins the lanes'
     adapters in lane 0's stack: generation gains from one batch over all of them.
 
-    Adapter i of a group lives in slot ``placement[i]`` = ``(lane, slot)``. :meth:`train` places
-    adapters by their documents' length (lanes of near-equal work) and :meth:`load` by count;
-    :meth:`evaluate` and :meth:`save` follow the placement. Results do not depend on the lanes:
-    each adapter trains exactly as alone (see :func:`train_stacked`).
+    Adapter i of a group that fits lives in slot ``placement[i]`` = ``(lane, slot)``. :meth:`train`
+    places adapters by their documents' length (lanes of near-equal work) and :meth:`load` by
+    count; :meth:`evaluate` and :meth:`save` follow the placement. A larger group trains as a
+    queue over the slots, each adapter saved to its folder as it finishes, and is evaluated from
+    there (:meth:`evaluate_saved`). Results do not depend on the lanes or the slots: each
+    adapter trains exactly as alone (see :func:`train_slots`).
 
-        lanes = AdapterLanes.attach(model, tokenizer, lora, capacity=8, lanes=2)
-        results = lanes.train(documents, config, seeds=[0] * len(documents))
-        scores = lanes.evaluate(questions, answers, eval_config)
-        lanes.save(3, folder)
+        lanes = AdapterLanes.attach(model, tokenizer, lora, capacity=4, lanes=2)
+        results = lanes.train(documents, config, seeds=[0] * len(documents), folders=folders)
+        scores = lanes.evaluate_saved(folders, questions, answers, eval_config)
         lanes.close()
     """
 
@@ -481,7 +501,8 @@ class AdapterLanes:
 
     @property
     def placement(self) -> list[tuple[int, int]]:
-        """``(lane, slot)`` of each adapter of the group, in order."""
+        """``(lane, slot)`` of each adapter of the group, in order (none after a group that
+        did not fit: its adapters went to their folders)."""
         where = {index: (lane, slot) for lane, items in enumerate(self.groups) for slot, index in enumerate(items)}
         return [where[index] for index in range(len(where))]
 
@@ -492,23 +513,56 @@ class AdapterLanes:
         self.groups = balance(costs, len(self.stacks))  # lanes left empty are the last ones
         return self.groups
 
-    def train(self, documents: Sequence[Sequence[str]], config: InnerLoopConfig,
-              seeds: Sequence[int]) -> list[TrainResult | NonFiniteLossError]:
+    def train(self, documents: Sequence[Sequence[str]], config: InnerLoopConfig, seeds: Sequence[int],
+              folders: Sequence[Path] | None = None) -> list[TrainResult | NonFiniteLossError]:
         """Fresh adapters (adapter i from ``seeds[i]``), adapter i trained on ``documents[i]``
-        (:func:`train_stacked` in each lane); one result per adapter, in order. A result's
-        ``seconds`` is its lane's wall time."""
-        if len(seeds) != len(documents):
-            raise ValueError(f"{len(seeds)} seeds for {len(documents)} adapters")
+        (:func:`train_slots` in each lane); one result per adapter, in order, its ``seconds``
+        from its first step to its last.
+
+        Adapters start longest first. With ``folders``, adapter i is saved to ``folders[i]`` as
+        soon as it finishes (unless its loss became non-finite) and its slot takes the next
+        adapter not yet started, whichever lane frees first: the group may be larger than the
+        lanes hold, and every slot stays busy until the last adapters. Without ``folders`` the
+        group must fit; its adapters stay in place for :meth:`save` and :meth:`evaluate`.
+
+        Raises:
+            ValueError: if the group does not fit without ``folders``, or the lists differ in length.
+        """
+        if len(seeds) != len(documents) or (folders is not None and len(folders) != len(documents)):
+            given = f"{len(seeds)} seeds" + ("" if folders is None else f" and {len(folders)} folders")
+            raise ValueError(f"{given} for {len(documents)} adapters")
+        if not documents or (folders is None and len(documents) > self.capacity):
+            self._place([1.0] * len(documents))  # raises: it does not fit
         # An adapter's work: its characters (tokens) plus, per document (a step each epoch), what
         # a step costs besides its rows (~260 ms, ~30 tokens of SmolLM2 on 2 CPU cores).
-        groups = self._place([sum(len(d) + _STEP_CHARS for d in docs) for docs in documents])
-        for lane, items in enumerate(groups):
-            self.stacks[lane].reset([seeds[i] for i in items])
-        work = [
-            partial(train_stacked, self.stacks[lane], self.tokenizers[lane], [documents[i] for i in items], config)
-            for lane, items in enumerate(groups)
-        ]
-        return self._gather(groups, run_lanes(work))
+        costs = [sum(len(d) + _STEP_CHARS for d in docs) for docs in documents]
+        order = sorted(range(len(documents)), key=lambda i: (-costs[i], i))
+        first, rest = order[: self.capacity], order[self.capacity :]
+        lanes = [sorted(first[j] for j in items) for items in balance([costs[i] for i in first], len(self.stacks))]
+        self.groups = [] if rest else lanes  # slot j of lane l holds lanes[l][j] at the start
+        queue, lock = iter(rest), threading.Lock()
+        results: list[TrainResult | NonFiniteLossError | None] = [None] * len(documents)
+
+        def lane_work(lane: int) -> None:
+            own = iter(lanes[lane])
+
+            def take() -> TrainJob | None:
+                index = next(own, None)
+                if index is None:
+                    with lock:
+                        index = next(queue, None)
+                return None if index is None else TrainJob(index, documents[index], seeds[index])
+
+            def finished(job: TrainJob, slot: int, result: TrainResult | NonFiniteLossError) -> None:
+                if folders is not None and not isinstance(result, NonFiniteLossError):
+                    self.stacks[lane].save(slot, folders[job.index])
+                results[job.index] = result
+
+            train_slots(self.stacks[lane], self.tokenizers[lane], take, config, finished)
+            self.stacks[lane].count = max(1, len(lanes[lane]))
+
+        run_lanes([partial(lane_work, lane) for lane in range(len(lanes))])
+        return results
 
     def load(self, folders: Sequence[Path]) -> None:
         """Saved adapters, placed by count (see :meth:`AdapterStack.load`)."""
@@ -533,6 +587,23 @@ class AdapterLanes:
                                        [answers[i] for i in order], config)
         return self._gather([order], [results])
 
+    def evaluate_saved(self, folders: Sequence[Path], questions: Sequence[Sequence[str]],
+                       answers: Sequence[Sequence[Sequence[str]]], config: EvalConfig) -> list[EvalResult]:
+        """:meth:`evaluate` of saved adapters (``questions[i]`` for the one in ``folders[i]``),
+        :meth:`load` ed in as few chunks of near-equal size as the lanes hold."""
+        if not len(folders) == len(questions) == len(answers):
+            raise ValueError(f"{len(folders)} adapters, questions for {len(questions)}, answers for {len(answers)}")
+        if not folders:
+            return []
+        chunks = -(-len(folders) // self.capacity)
+        size = -(-len(folders) // chunks)
+        results: list[EvalResult] = []
+        for first in range(0, len(folders), size):
+            chunk = slice(first, first + size)
+            self.load(folders[chunk])
+            results += self.evaluate(questions[chunk], answers[chunk], config)
+        return results
+
     @contextmanager
     def _joined(self) -> Iterator[AdapterStack]:
         """Lane 0's stack holding the group's adapters of every lane (lane order) for the block:
@@ -556,8 +627,16 @@ class AdapterLanes:
             first.count = counts[0]
 
     def save(self, index: int, folder: Path) -> Path:
-        """Adapter ``index`` of the group in PEFT's format (see :meth:`AdapterStack.save`)."""
-        lane, slot = self.placement[index]
+        """Adapter ``index`` of the group in PEFT's format (see :meth:`AdapterStack.save`).
+
+        Raises:
+            ValueError: if the adapter is not in a slot (a group that did not fit was saved to its
+                folders as it trained)."""
+        placement = self.placement
+        if index >= len(placement):
+            raise ValueError(f"adapter {index} is not in the lanes' slots: a group larger than they hold "
+                             "is saved to its folders while it trains")
+        lane, slot = placement[index]
         return self.stacks[lane].save(slot, folder)
 
     def close(self) -> None:
@@ -591,12 +670,8 @@ def train_stacked(
     documents: Sequence[Sequence[str]],
     config: InnerLoopConfig,
 ) -> list[TrainResult | NonFiniteLossError]:
-    """Train adapter k on ``documents[k]``, all adapters in shared batches.
-
-    Each adapter sees exactly the steps it would see alone: its documents reshuffled every
-    epoch from ``config.seed``, ``config.batch_size`` of them per step, learning rate decaying
-    linearly to zero over its own step count. A step's batch holds that step's rows of every
-    adapter that still has steps left.
+    """Train adapter k of the stack, as it is now, on ``documents[k]``, all adapters in shared
+    batches (:func:`train_slots`, one adapter per slot).
 
     Returns:
         One entry per adapter: its result (``seconds`` is the shared wall time), or, if its loss
@@ -608,33 +683,90 @@ def train_stacked(
     """
     if len(documents) != stack.count or any(not docs for docs in documents):
         raise ValueError(f"need a non-empty document list for each of the {stack.count} adapters")
-    model = stack.model
-    sequences = [tokenize_documents(tokenizer, docs, config.max_length) for docs in documents]
-    # Each adapter's schedule of batches, as train_adapter would draw them.
-    schedules = []
-    for seqs in sequences:
-        generator = torch.Generator().manual_seed(config.seed)
-        steps = []
-        for _ in range(config.epochs):
-            order = torch.randperm(len(seqs), generator=generator).tolist()
-            steps += [[seqs[i] for i in order[s : s + config.batch_size]] for s in range(0, len(order), config.batch_size)]
-        schedules.append(steps)
-    totals = [len(steps) for steps in schedules]
-    optimizer = StackedAdamW(stack.weights(), stack.count, max_grad_norm=config.max_grad_norm)
-    losses: list[list[float]] = [[] for _ in range(stack.count)]
-    tokens = [0] * stack.count
-    failed: dict[int, NonFiniteLossError] = {}
+    jobs = iter([TrainJob(k, docs, seed=None) for k, docs in enumerate(documents)])
+    results: list = [None] * stack.count
     start = time.perf_counter()
+    train_slots(stack, tokenizer, lambda: next(jobs, None), config,
+                lambda job, slot, result: results.__setitem__(job.index, result))
+    seconds = time.perf_counter() - start
+    return [r if isinstance(r, NonFiniteLossError) else dataclasses.replace(r, seconds=seconds) for r in results]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainJob:
+    """An adapter to train: ``index`` in its group, its documents, and the seed of its fresh
+    weights (None: train the slot's adapter as it is)."""
+
+    index: int
+    documents: Sequence[str]
+    seed: int | None
+
+
+@dataclasses.dataclass
+class _Slot:
+    """The adapter training in one slot of a stack: its job, its steps' rows, how far it is."""
+
+    job: TrainJob
+    batches: list[list[list[int]]]
+    started: float
+    step: int = 0
+    tokens: int = 0
+    losses: list[float] = dataclasses.field(default_factory=list)
+    failure: NonFiniteLossError | None = None
+
+    def result(self) -> TrainResult | NonFiniteLossError:
+        if self.failure is not None:
+            return self.failure
+        return TrainResult(steps=len(self.batches), tokens=self.tokens, mean_loss=sum(self.losses) / len(self.losses),
+                           final_loss=self.losses[-1], seconds=time.perf_counter() - self.started)
+
+
+def train_slots(
+    stack: AdapterStack,
+    tokenizer: PreTrainedTokenizerBase,
+    take: Callable[[], TrainJob | None],
+    config: InnerLoopConfig,
+    finished: Callable[[TrainJob, int, TrainResult | NonFiniteLossError], None],
+) -> None:
+    """Train adapters in the stack's slots, all busy slots in shared batches, until ``take``
+    has no more jobs: continuous batching of fine-tunes.
+
+    Every slot starts with a job from ``take``. When a slot's adapter has run all its steps, or
+    its loss became NaN or infinite, ``finished(job, slot, result)`` is called while its weights
+    are still in the slot (to save them), and the slot starts the next job at the next step: a
+    short self-edit never leaves its slot idle while the longest of its group finishes. Each
+    adapter sees exactly the steps it would see alone: its documents reshuffled every epoch from
+    ``config.seed``, ``config.batch_size`` of them per step, learning rate decaying linearly to
+    zero over its own step count, its own AdamW moments and bias correction
+    (:class:`StackedAdamW`); rows of different adapters never interact.
+
+    Raises:
+        ValueError: if a job has no documents.
+    """
+    model = stack.model
+    optimizer = StackedAdamW(stack.weights(), stack.capacity, max_grad_norm=config.max_grad_norm)
+
+    def start(slot: int) -> _Slot | None:
+        job = take()
+        if job is None:
+            return None
+        if not job.documents:
+            raise ValueError(f"adapter {job.index} has no documents")
+        if job.seed is not None:
+            stack.reset_slot(slot, job.seed)
+        optimizer.reset(slot)
+        return _Slot(job, _schedule(tokenize_documents(tokenizer, job.documents, config.max_length), config),
+                     time.perf_counter())
+
+    slots = [start(slot) for slot in range(stack.capacity)]
     model.train()
     try:
-        for step in range(max(totals)):
-            active = [k for k in range(stack.count) if step < totals[k] and k not in failed]
-            if not active:
-                break
-            rows = [(k, seq) for k in active for seq in schedules[k][step]]
+        while any(slots):
+            busy = [(k, s) for k, s in enumerate(slots) if s is not None]
+            rows = [(k, seq) for k, s in busy for seq in s.batches[s.step]]
             # Adapter k's loss is the mean over its tokens this step, as alone, whichever parts hold them.
-            label_counts = {k: sum(len(seq) - 1 for j, seq in rows if j == k) for k in active}
-            step_loss = dict.fromkeys(active, 0.0)
+            label_counts = {k: sum(len(seq) - 1 for seq in s.batches[s.step]) for k, s in busy}
+            step_loss = dict.fromkeys(label_counts, 0.0)
             for part in token_budget_parts(rows, config.max_batch_tokens):
                 batch = pack_sequences([seq for _, seq in part], model.device)
                 spans = adapter_spans([k for k, _ in part], batch)
@@ -644,42 +776,53 @@ def train_stacked(
                     token_loss = token_losses(model, batch.input_ids, batch.labels, **batch.model_kwargs())[0]
                 total = None
                 for k, first, stop in spans:
-                    if k in failed:
+                    s = slots[k]
+                    if s.failure is not None:
                         continue
                     loss_k = token_loss[first:stop].sum() / label_counts[k]
                     if not torch.isfinite(loss_k):
-                        failed[k] = NonFiniteLossError(
-                            f"loss became {loss_k.item()} at step {step}; "
+                        s.failure = NonFiniteLossError(
+                            f"loss became {loss_k.item()} at step {s.step}; "
                             f"lower inner_loop.learning_rate (now {config.learning_rate})"
                         )
                         continue
                     step_loss[k] += loss_k.item()
-                    tokens[k] += stop - first
+                    s.tokens += stop - first
                     total = loss_k if total is None else total + loss_k
                 if total is not None:
                     total.backward()  # gradients add up over the step's parts
                 del token_loss, total
-            for k in active:
-                if k not in failed:
-                    losses[k].append(step_loss[k])
-            if any(k not in failed for k in active):
-                # Each adapter's learning rate decays linearly to zero over its own steps; an
-                # adapter that failed part-way through this step is frozen, its gradient ignored.
-                optimizer.step([
-                    config.learning_rate * (1 - step / totals[k]) if k in active and k not in failed else 0.0
-                    for k in range(stack.count)
-                ])
+            # Each adapter's learning rate decays linearly to zero over its own steps; an adapter
+            # that failed part-way through this step is frozen, its gradient ignored.
+            rates = [0.0] * stack.capacity
+            for k, s in busy:
+                if s.failure is None:
+                    rates[k] = config.learning_rate * (1 - s.step / len(s.batches))
+            if any(rates):
+                optimizer.step(rates)
             optimizer.zero_grad()
+            for k, s in busy:
+                if s.failure is None:
+                    s.losses.append(step_loss[k])
+                    s.step += 1
+                if s.failure is not None or s.step == len(s.batches):
+                    finished(s.job, k, s.result())
+                    slots[k] = start(k)
     finally:
         stack.route(None)
         model.eval()
-    seconds = time.perf_counter() - start
-    return [
-        failed[k] if k in failed else
-        TrainResult(steps=totals[k], tokens=tokens[k], mean_loss=sum(losses[k]) / len(losses[k]),
-                    final_loss=losses[k][-1], seconds=seconds)
-        for k in range(stack.count)
-    ]
+
+
+def _schedule(sequences: list[list[int]], config: InnerLoopConfig) -> list[list[list[int]]]:
+    """One adapter's steps as train_adapter draws them: its documents reshuffled every epoch
+    from ``config.seed``, ``config.batch_size`` of them per step."""
+    generator = torch.Generator().manual_seed(config.seed)
+    steps = []
+    for _ in range(config.epochs):
+        order = torch.randperm(len(sequences), generator=generator).tolist()
+        steps += [[sequences[i] for i in order[s : s + config.batch_size]]
+                  for s in range(0, len(order), config.batch_size)]
+    return steps
 
 
 def length_groups(lengths: Sequence[int], size: int) -> list[list[int]]:

@@ -99,7 +99,8 @@ def train_adapters(
     passage alone when the self-edit is None), all of them together in shared batches through
     stacked adapters (``models/stacked_lora.py``: the same adapters as trained one by one, with
     K times more rows per matrix multiply), split over ``config.lanes`` lanes
-    (``models/lanes.py``). Each is saved under ``$SEAL_HOME/adapters``.
+    (``models/lanes.py``), ``config.slots`` of them at a time. Each is saved under
+    ``$SEAL_HOME/adapters`` as soon as it finishes, and its slot takes the next.
 
     ``label`` names the group's task run, ``labels`` its items (neither is in the cache key).
     What a self-edit causes is recorded, with reward 0 to follow: no usable line, a non-finite
@@ -121,35 +122,36 @@ def train_adapters(
     if not trainable:
         return records
     with use_model(policy_ref, model) as loaded:
-        stacks = adapter_lanes(loaded, lora, len(trainable), config.lanes)
+        stacks = adapter_lanes(loaded, lora, min(len(trainable), config.concurrent), config.lanes)
         try:
             start = time.perf_counter()
-            results = stacks.train([docs for _, docs, _ in trainable], config, [config.seed] * len(trainable))
+            results = stacks.train([docs for _, docs, _ in trainable], config, [config.seed] * len(trainable),
+                                   folders=[folder for _, _, folder in trainable])
             seconds = time.perf_counter() - start
         except torch.OutOfMemoryError as exc:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             raise InnerLoopOutOfMemory(f"{label}: {str(exc)[:200]}") from None
-        for k, ((i, _, folder), result) in enumerate(zip(trainable, results)):
-            if isinstance(result, inner_loop.NonFiniteLossError):
-                records[i] = AdapterRecord(path=None, failure=f"non-finite loss: {result}")
-                continue
-            stacks.save(k, folder)
-            records[i] = AdapterRecord(path=str(folder), steps=result.steps, tokens=result.tokens,
-                                       mean_loss=result.mean_loss, seconds=seconds / len(trainable),
-                                       digest=weights_digest(folder))
+    for (i, _, folder), result in zip(trainable, results):
+        if isinstance(result, inner_loop.NonFiniteLossError):
+            records[i] = AdapterRecord(path=None, failure=f"non-finite loss: {result}")
+            continue
+        records[i] = AdapterRecord(path=str(folder), steps=result.steps, tokens=result.tokens,
+                                   mean_loss=result.mean_loss, seconds=seconds / len(trainable),
+                                   digest=weights_digest(folder))
     return records
 
 
 @task(cache_policy=CACHED, persist_result=True, task_run_name="evaluate-adapters-{label}")
 def evaluate_adapters(
     policy_ref: PolicyRef, model: ModelConfig, contexts: list[Context], adapters: list[AdapterRecord],
-    label: str, labels: list[str], config: EvalConfig, lanes: int = 1,
+    label: str, labels: list[str], config: EvalConfig, lanes: int = 1, slots: int | None = None,
 ) -> list[EvalRecord]:
     """Closed-book answers to each context's questions with its adapter (``adapters[i]`` for
     ``contexts[i]``), all adapters' questions in the same batched generations (rows routed to
     their adapter), with the adapters loaded into ``lanes`` lanes' stacks (``inner_loop.lanes``, as
-    training places them) and evaluated together in one.
+    training places them) and evaluated together in one, ``slots`` adapters at a time
+    (``inner_loop.slots``; None: all of them).
 
     Raises:
         StaleArtifact: if an adapter's folder is gone or its weights no longer match the record.
@@ -170,9 +172,10 @@ def evaluate_adapters(
     if not usable:
         return records
     with use_model(policy_ref, model) as loaded:
-        stacks = adapter_lanes(loaded, inner_loop.saved_lora(usable[0][2]), len(usable), lanes)
-        stacks.load([folder for _, _, folder in usable])
-        results = stacks.evaluate([c.questions for _, c, _ in usable], [c.answers for _, c, _ in usable], config)
+        stacks = adapter_lanes(loaded, inner_loop.saved_lora(usable[0][2]), min(len(usable), slots or len(usable)),
+                               lanes)
+        results = stacks.evaluate_saved([folder for _, _, folder in usable], [c.questions for _, c, _ in usable],
+                                        [c.answers for _, c, _ in usable], config)
     for (i, _, _), result in zip(usable, results):
         records[i] = EvalRecord.of(result)
     return records

@@ -132,12 +132,46 @@ def test_adapters_trained_in_lanes_are_the_adapters_trained_together(model, tmp_
         r.predictions for r in scored_together]
 
 
-def test_a_group_larger_than_the_lanes_hold_is_refused(model):
+def test_a_group_larger_than_the_lanes_hold_needs_folders(model):
     lanes = AdapterLanes.attach(model.model, model.tokenizer, LORA, capacity=2, lanes=2)
     try:
         with pytest.raises(ValueError, match="does not fit 2 lane"):
             lanes.train(DOCS, TRAIN, SEEDS)
+        with pytest.raises(ValueError, match="4 seeds and 3 folders for 4 adapters"):
+            lanes.train(DOCS, TRAIN, SEEDS, folders=["a", "b", "c"])
         with pytest.raises(ValueError, match="seeds for"):
             lanes.train(DOCS[:2], TRAIN, SEEDS)
     finally:
         lanes.close()
+
+
+def test_a_group_larger_than_the_lanes_hold_trains_as_a_queue_through_its_folders(model, tmp_path):
+    """Four adapters through two lanes of one slot: each is saved as it finishes and the next
+    starts in its slot; the saved adapters and their answers are those trained together."""
+    questions = [["Who founded the guild?"], ["What does the lantern weigh?", "Where?"], ["What?"], ["When?"]]
+    answers = [[["Kelthrop"]], [["37"], ["Brindlecourt"]], [["x"]], [["spring"]]]
+    config = EvalConfig(max_new_tokens=4, batch_size=8)
+    with stacked_adapters(model.model, LORA, SEEDS) as stack:
+        together = train_stacked(stack, model.tokenizer, DOCS, TRAIN)
+        scored_together = evaluate_stacked(stack, model.tokenizer, questions, answers, config)
+        for k in range(len(DOCS)):
+            stack.save(k, tmp_path / f"together-{k}")
+
+    lanes = AdapterLanes.attach(model.model, model.tokenizer, LORA, capacity=2, lanes=2)
+    folders = [tmp_path / f"queued-{k}" for k in range(len(DOCS))]
+    try:
+        results = lanes.train(DOCS, TRAIN, SEEDS, folders=folders)
+        assert lanes.placement == []
+        with pytest.raises(ValueError, match="saved to its folders"):
+            lanes.save(0, tmp_path / "nowhere")
+        scored = lanes.evaluate_saved(folders, questions, answers, config)  # two chunks of two
+    finally:
+        lanes.close()
+    for k in range(len(DOCS)):
+        assert (results[k].steps, results[k].tokens) == (together[k].steps, together[k].tokens)
+        assert results[k].mean_loss == pytest.approx(together[k].mean_loss, rel=1e-5)
+        mine, theirs = load_file(folders[k] / "adapter_model.safetensors"), \
+            load_file(tmp_path / f"together-{k}" / "adapter_model.safetensors")
+        for name in theirs:
+            torch.testing.assert_close(mine[name], theirs[name], rtol=1e-4, atol=1e-6)
+    assert [r.predictions for r in scored] == [r.predictions for r in scored_together]

@@ -102,7 +102,7 @@ def test_two_ray_workers_give_the_local_runners_rewards_and_share_its_cache(pref
     # The local runner finds everything the Ray workers computed: no sampling, training or
     # evaluation runs again.
     calls = []
-    for module, name in [(stacked_lora, "train_stacked"), (stacked_lora, "evaluate_stacked"),
+    for module, name in [(stacked_lora, "train_slots"), (stacked_lora, "evaluate_stacked"),
                          (inner_loop, "evaluate_contexts"), (self_edit, "sample_self_edits_batch")]:
         real = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))

@@ -5,7 +5,9 @@ import torch
 from models.base_model import load_model
 from models.config import InnerLoopConfig, LoraConfig
 from models.packing import pack_sequences
-from models.stacked_lora import adapter_spans, stacked_adapters, token_budget_parts, train_stacked
+from models.stacked_lora import (
+    TrainJob, adapter_spans, stacked_adapters, token_budget_parts, train_slots, train_stacked,
+)
 
 LORA = LoraConfig(rank=4, alpha=8)
 TRAIN = InnerLoopConfig(learning_rate=1e-2, epochs=3, batch_size=1, max_length=64)
@@ -39,6 +41,29 @@ def test_training_together_equals_training_alone(model):
         for a, b in zip(stacked_weights[k], alone_weights):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
         assert any(not torch.equal(w, torch.zeros_like(w)) for w in stacked_weights[k])  # B moved
+
+
+def test_slots_refilled_as_adapters_finish_train_each_as_alone(model):
+    """Three adapters through two slots: the shortest finishes first and the third starts in its
+    slot, fresh weights and optimizer state, and every adapter ends as trained alone."""
+    jobs = iter([TrainJob(k, DOCS[k], SEEDS[k]) for k in (2, 0, 1)])  # one document, two, three
+    finished = {}
+
+    def done(job, slot, result):
+        finished[job.index] = (slot, result, _weights(stack, slot))
+
+    with stacked_adapters(model.model, LORA, SEEDS[:2]) as stack:
+        train_slots(stack, model.tokenizer, lambda: next(jobs, None), TRAIN, done)
+    assert [finished[k][0] for k in (2, 0, 1)] == [0, 1, 0]  # adapter 1 took adapter 2's slot
+    for k in range(3):
+        with stacked_adapters(model.model, LORA, [SEEDS[k]]) as alone_stack:
+            (alone,) = train_stacked(alone_stack, model.tokenizer, [DOCS[k]], TRAIN)
+            alone_weights = _weights(alone_stack, 0)
+        _, result, weights = finished[k]
+        assert (result.steps, result.tokens) == (alone.steps, alone.tokens)
+        assert result.mean_loss == pytest.approx(alone.mean_loss, rel=1e-5)
+        for a, b in zip(weights, alone_weights):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_base_weights_untouched_and_layers_restored(model):

@@ -65,16 +65,32 @@ def test_a_group_in_two_lanes_trains_and_scores_what_one_lane_does(base):
     assert [s.predictions for s in scored[0]] == [s.predictions for s in scored[1]]
 
 
+def test_a_group_larger_than_its_slots_trains_and_scores_what_all_at_once_does(base):
+    edits = [EDIT, None, SelfEditRecord(index=2, text="x", documents=["The guild met in 1873.", "Kelthrop."], prompt="p")]
+    at_once = _train(base, edits)
+    queued = _train(base, edits, config=TRAIN.model_copy(update={"slots": 1, "lanes": 2}))  # one slot a lane
+    for a, b in zip(at_once, queued):
+        assert a.steps == b.steps and a.tokens == b.tokens and Path(b.path).exists()
+        assert a.mean_loss == pytest.approx(b.mean_loss, rel=1e-5)
+    labels = [f"edit{i}" for i in range(len(queued))]
+    scored = [knowledge.evaluate_adapters.fn(base, MODEL, [CONTEXT] * 3, queued, "ctx1", labels, EVAL, 2, slots)
+              for slots in (None, 2)]  # all three in one stack; two chunks
+    assert [s.predictions for s in scored[0]] == [s.predictions for s in scored[1]]
+
+
 def test_a_non_finite_loss_is_recorded_and_scores_zero(base, monkeypatch):
     from models import stacked_lora
 
-    train_stacked = stacked_lora.train_stacked
+    train_slots = stacked_lora.train_slots
 
-    def first_blows_up(*args, **kwargs):  # as train_stacked reports an adapter whose loss became NaN
-        results = train_stacked(*args, **kwargs)
-        return [inner_loop.NonFiniteLossError("loss became nan at step 3"), *results[1:]]
+    def first_blows_up(stack, tokenizer, take, config, finished):  # as train_slots reports a NaN loss
+        def report(job, slot, result):
+            failed = inner_loop.NonFiniteLossError("loss became nan at step 3")
+            finished(job, slot, failed if job.index == 0 else result)
 
-    monkeypatch.setattr(stacked_lora, "train_stacked", first_blows_up)
+        train_slots(stack, tokenizer, take, config, report)
+
+    monkeypatch.setattr(stacked_lora, "train_slots", first_blows_up)
     adapters = _train(base, [EDIT, None])
     assert adapters[0].path is None and adapters[0].failure.startswith("non-finite loss")
     assert adapters[1].failure is None and Path(adapters[1].path).exists()
@@ -92,7 +108,7 @@ def test_out_of_memory_is_raised_so_the_task_run_fails_and_is_not_cached(base, m
     def fail(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory")
 
-    monkeypatch.setattr(stacked_lora, "train_stacked", fail)
+    monkeypatch.setattr(stacked_lora, "train_slots", fail)
     with pytest.raises(InnerLoopOutOfMemory, match="ctx1: CUDA out of memory"):
         _train(base, [EDIT])
 

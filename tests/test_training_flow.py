@@ -58,7 +58,7 @@ def test_training_flow_tracks_everything_and_reruns_from_cache(prefect_env, monk
 
     # Same config, new flow run: no sampling, training or evaluation runs again.
     calls = []
-    for module, name in [(stacked_lora, "train_stacked"), (stacked_lora, "evaluate_stacked"),
+    for module, name in [(stacked_lora, "train_slots"), (stacked_lora, "evaluate_stacked"),
                          (inner_loop, "evaluate_contexts"), (self_edit, "sample_self_edits_batch")]:
         real = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
@@ -74,7 +74,7 @@ def test_training_flow_tracks_everything_and_reruns_from_cache(prefect_env, monk
     calls.clear()
     changed = config.model_copy(update={"policy_update": config.policy_update.model_copy(update={"learning_rate": 5e-3})})
     third = seal_training(changed)
-    assert sorted(calls) == sorted(["sample_self_edits_batch", "train_stacked", "evaluate_stacked"])
+    assert sorted(calls) == sorted(["sample_self_edits_batch", "train_slots", "evaluate_stacked"])
     assert [r.metrics["reward_mean"] for r in third.iterations] == [r.metrics["reward_mean"] for r in first.iterations]
     assert third.held_out[0][1].correct == first.held_out[0][1].correct
 
