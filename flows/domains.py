@@ -101,7 +101,7 @@ class KnowledgeDomain:
             pairs, labels = [(c, e) for c, e, _ in group], [label for _, _, label in group]
             adapters = train.submit(policy, config.model, pairs, label, labels, config.lora, config.inner_loop)
             scored = evaluate.submit(policy, config.model, [c for c, _ in pairs], adapters, label, labels, config.eval,
-                                     config.inner_loop.lanes, config.inner_loop.slots)
+                                     config.inner_loop.lanes)
             return adapters, scored
 
         members: list = [None] * len(items)

@@ -445,6 +445,24 @@ class AdapterStack:
                 layer.lora_B[index].copy_(state[f"base_model.model.{name}.lora_B.weight"])
         self.count = len(folders)
 
+    @contextmanager
+    def resized(self, capacity: int) -> Iterator[AdapterStack]:
+        """This stack with room for ``capacity`` adapters (zero, no gradients) for the block, its
+        own put back on exit: evaluating more adapters than training holds costs their weights
+        only."""
+        kept = {name: (layer.lora_A, layer.lora_B) for name, layer in self.layers.items()}, self.capacity, self.count
+        for layer in self.layers.values():
+            a, b = layer.lora_A, layer.lora_B
+            layer.lora_A = nn.Parameter(a.new_zeros((capacity, *a.shape[1:])), requires_grad=False)
+            layer.lora_B = nn.Parameter(b.new_zeros((capacity, *b.shape[1:])), requires_grad=False)
+        self.capacity = self.count = capacity
+        try:
+            yield self
+        finally:
+            weights, self.capacity, self.count = kept
+            for name, layer in self.layers.items():
+                layer.lora_A, layer.lora_B = weights[name]
+
     def close(self) -> None:
         """Put the original layers back: the model is as it was before :meth:`attach`."""
         self.route(None)
@@ -589,19 +607,22 @@ class AdapterLanes:
 
     def evaluate_saved(self, folders: Sequence[Path], questions: Sequence[Sequence[str]],
                        answers: Sequence[Sequence[Sequence[str]]], config: EvalConfig) -> list[EvalResult]:
-        """:meth:`evaluate` of saved adapters (``questions[i]`` for the one in ``folders[i]``),
-        :meth:`load` ed in as few chunks of near-equal size as the lanes hold."""
+        """:func:`evaluate_stacked` of saved adapters (``questions[i]`` for the one in
+        ``folders[i]``), in the calling thread with all its threads: as many adapters at a time
+        as one generation of ``config.batch_size`` rows takes, loaded straight into lane 0's
+        stack, enlarged for the call (:meth:`AdapterStack.resized`). The lanes' own adapters
+        are as they were afterwards."""
         if not len(folders) == len(questions) == len(answers):
             raise ValueError(f"{len(folders)} adapters, questions for {len(questions)}, answers for {len(answers)}")
         if not folders:
             return []
-        chunks = -(-len(folders) // self.capacity)
-        size = -(-len(folders) // chunks)
-        results: list[EvalResult] = []
-        for first in range(0, len(folders), size):
-            chunk = slice(first, first + size)
-            self.load(folders[chunk])
-            results += self.evaluate(questions[chunk], answers[chunk], config)
+        chunks = adapter_chunks([len(q) for q in questions], config.batch_size)
+        stack, results = self.stacks[0], []
+        with stack.resized(max(stop - first for first, stop in chunks)):
+            for first, stop in chunks:
+                stack.load(folders[first:stop])
+                results += evaluate_stacked(stack, self.tokenizers[0], questions[first:stop], answers[first:stop],
+                                            config)
         return results
 
     @contextmanager
@@ -889,6 +910,21 @@ def row_batches(counts: Sequence[int], batch_size: int) -> list[tuple[int, int]]
     if stop > first:
         batches.append((first, stop))
     return batches
+
+
+def adapter_chunks(counts: Sequence[int], batch_size: int) -> list[tuple[int, int]]:
+    """``(first, stop)`` ranges of consecutive adapters, ``counts[k]`` rows each, holding at most
+    ``batch_size`` rows (an adapter with more goes alone), greedily in order."""
+    chunks: list[tuple[int, int]] = []
+    first, rows = 0, 0
+    for k, count in enumerate(counts):
+        if rows + count > batch_size and k > first:
+            chunks.append((first, k))
+            first, rows = k, 0
+        rows += count
+    if counts:
+        chunks.append((first, len(counts)))
+    return chunks
 
 
 def evaluate_stacked(

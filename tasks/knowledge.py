@@ -145,13 +145,13 @@ def train_adapters(
 @task(cache_policy=CACHED, persist_result=True, task_run_name="evaluate-adapters-{label}")
 def evaluate_adapters(
     policy_ref: PolicyRef, model: ModelConfig, contexts: list[Context], adapters: list[AdapterRecord],
-    label: str, labels: list[str], config: EvalConfig, lanes: int = 1, slots: int | None = None,
+    label: str, labels: list[str], config: EvalConfig, lanes: int = 1,
 ) -> list[EvalRecord]:
     """Closed-book answers to each context's questions with its adapter (``adapters[i]`` for
     ``contexts[i]``), all adapters' questions in the same batched generations (rows routed to
-    their adapter), with the adapters loaded into ``lanes`` lanes' stacks (``inner_loop.lanes``, as
-    training places them) and evaluated together in one, ``slots`` adapters at a time
-    (``inner_loop.slots``; None: all of them).
+    their adapter): as many adapters at a time as one generation of ``config.batch_size`` rows
+    takes, loaded straight into the first of the model's ``lanes`` lanes (``inner_loop.lanes``,
+    the stacks training uses, so the model's LoRA layers are not rebuilt).
 
     Raises:
         StaleArtifact: if an adapter's folder is gone or its weights no longer match the record.
@@ -172,8 +172,7 @@ def evaluate_adapters(
     if not usable:
         return records
     with use_model(policy_ref, model) as loaded:
-        stacks = adapter_lanes(loaded, inner_loop.saved_lora(usable[0][2]), min(len(usable), slots or len(usable)),
-                               lanes)
+        stacks = adapter_lanes(loaded, inner_loop.saved_lora(usable[0][2]), 1, lanes)
         results = stacks.evaluate_saved([folder for _, _, folder in usable], [c.questions for _, c, _ in usable],
                                         [c.answers for _, c, _ in usable], config)
     for (i, _, _), result in zip(usable, results):

@@ -164,7 +164,8 @@ def test_a_group_larger_than_the_lanes_hold_trains_as_a_queue_through_its_folder
         assert lanes.placement == []
         with pytest.raises(ValueError, match="saved to its folders"):
             lanes.save(0, tmp_path / "nowhere")
-        scored = lanes.evaluate_saved(folders, questions, answers, config)  # two chunks of two
+        scored = lanes.evaluate_saved(folders, questions, answers, config)  # in lane 0, enlarged to 4
+        assert [layer.lora_A.shape[0] for layer in lanes.stacks[0].layers.values()] == [1] * len(lanes.stacks[0].layers)
     finally:
         lanes.close()
     for k in range(len(DOCS)):

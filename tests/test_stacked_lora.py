@@ -259,6 +259,18 @@ def test_every_routing_gives_each_row_its_own_adapters_output_and_gradients(row_
 
 
 @pytest.mark.parametrize("counts, batch_size, expected", [
+    ([5, 5, 5, 5, 5, 5, 5], 32, [(0, 6), (6, 7)]),  # six adapters' questions per generation
+    ([2, 40, 3], 32, [(0, 1), (1, 2), (2, 3)]),  # more than a generation's rows: alone
+    ([1, 1], 8, [(0, 2)]),
+    ([], 8, []),
+])
+def test_adapter_chunks_fill_generations(counts, batch_size, expected):
+    from models.stacked_lora import adapter_chunks
+
+    assert adapter_chunks(counts, batch_size) == expected
+
+
+@pytest.mark.parametrize("counts, batch_size, expected", [
     ([5] * 10, 32, [(0, 30), (30, 50)]),  # whole adapters: equal groups in each batch
     ([4, 6, 5, 5, 7, 3], 32, [(0, 30)]),
     ([40, 2], 32, [(0, 32), (32, 42)]),  # a group larger than a batch is split

@@ -73,8 +73,8 @@ def test_a_group_larger_than_its_slots_trains_and_scores_what_all_at_once_does(b
         assert a.steps == b.steps and a.tokens == b.tokens and Path(b.path).exists()
         assert a.mean_loss == pytest.approx(b.mean_loss, rel=1e-5)
     labels = [f"edit{i}" for i in range(len(queued))]
-    scored = [knowledge.evaluate_adapters.fn(base, MODEL, [CONTEXT] * 3, queued, "ctx1", labels, EVAL, 2, slots)
-              for slots in (None, 2)]  # all three in one stack; two chunks
+    scored = [knowledge.evaluate_adapters.fn(base, MODEL, [CONTEXT] * 3, queued, "ctx1", labels, config, 2)
+              for config in (EVAL, EVAL.model_copy(update={"batch_size": 4}))]  # one generation; two
     assert [s.predictions for s in scored[0]] == [s.predictions for s in scored[1]]
 
 
