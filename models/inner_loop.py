@@ -25,7 +25,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from models.config import EvalConfig, InnerLoopConfig, LoraConfig
-from models.self_edit import QUESTION_PROMPT, generate, render_prompt
+from models.self_edit import QUESTION_PROMPT, answer_lines, render_prompt
 
 
 class NonFiniteLossError(RuntimeError):
@@ -279,10 +279,8 @@ def answer_questions(
     prompts = [render_prompt(tokenizer, QUESTION_PROMPT.format(question=q)) for q in questions]
     answers: list[str] = []
     for first in range(0, len(prompts), config.batch_size):
-        outputs = generate(
-            model, tokenizer, prompts[first : first + config.batch_size],
-            max_new_tokens=config.max_new_tokens, stop_at_newline=True,
-        )
+        outputs = answer_lines(model, tokenizer, prompts[first : first + config.batch_size],
+                               max_new_tokens=config.max_new_tokens)
         answers += [first_line(text) for text in outputs]
     return answers
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 import threading
 import time
@@ -59,7 +60,7 @@ from models.inner_loop import (
 from models.lanes import balance, model_replicas, run_lanes
 from models.lm_loss import token_losses
 from models.packing import PackedBatch, pack_sequences, packed_attention
-from models.self_edit import QUESTION_PROMPT, generate, render_prompt
+from models.self_edit import QUESTION_PROMPT, answer_lines, render_prompt
 
 
 class StackedLoraLinear(nn.Module):
@@ -94,6 +95,8 @@ class StackedLoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.rows is None:
             return self.base(x)
+        if isinstance(self.rows, RowSpans) and x.shape[1] == 1 and not torch.is_grad_enabled():
+            return self._decoding_step(x, self.rows)
         if isinstance(self.rows, (TokenSpans, RowSpans)):
             spans = self.rows if isinstance(self.rows, TokenSpans) else self.rows.tokens(x.shape[1])
             flat = x.reshape(-1, x.shape[-1])
@@ -114,6 +117,21 @@ class StackedLoraLinear(nn.Module):
         else:
             lora = _LoraDelta.apply(x, self.lora_A, self.lora_B, self.rows, self.scaling)
         return out + lora.reshape(*shape[:-1], -1).to(out.dtype)
+
+
+    def _decoding_step(self, x: torch.Tensor, rows: RowSpans) -> torch.Tensor:
+        """One generated token per row, rows of several adapters: every adapter's A product for
+        every row (a few rows: cheap), each row's own kept, the B products summed. Five
+        operations whatever the adapters, where a span each takes two per adapter (SmolLM2, fp32,
+        2 cores, 30 questions of 6 adapters, <= 64 new tokens: 10.8 s, 11.9 s with spans)."""
+        out = self.base(x)
+        adapters = rows.adapters
+        a, b = self.lora_A[adapters], self.lora_B[adapters]  # (n, rank, in), (n, out, rank)
+        n, rank = a.shape[0], a.shape[1]
+        xa = (x.reshape(-1, x.shape[-1]).to(a.dtype) @ a.reshape(n * rank, -1).T).view(-1, n, rank)
+        xa = (xa * rows.one_hot.to(xa.device)).transpose(0, 1)  # (n, rows, rank), zero off the row's adapter
+        delta = torch.bmm(xa, b.transpose(1, 2)).sum(0)  # (rows, out)
+        return out.add_(delta.view(out.shape).to(out.dtype), alpha=self.scaling)
 
 
 class _LoraDelta(torch.autograd.Function):
@@ -162,6 +180,20 @@ class RowSpans(tuple):
 
     def tokens(self, seq: int) -> TokenSpans:
         return TokenSpans((k, first * seq, stop * seq) for k, first, stop in self)
+
+    @functools.cached_property
+    def adapters(self) -> slice:
+        """The adapters from the first row's to the last row's."""
+        return slice(self[0][0], self[-1][0] + 1)
+
+    @functools.cached_property
+    def one_hot(self) -> torch.Tensor:
+        """(rows, adapters, 1): 1 where the row goes through that adapter of :attr:`adapters`."""
+        first = self.adapters.start
+        mask = torch.zeros(self[-1][2], self.adapters.stop - first, 1)
+        for k, start, stop in self:
+            mask[start:stop, k - first] = 1
+        return mask
 
 
 class _LinearSpans(torch.autograd.Function):
@@ -947,9 +979,11 @@ def evaluate_stacked(
     predictions: list[str] = []
     try:
         for first, stop in row_batches([len(q) for q in questions[: stack.count]], config.batch_size):
-            stack.route(torch.tensor([k for k, _ in rows[first:stop]], device=stack.model.device))
-            outputs = generate(stack.model, tokenizer, prompts[first:stop],
-                               max_new_tokens=config.max_new_tokens, stop_at_newline=True)
+            adapters = torch.tensor([k for k, _ in rows[first:stop]], device=stack.model.device)
+            stack.route(adapters)
+            # rows that have answered leave the batch: route those left
+            outputs = answer_lines(stack.model, tokenizer, prompts[first:stop], max_new_tokens=config.max_new_tokens,
+                                   on_rows=lambda left, adapters=adapters: stack.route(adapters[left]))
             predictions += [first_line(text) for text in outputs]
     finally:
         stack.route(None)

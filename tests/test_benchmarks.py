@@ -50,6 +50,24 @@ def generate_calls(tiny, monkeypatch):
     return calls
 
 
+@pytest.fixture
+def answer_calls(monkeypatch):
+    """Counts ``answer_lines`` calls (ours answers with it), with the number of rows of each."""
+    import models.inner_loop
+    import models.stacked_lora
+    from models.self_edit import answer_lines
+
+    calls = []
+
+    def counting(model, tokenizer, prompts, **kwargs):
+        calls.append(len(prompts))
+        return answer_lines(model, tokenizer, prompts, **kwargs)
+
+    monkeypatch.setattr(models.inner_loop, "answer_lines", counting)
+    monkeypatch.setattr(models.stacked_lora, "answer_lines", counting)
+    return calls
+
+
 def _unchanged(tiny, before, requires_grad):
     after = tiny.model.state_dict()
     assert after.keys() == before.keys()
@@ -109,16 +127,16 @@ def test_baseline_answers_once_per_context_for_strong_and_per_self_edit_for_refe
     assert generate_calls == [1] * (2 * len(QUESTIONS) * len(DOCUMENTS))  # one question at a time, twice
 
 
-def test_ours_answers_every_contexts_baseline_in_one_call_and_lanes_change_no_result(tiny, generate_calls):
+def test_ours_answers_every_contexts_baseline_in_one_call_and_lanes_change_no_result(tiny, answer_calls):
     inputs = [("first", DOCUMENTS, QUESTIONS, ANSWERS), ("second", DOCUMENTS[::-1], QUESTIONS[:1], ANSWERS[:1])]
     runs = {}
     for lanes in (1, 2):
         config = load_config(TINY, bench.COMPARISON + SMALL + [f"inner_loop.lanes={lanes}", "inner_loop.group_size=4"])
-        generate_calls.clear()
+        answer_calls.clear()
         runs[lanes] = bench.run_ours(tiny, config, inputs)
         # the baseline: both contexts' questions in one call; then the group's adapters' questions,
-        # every lane's in one call (AdapterLanes.evaluate joins them in one stack)
-        assert generate_calls == [len(QUESTIONS) + 1, 2 * len(QUESTIONS) + 2 * 1]
+        # every lane's in one call (AdapterLanes.evaluate_saved loads them into one stack)
+        assert answer_calls == [len(QUESTIONS) + 1, 2 * len(QUESTIONS) + 2 * 1]
     for one, two in zip(runs[1], runs[2], strict=True):
         assert [t.tokens for t in one] == [t.tokens for t in two]
         assert [t.steps for t in one] == [t.steps for t in two]

@@ -118,3 +118,34 @@ def test_row_sampler_keeps_to_top_p():
         assert (out == 0).sum(1).tolist() == [1, 1]  # one token left per row
         drawn |= set(out.argmax(1).tolist())
     assert drawn == {0, 1}
+
+
+def test_answer_lines_are_generates_first_lines_with_rows_leaving_as_they_end(tiny):
+    """Greedy first lines, a row dropped once it has written a newline: the same lines as
+    ``model.generate`` stopping at a newline, with the rows that answered early gone."""
+    import copy
+
+    from models.inner_loop import first_line
+    from models.self_edit import answer_lines
+
+    model, tokenizer = copy.deepcopy(tiny.model), tiny.tokenizer
+    newline = tokenizer("\n", add_special_tokens=False)["input_ids"][-1]
+    with torch.no_grad():  # a newline wins on about half the hidden states: rows end at different steps
+        head = model.get_output_embeddings().weight
+        head[newline] += head.norm(dim=1).mean() * torch.randn(head.shape[1], generator=torch.Generator().manual_seed(0))
+    prompts = [render_prompt(tokenizer, f"Question {i}: {'why ' * i}is the river wide?") for i in range(8)]
+    tokenizer.padding_side = "left"
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    tokenizer.padding_side = "right"
+    output = model.generate(**batch, max_new_tokens=12, do_sample=False, temperature=None, top_p=None, top_k=None,
+                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                            stop_strings=["\n"], tokenizer=tokenizer)
+    expected = [first_line(t) for t in tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:],
+                                                               skip_special_tokens=True)]
+    left = []
+    got = answer_lines(model, tokenizer, prompts, max_new_tokens=12, on_rows=lambda rows: left.append(rows.tolist()))
+    assert [first_line(t) for t in got] == expected
+    assert left and all(set(b) < set(a) for a, b in zip([list(range(8)), *left], left))  # fewer each time
+    lengths = {len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in got}
+    assert len(lengths) > 2  # rows ended at different steps
+    assert answer_lines(model, tokenizer, [], max_new_tokens=4) == []

@@ -258,6 +258,27 @@ def test_every_routing_gives_each_row_its_own_adapters_output_and_gradients(row_
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("row_adapter", [[0, 0, 1, 2, 2], [1, 1, 2], [0, 2, 2, 2], [1]])
+def test_a_decoding_step_gives_each_row_its_own_adapters_output(row_adapter):
+    """One token per row without gradients (generation after rows have left) takes every
+    adapter's products for every row, each row's own kept: the formula, adapters missing or not."""
+    from models.stacked_lora import AdapterStack, StackedLoraLinear
+
+    torch.manual_seed(0)
+    layer = StackedLoraLinear(torch.nn.Linear(8, 6, bias=False), rank=2, alpha=4, dropout=0.0, capacity=3)
+    with torch.no_grad():
+        layer.lora_A.normal_()
+        layer.lora_B.normal_()
+    x = torch.randn(len(row_adapter), 1, 8)
+    AdapterStack(None, {"layer": layer}, LORA, capacity=3, frozen=[]).route(torch.tensor(row_adapter))
+    with torch.no_grad():
+        out = layer(x)
+        expected = torch.stack([
+            layer.base(x[i]) + 2.0 * x[i] @ layer.lora_A[k].T @ layer.lora_B[k].T for i, k in enumerate(row_adapter)
+        ])
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("counts, batch_size, expected", [
     ([5, 5, 5, 5, 5, 5, 5], 32, [(0, 6), (6, 7)]),  # six adapters' questions per generation
     ([2, 40, 3], 32, [(0, 1), (1, 2), (2, 3)]),  # more than a generation's rows: alone
