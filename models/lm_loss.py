@@ -14,12 +14,15 @@ the backward pass is a multiply and nothing vocabulary-sized is kept.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
 IGNORE_INDEX = -100
 _CHUNK_ELEMENTS = 1 << 24  # logits per chunk: 64 MB in float32
+_BUFFERS = threading.local()  # each thread's float32 logits (lanes train in threads)
 
 
 def token_losses(model: PreTrainedModel, input_ids: torch.Tensor, labels: torch.Tensor, **model_kwargs) -> torch.Tensor:
@@ -54,6 +57,19 @@ def _plain_head(model: PreTrainedModel, head: nn.Module | None) -> bool:
     )
 
 
+def _head(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``(hidden @ weight.T).float()``, as the model's head computes its logits, float32 ones
+    written into this thread's buffer: a fresh tensor this size is a fresh mapping of memory
+    from the OS each time, which costs as much as the multiply (SmolLM2, 267 tokens: 52 MB)."""
+    if weight.dtype != torch.float32:
+        return (hidden @ weight.T).float()
+    size = hidden.shape[0] * weight.shape[0]
+    buffer = getattr(_BUFFERS, "logits", None)
+    if buffer is None or buffer.numel() < size or buffer.device != hidden.device:
+        buffer = _BUFFERS.logits = torch.empty(size, device=hidden.device)
+    return torch.mm(hidden, weight.T, out=buffer[:size].view(hidden.shape[0], weight.shape[0]))
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Per-token ``cross_entropy(hidden @ weight.T, labels)`` in chunks of tokens; ``weight`` is
     frozen. Forward keeps each token's gradient with respect to ``hidden`` (float32, tokens x
@@ -72,12 +88,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if not valid.any():
                 continue
             index = target.clamp(min=0)[:, None]
-            logits = (hidden[start:end] @ weight.T).float()  # as the model's head, then .float()
-            log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
-            losses[start:end] = torch.where(valid, (log_norm - logits.gather(1, index)).squeeze(1), 0.0)
-            probs = logits.sub_(log_norm).exp_()  # softmax, in place
-            probs.scatter_add_(1, index, torch.full_like(index, -1, dtype=probs.dtype))
-            probs.mul_(valid[:, None])
+            logits = _head(hidden[start:end], weight)
+            # log-softmax and softmax in place: no other vocabulary-sized tensor
+            logits.sub_(logits.amax(dim=-1, keepdim=True))
+            picked = logits.gather(1, index)
+            probs = logits.exp_()
+            total = probs.sum(dim=-1, keepdim=True)
+            losses[start:end] = torch.where(valid, (total.log() - picked).squeeze(1), 0.0)
+            probs.div_(total).scatter_add_(1, index, torch.full_like(index, -1, dtype=probs.dtype))
+            if not valid.all():
+                probs.mul_(valid[:, None])
             grad_hidden[start:end] = probs.to(weight.dtype) @ weight
         ctx.save_for_backward(grad_hidden)
         ctx.dtype = hidden.dtype

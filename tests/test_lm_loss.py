@@ -1,3 +1,5 @@
+import threading
+
 import pytest
 import torch
 from torch import nn
@@ -51,6 +53,16 @@ def test_chunked_losses_and_gradients_equal_the_full_logits(model, monkeypatch):
     assert grads.keys() == expected_grads.keys() and grads
     for name in grads:
         torch.testing.assert_close(grads[name], expected_grads[name], rtol=1e-4, atol=1e-5)
+
+
+def test_each_threads_logits_buffer_grows_and_serves_every_call(model, monkeypatch):
+    monkeypatch.setattr(lm_loss, "_BUFFERS", threading.local())
+    input_ids, attention_mask, labels = _batch(model)
+    for rows in (slice(0, 1), slice(0, 3), slice(2, 3)):  # smaller, larger, smaller again
+        args = input_ids[rows], attention_mask[rows], labels[rows]
+        torch.testing.assert_close(token_losses(model, args[0], args[2], attention_mask=args[1]),
+                                   _reference(model, *args), rtol=1e-5, atol=1e-5)
+    assert lm_loss._BUFFERS.logits.numel() == 3 * 11 * model.config.vocab_size
 
 
 def test_a_trainable_head_takes_the_full_logits_path(model):
