@@ -180,9 +180,9 @@ def answer_lines(
     costs the rows still answering: answers to a batch's questions run from a few tokens to
     ``max_new_tokens``, and ``model.generate`` would decode every row until the longest is
     done (SmolLM2, fp32, 2 cores, 30 questions, <= 64 new tokens: 7.1 s against 11.6 s for
-    ``generate`` with a newline stop string, the same answers). ``on_rows`` is called with the indices (into ``prompts``) of the rows left whenever
-    some leave, before the next step (to route them, as :func:`models.stacked_lora.evaluate_stacked`
-    does). Prompts are rendered (:func:`render_prompt`) and left-padded as in :func:`generate`.
+    ``generate`` with a newline stop string, the same answers). ``on_rows`` is called with the
+    indices (into ``prompts``) of the rows left whenever some leave, before the next step (to
+    route them, as :func:`models.stacked_lora.evaluate_stacked` does). Prompts are rendered (:func:`render_prompt`) and left-padded as in :func:`generate`.
 
     Returns:
         One completion per prompt, special tokens removed; text after its first line is not

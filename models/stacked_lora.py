@@ -118,7 +118,6 @@ class StackedLoraLinear(nn.Module):
             lora = _LoraDelta.apply(x, self.lora_A, self.lora_B, self.rows, self.scaling)
         return out + lora.reshape(*shape[:-1], -1).to(out.dtype)
 
-
     def _decoding_step(self, x: torch.Tensor, rows: RowSpans) -> torch.Tensor:
         """One generated token per row, rows of several adapters: every adapter's A product for
         every row (a few rows: cheap), each row's own kept, the B products summed. Five
