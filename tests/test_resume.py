@@ -51,6 +51,20 @@ def test_a_failed_task_reruns_alone_and_the_mlflow_run_continues(prefect_env, mo
     assert sorted(m.step for m in history) == [0, 2]  # each point once
 
 
+def _saved_adapters(root: Path) -> int:
+    """Adapters saved under root, counted while a run may still be writing there.
+
+    A folder being saved is a dot-prefixed temporary one renamed into place when complete, so it can
+    vanish mid-walk (`Path.rglob` then raises FileNotFoundError); `os.walk` skips what it can no
+    longer list, and temporary folders are not counted.
+    """
+    count = 0
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+        count += "adapter_model.safetensors" in files
+    return count
+
+
 def test_sigkill_mid_iteration_then_rerun_matches_an_uninterrupted_run(tmp_path):
     squad = _squad(tmp_path / "squad.json")
     def environment(name: str) -> dict[str, str]:
@@ -69,13 +83,13 @@ def test_sigkill_mid_iteration_then_rerun_matches_an_uninterrupted_run(tmp_path)
     deadline = time.monotonic() + 300
     # Kill once the first iteration has trained a few adapters (held-out ones come first).
     while time.monotonic() < deadline and process.poll() is None:
-        if adapters.exists() and sum(1 for _ in adapters.rglob("adapter_model.safetensors")) >= 6:
+        if _saved_adapters(adapters) >= 6:
             break
         time.sleep(0.2)
     assert process.poll() is None, "the run ended before it could be killed"
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    finished_before = sum(1 for _ in adapters.rglob("adapter_model.safetensors"))
+    finished_before = _saved_adapters(adapters)
 
     rerun = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
