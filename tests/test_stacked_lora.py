@@ -227,9 +227,13 @@ def test_a_step_split_by_the_token_budget_trains_as_one_batch(model):
         assert split[k].mean_loss == pytest.approx(whole[k].mean_loss, rel=1e-5)
         assert split[k].tokens == whole[k].tokens
         for a, b in zip(split_weights[k], whole_weights[k]):
-            # round-off of differently packed batches: Adam turns a near-zero gradient's round-off
-            # into a step of up to lr (1e-2), so allow 1% of lr
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+            # Round-off of differently packed batches: Adam turns a near-zero gradient's round-off
+            # into a step of up to lr (1e-2) in either direction. Nearly every weight agrees to 1 %
+            # of lr; the few whose gradient was round-off (1 of 256 on an AVX-512 EPYC, at 1.5 %
+            # of lr) stay within one lr.
+            off = (a - b).abs() > 1e-4
+            assert off.float().mean() < 0.01, f"{int(off.sum())} of {off.numel()} weights differ"
+            torch.testing.assert_close(a, b, rtol=0, atol=TRAIN.learning_rate)
 
 
 @pytest.mark.parametrize("row_adapter", [[0, 1, 2], [0, 0, 1, 1], [0, 0, 1, 2, 2], [0, 2, 2, 2], [2, 0, 1, 0]])
