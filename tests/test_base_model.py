@@ -126,3 +126,21 @@ def test_bf16_matmuls_of_many_shapes_keep_onednn_cache_bounded():
     default = growth({**environ, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024"})  # oneDNN's own default
     # measured on a 2-core AMX CPU: ~330 MB against ~820 MB
     assert bounded < 0.6 * default, (bounded, default)
+
+
+def test_the_head_multiplies_the_last_positions_in_one_matrix_multiply(tmp_path):
+    """Generation's prompt step keeps only the last position's logits: a strided (rows, 1, hidden)
+    view of the hidden states. With the weights frozen (as stacked adapters and peft leave them),
+    matmul would multiply it row by row with a copy of the head's weight per row (1.6 GB for 30
+    rows of SmolLM2 in bf16) but for the loader's hook."""
+    model = load_model("tiny-random", home=tmp_path, device="cpu", dtype="float32").model.requires_grad_(False)
+    vocabulary = model.config.vocab_size
+    inputs = torch.randint(0, vocabulary, (6, 9))
+    with torch.no_grad(), torch.profiler.profile(record_shapes=True) as profiler:
+        last = model(input_ids=inputs, logits_to_keep=1).logits[:, -1]
+    multiplies = [e.name for e in profiler.events() if e.name in ("aten::mm", "aten::bmm")
+                  and any(vocabulary in shape for shape in e.input_shapes if shape)]
+    assert multiplies == ["aten::mm"], "the head's weight went through a per-row bmm"
+    with torch.no_grad():
+        full = model(input_ids=inputs).logits[:, -1]
+    torch.testing.assert_close(last, full)
