@@ -510,15 +510,15 @@ _STEP_CHARS = 120
 class AdapterLanes:
     """Adapters spread over :class:`AdapterStack` s on replicas of one model (:mod:`models.lanes`),
     each stack's share trained in its own lane (a thread with its share of the cores); with one
-    lane, a single stack on the model itself, in the calling thread. Evaluation joins the lanes'
-    adapters in lane 0's stack: generation gains from one batch over all of them.
+    lane, a single stack on the model itself, in the calling thread. Evaluation loads saved
+    adapters into lane 0's stack: generation gains from one batch over many of them.
 
-    Adapter i of a group that fits lives in slot ``placement[i]`` = ``(lane, slot)``. :meth:`train`
-    places adapters by their documents' length (lanes of near-equal work) and :meth:`load` by
-    count; :meth:`evaluate` and :meth:`save` follow the placement. A larger group trains as a
-    queue over the slots, each adapter saved to its folder as it finishes, and is evaluated from
-    there (:meth:`evaluate_saved`). Results do not depend on the lanes or the slots: each
-    adapter trains exactly as alone (see :func:`train_slots`).
+    Adapter i of a group that fits lives in slot ``placement[i]`` = ``(lane, slot)``, where
+    :meth:`train` placed it by its documents' length (lanes of near-equal work); :meth:`save`
+    follows the placement. A larger group trains as a queue over the slots, each adapter saved
+    to its folder as it finishes. Either way a group is evaluated from its folders
+    (:meth:`evaluate_saved`). Results do not depend on the lanes or the slots: each adapter
+    trains exactly as alone (see :func:`train_slots`).
 
         lanes = AdapterLanes.attach(model, tokenizer, lora, capacity=4, lanes=2)
         results = lanes.train(documents, config, seeds=[0] * len(documents), folders=folders)
@@ -555,13 +555,6 @@ class AdapterLanes:
         where = {index: (lane, slot) for lane, items in enumerate(self.groups) for slot, index in enumerate(items)}
         return [where[index] for index in range(len(where))]
 
-    def _place(self, costs: Sequence[float]) -> list[list[int]]:
-        if not 0 < len(costs) <= self.capacity:
-            raise ValueError(f"a group of {len(costs)} adapters does not fit {len(self.stacks)} lane(s) "
-                             f"of {self.stacks[0].capacity}")
-        self.groups = balance(costs, len(self.stacks))  # lanes left empty are the last ones
-        return self.groups
-
     def train(self, documents: Sequence[Sequence[str]], config: InnerLoopConfig, seeds: Sequence[int],
               folders: Sequence[Path] | None = None) -> list[TrainResult | NonFiniteLossError]:
         """Fresh adapters (adapter i from ``seeds[i]``), adapter i trained on ``documents[i]``
@@ -572,7 +565,7 @@ class AdapterLanes:
         soon as it finishes (unless its loss became non-finite) and its slot takes the next
         adapter not yet started, whichever lane frees first: the group may be larger than the
         lanes hold, and every slot stays busy until the last adapters. Without ``folders`` the
-        group must fit; its adapters stay in place for :meth:`save` and :meth:`evaluate`.
+        group must fit; its adapters stay in place for :meth:`save`.
 
         Raises:
             ValueError: if the group does not fit without ``folders``, or the lists differ in length.
@@ -581,7 +574,8 @@ class AdapterLanes:
             given = f"{len(seeds)} seeds" + ("" if folders is None else f" and {len(folders)} folders")
             raise ValueError(f"{given} for {len(documents)} adapters")
         if not documents or (folders is None and len(documents) > self.capacity):
-            self._place([1.0] * len(documents))  # raises: it does not fit
+            raise ValueError(f"a group of {len(documents)} adapters does not fit {len(self.stacks)} lane(s) "
+                             f"of {self.stacks[0].capacity}")
         # An adapter's work: its characters (tokens) plus, per document (a step each epoch), what
         # a step costs besides its rows (~260 ms, ~30 tokens of SmolLM2 on 2 CPU cores).
         costs = [sum(len(d) + _STEP_CHARS for d in docs) for docs in documents]
@@ -613,29 +607,6 @@ class AdapterLanes:
         run_lanes([partial(lane_work, lane) for lane in range(len(lanes))])
         return results
 
-    def load(self, folders: Sequence[Path]) -> None:
-        """Saved adapters, placed by count (see :meth:`AdapterStack.load`)."""
-        groups = self._place([1.0] * len(folders))
-        for lane, items in enumerate(groups):
-            self.stacks[lane].load([folders[i] for i in items])
-
-    def evaluate(self, questions: Sequence[Sequence[str]], answers: Sequence[Sequence[Sequence[str]]],
-                 config: EvalConfig) -> list[EvalResult]:
-        """:func:`evaluate_stacked` of the placed adapters (``questions[i]`` for adapter i), all
-        of them in lane 0's stack, in the calling thread with all its threads. Decoding reads
-        every weight once per step however many rows the batch has, so one generation over the
-        whole group costs little more than one lane's share (4 SmolLM2 adapters x 5 questions,
-        64 tokens, 2 CPU cores: 10.2-12.2 s in one stack, 13.6-15.1 s in 2 lanes). Every
-        result's ``seconds`` is the shared wall time's share by question count."""
-        groups = self.groups
-        if len(questions) != sum(len(items) for items in groups):
-            raise ValueError(f"questions for {len(questions)} adapters, {sum(map(len, groups))} placed")
-        order = [index for items in groups for index in items]
-        with self._joined() as stack:
-            results = evaluate_stacked(stack, self.tokenizers[0], [questions[i] for i in order],
-                                       [answers[i] for i in order], config)
-        return self._gather([order], [results])
-
     def evaluate_saved(self, folders: Sequence[Path], questions: Sequence[Sequence[str]],
                        answers: Sequence[Sequence[Sequence[str]]], config: EvalConfig) -> list[EvalResult]:
         """:func:`evaluate_stacked` of saved adapters (``questions[i]`` for the one in
@@ -656,28 +627,6 @@ class AdapterLanes:
                                             config)
         return results
 
-    @contextmanager
-    def _joined(self) -> Iterator[AdapterStack]:
-        """Lane 0's stack holding the group's adapters of every lane (lane order) for the block:
-        each of its layers gets joined copies of the lanes' weights, put back on exit."""
-        first, counts = self.stacks[0], [len(items) for items in self.groups]
-        if len(counts) == 1:
-            yield first
-            return
-        kept = {name: (layer.lora_A, layer.lora_B) for name, layer in first.layers.items()}
-        with torch.no_grad():
-            for name, layer in first.layers.items():
-                parts = [(stack.layers[name], count) for stack, count in zip(self.stacks, counts)]
-                layer.lora_A = nn.Parameter(torch.cat([part.lora_A[:n] for part, n in parts]), requires_grad=False)
-                layer.lora_B = nn.Parameter(torch.cat([part.lora_B[:n] for part, n in parts]), requires_grad=False)
-        first.count = sum(counts)
-        try:
-            yield first
-        finally:
-            for name, layer in first.layers.items():
-                layer.lora_A, layer.lora_B = kept[name]
-            first.count = counts[0]
-
     def save(self, index: int, folder: Path) -> Path:
         """Adapter ``index`` of the group in PEFT's format (see :meth:`AdapterStack.save`).
 
@@ -695,13 +644,6 @@ class AdapterLanes:
         """Put the original layers back on every replica."""
         for stack in self.stacks:
             stack.close()
-
-    def _gather(self, groups: list[list[int]], per_lane: list[list]) -> list:
-        results: list = [None] * sum(len(items) for items in groups)
-        for items, lane_results in zip(groups, per_lane):
-            for index, result in zip(items, lane_results, strict=True):
-                results[index] = result
-        return results
 
 
 @contextmanager

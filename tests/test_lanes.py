@@ -111,11 +111,14 @@ def test_adapters_trained_in_lanes_are_the_adapters_trained_together(model, tmp_
         assert sorted(lane for lane, _ in lanes.placement) == [0, 0, 1, 1]
         for k in range(len(DOCS)):
             lanes.save(k, tmp_path / f"lanes-{k}")
-        in_lanes = lanes.evaluate(questions, answers, config)  # every lane's adapters in lane 0's stack
-        assert [layer.lora_A.shape[0] for stack in lanes.stacks for layer in stack.layers.values()] == [2] * (
-            2 * len(lanes.stacks[0].layers))  # lane 0's own weights are back
-        lanes.load([tmp_path / f"together-{k}" for k in range(len(DOCS))])  # placed by count this time
-        loaded = lanes.evaluate(questions, answers, config)
+        kept = [layer.lora_A.clone() for layer in lanes.stacks[0].layers.values()]
+        # every lane's adapters in lane 0's stack, enlarged for the call
+        in_lanes = lanes.evaluate_saved([tmp_path / f"lanes-{k}" for k in range(len(DOCS))], questions, answers,
+                                        config)
+        for before, layer in zip(kept, lanes.stacks[0].layers.values(), strict=True):
+            assert torch.equal(layer.lora_A, before)  # lane 0's own weights are back
+        loaded = lanes.evaluate_saved([tmp_path / f"together-{k}" for k in range(len(DOCS))], questions, answers,
+                                      config)
     finally:
         lanes.close()
     assert not any("lora" in name for name, _ in model.model.named_parameters())
