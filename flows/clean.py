@@ -17,6 +17,7 @@ a dry run that lists them with their sizes; ``--yes`` deletes them.
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -180,9 +181,21 @@ def _relative(path: Path, *roots: Path) -> str:
 
 
 def _size(path: Path) -> int:
+    """Bytes under ``path``; files that vanish while it is counted (a run still writing, a
+    temporary folder renamed into place) count as nothing."""
     if path.is_file():
+        return _file_size(path)
+    total = 0
+    for folder, _, files in os.walk(path):  # os.walk skips a folder it can no longer list
+        total += sum(_file_size(Path(folder) / name) for name in files)
+    return total
+
+
+def _file_size(path: Path) -> int:
+    try:
         return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    except FileNotFoundError:
+        return 0
 
 
 def _human(size: float) -> str:

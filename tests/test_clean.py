@@ -74,3 +74,15 @@ def test_clean_lists_then_deletes_only_what_no_run_references(prefect_env, capsy
     # The same config runs again (recomputing what was pruned) and gives the same rewards.
     again = seal_training(config)
     assert again.iterations[0].metrics["reward_mean"] == result.iterations[0].metrics["reward_mean"]
+
+
+def test_sizes_count_what_is_there_and_skip_what_vanished(tmp_path):
+    from flows.clean import _size
+
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "weights.bin").write_bytes(b"x" * 300)
+    (tmp_path / "top.txt").write_bytes(b"y" * 20)
+    # A name listed but gone by the time it is measured, as a run's renamed temporary files are.
+    (tmp_path / "adapter" / "gone.bin").symlink_to(tmp_path / "removed")
+    assert _size(tmp_path) == 320
+    assert _size(tmp_path / "top.txt") == 20
