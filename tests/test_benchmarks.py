@@ -214,3 +214,51 @@ def test_step_scaling_script_times_each_count_and_fits_the_line(seal_home, tmp_p
     assert fit["adapters"] == [1, 3]
     assert fit["fixed_ms_per_step"] + fit["ms_per_row"] == pytest.approx(ms[0])  # two points: the line through them
     assert report["matmul_floor_ms_per_token"] > 0
+
+
+def test_frozen_step_is_the_packed_loss_and_reaches_the_first_layer_without_parameter_gradients(tiny):
+    from benchmarks.step_ceiling import frozen_step
+    from models.lm_loss import token_losses
+    from models.packing import pack_sequences, packed_attention
+
+    model = tiny.model
+    requires_grad = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    reached = []
+    hook = model.get_decoder().layers[0].register_full_backward_hook(lambda *args: reached.append(True))
+    try:
+        batch = pack_sequences([[5, 9, 13, 2, 7], [3, 8, 4]])
+        loss = frozen_step(model, batch)
+        with torch.no_grad(), packed_attention(model):
+            expected = token_losses(model, batch.input_ids, batch.labels, **batch.model_kwargs()).sum().item()
+    finally:
+        hook.remove()
+        model.eval()
+        for p, flag in zip(model.parameters(), requires_grad):
+            p.requires_grad_(flag)
+    assert loss == pytest.approx(expected, rel=1e-5)
+    assert reached  # the backward pass went through every layer, down to the first
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_step_ceiling_script_times_ours_and_the_frozen_model_on_the_same_rows(seal_home, tmp_path, capsys):
+    from benchmarks import step_ceiling
+
+    out = tmp_path / "ceiling.json"
+    assert step_ceiling.main(["--config", str(TINY), "--rows", "1", "2", "--tokens", "12", "--steps", "2",
+                              "--repeats", "1", "--matmul-size", "128", "--json", str(out),
+                              "lora.rank=4", "lora.alpha=8", "inner_loop.lanes=2"]) == 0
+    report = json.loads(out.read_text())
+    printed = capsys.readouterr().out
+    assert report["lanes"] == 2 and report["matmul_peak_gflops"] > 0
+    assert [p["rows_per_lane"] for p in report["points"]] == [1, 2]
+    for point in report["points"]:
+        assert point["ours_ms_per_step"] > 0 and point["frozen_ms_per_step"] > 0
+        tokens = point["tokens_per_row"] * point["rows_per_lane"] * report["lanes"]
+        for method in ("ours", "frozen"):
+            gflops = 4 * report["parameters"] * tokens / (point[f"{method}_ms_per_step"] / 1000) / 1e9
+            assert point[f"{method}_gflops"] == pytest.approx(gflops)
+            assert point[f"{method}_fraction_of_peak"] == pytest.approx(gflops / report["matmul_peak_gflops"])
+        assert point["ours_fraction_of_frozen"] == pytest.approx(point["frozen_ms_per_step"] / point["ours_ms_per_step"])
+        assert f"ours at {point['ours_fraction_of_frozen']:.0%} of the frozen model's rate" in printed
