@@ -42,7 +42,7 @@ import torch  # noqa: E402
 from transformers import PreTrainedModel  # noqa: E402
 
 from benchmarks.inner_loop import COMPARISON, FLOPS_FORMULA, matmul_peak_gflops  # noqa: E402
-from benchmarks.step_scaling import WORDS  # noqa: E402
+from benchmarks.step_scaling import filler_row  # noqa: E402
 from models.base_model import load_model  # noqa: E402
 from models.config import load_config  # noqa: E402
 from models.inner_loop import tokenize_documents  # noqa: E402
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = loaded.model, loaded.tokenizer
     parameters = sum(p.numel() for p in model.parameters())
     peak = matmul_peak_gflops(args.matmul_size, loaded.device, model.dtype)
-    row = " ".join((WORDS * (args.tokens // len(WORDS) + 1))[: args.tokens])
+    row = filler_row(args.tokens)
     (ids,) = tokenize_documents(tokenizer, [row], config.inner_loop.max_length)  # as training tokenizes it
     lanes = config.inner_loop.lanes
     print(f"{config.model.name} ({parameters / 1e6:.1f}M parameters, {config.model.dtype}), "

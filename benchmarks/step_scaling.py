@@ -41,6 +41,11 @@ SETTINGS = [*COMPARISON, "inner_loop.max_batch_tokens=100000"]
 WORDS = "the river floods every spring and its mayor is elected by lot while the old bridge".split()
 
 
+def filler_row(words: int) -> str:
+    """A document of ``words`` words (about as many tokens), :data:`WORDS` repeated."""
+    return " ".join((WORDS * (words // len(WORDS) + 1))[:words])
+
+
 def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
     """Least-squares ``(intercept, slope)`` of ``ys`` against ``xs``."""
     try:
@@ -67,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     loaded = load_model(config.model.name, device=config.model.device, dtype=config.model.dtype)
     parameters = sum(p.numel() for p in loaded.model.parameters())
     peak = matmul_peak_gflops(args.matmul_size, loaded.device, loaded.model.dtype)
-    row = " ".join((WORDS * (args.tokens // len(WORDS) + 1))[: args.tokens])
+    row = filler_row(args.tokens)
     warm = config.inner_loop.model_copy(update={"epochs": 1})
     points = []
     for count in args.adapters:
