@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 from flows.runner import on_runner
 from models.config import SealConfig
+from models.edit_metrics import describe_self_edit
 from models.fewshot.self_edit import check_bounds
 from models.stacked_lora import length_groups
 from tasks import fewshot, knowledge
@@ -40,6 +41,7 @@ class Domain(Protocol):
     name: str
     held_out_title: str  # what ``seal run``/``seal eval`` print above the held-out table
     policy_column: str  # the held-out column that scores the trained policy ("best" alias)
+    edit_measures: tuple[str, ...]  # numeric columns of ``describe``, logged per iteration
 
     def fetch_contexts(self, config: SealConfig, split: str, count: int, seed: int) -> list:
         """``count`` contexts of ``split`` ("train" or "validation"), chosen by ``seed``."""
@@ -58,11 +60,13 @@ class Domain(Protocol):
         no-self-edit adaptation). Returns one object per item with ``adapter`` and ``score``
         futures and ``result()`` -> (AdapterRecord, EvalRecord); ``tag`` goes into task names."""
 
-    def select_self_edits(self, context_id: str, baseline: Any, scores: list):
-        """Rewards and the kept self-edits (``.rewards``, ``.kept_indices``, ``.baseline_accuracy``)."""
+    def select_self_edits(self, config: SealConfig, context_id: str, baseline: Any, scores: list, edits: list):
+        """Rewards and the kept self-edits (``.rewards``, ``.kept_indices``, ``.baseline_accuracy``,
+        ``.failures``) of a context's scored ``edits``."""
 
-    def describe(self, edit: Any) -> dict[str, Any]:
-        """The domain's own columns of a self-edit's row in the iteration table."""
+    def describe(self, context: Any, edit: Any) -> dict[str, Any]:
+        """The domain's own columns of a self-edit's row in the iteration table; those named in
+        ``edit_measures`` are numbers, averaged per iteration into MLflow metrics."""
 
     def evaluate_policy(self, config: SealConfig, policy: PolicyRef, base: PolicyRef):
         """The held-out flow: the paper's table for this domain, as a ``HeldOutResult``."""
@@ -74,6 +78,7 @@ class KnowledgeDomain:
     name = "knowledge"
     held_out_title = "held-out closed-book accuracy (correct/questions):"
     policy_column = "policy_self_edits"
+    edit_measures = ("documents", "tokens", "fact_recall", "answer_coverage", "copied_fraction")
 
     def fetch_contexts(self, config, split, count, seed):
         return knowledge.fetch_contexts(config.data, split, count, seed=seed)
@@ -91,33 +96,41 @@ class KnowledgeDomain:
 
     def inner_loops(self, policy, config, items, tag=""):
         """Groups of ``inner_loop.group_size`` inner loops, each trained and evaluated together
-        through stacked adapters (two tasks per group)."""
-        from flows.training import InnerLoopGroup
+        through stacked adapters (two tasks per group). With ``inner_loop.seeds`` > 1 each item
+        trains once per seed and its result pools theirs (:class:`flows.training.SeedMean`)."""
+        from flows.training import InnerLoopGroup, SeedMean
 
         def submit(group, label, refresh):
             train, evaluate = knowledge.train_adapters, knowledge.evaluate_adapters
             if refresh:
                 train, evaluate = train.with_options(refresh_cache=True), evaluate.with_options(refresh_cache=True)
-            pairs, labels = [(c, e) for c, e, _ in group], [label for _, _, label in group]
-            adapters = train.submit(policy, config.model, pairs, label, labels, config.lora, config.inner_loop)
+            pairs, labels, seeds = [(c, e) for c, e, _, _ in group], [g[2] for g in group], [g[3] for g in group]
+            adapters = train.submit(policy, config.model, pairs, seeds, label, labels, config.lora, config.inner_loop)
             scored = evaluate.submit(policy, config.model, [c for c, _ in pairs], adapters, label, labels, config.eval,
                                      config.inner_loop.lanes)
             return adapters, scored
 
-        members: list = [None] * len(items)
-        for chunk in length_groups([_documents(edit) for _, edit, _ in items], config.inner_loop.group_size):
-            group = [items[i] for i in chunk]
-            contexts = list(dict.fromkeys(c.id for c, _, _ in group))
+        first, count = config.inner_loop.seed, config.inner_loop.seeds
+        seeded = [(c, edit, label if count == 1 else f"{label}-seed{seed}", seed)
+                  for c, edit, label in items for seed in range(first, first + count)]
+        members: list = [None] * len(seeded)
+        for chunk in length_groups([_documents(edit) for _, edit, _, _ in seeded], config.inner_loop.group_size):
+            group = [seeded[i] for i in chunk]
+            contexts = list(dict.fromkeys(c.id for c, *_ in group))
             label = "+".join(contexts) if len(contexts) <= 2 else f"{contexts[0]}+{len(contexts) - 1}"
             for i, member in zip(chunk, InnerLoopGroup(submit, group, f"{label}-{tag}" if tag else label).members):
                 members[i] = member
-        return members
+        if count == 1:
+            return members
+        return [SeedMean(members[i : i + count]) for i in range(0, len(members), count)]
 
-    def select_self_edits(self, context_id, baseline, scores):
-        return knowledge.select_self_edits(context_id, baseline, scores)
+    def select_self_edits(self, config, context_id, baseline, scores, edits):
+        return knowledge.select_self_edits(context_id, baseline, scores, edits, config.reward)
 
-    def describe(self, edit):
-        return {"documents": len(edit.documents)}
+    def describe(self, context, edit):
+        """Length, and what the self-edit carries of the passage (``models/edit_metrics.py``)."""
+        return {"documents": len(edit.documents), "tokens": edit.tokens,
+                **describe_self_edit(edit.text, context.context, context.answers)}
 
     def evaluate_policy(self, config, policy, base):
         from flows.training import evaluate_policy  # flows.training imports this module
@@ -132,6 +145,7 @@ class FewshotDomain:
     held_out_title = ("held-out ARC tasks, the paper's Table 1 (solved/tasks; for the self-edit "
                       "rows solved/self-edits):")
     policy_column = "seal"
+    edit_measures = ("attempts",)
 
     def fetch_contexts(self, config, split, count, seed):
         return fewshot.fetch_arc_tasks(config.fewshot, split, count, seed=seed)
@@ -161,10 +175,10 @@ class FewshotDomain:
 
         return [InnerLoop(policy, config, c, edit, f"{tag}-{label}" if tag else label) for c, edit, label in items]
 
-    def select_self_edits(self, context_id, baseline, scores):
+    def select_self_edits(self, config, context_id, baseline, scores, edits):
         return fewshot.select_self_edits(context_id, baseline, scores)
 
-    def describe(self, edit):
+    def describe(self, context, edit):
         return {"config": edit.config.canonical() if edit.config else None, "attempts": edit.attempts}
 
     def oracle_self_edits(self, config: SealConfig, arc) -> list[ConfigSelfEditRecord]:

@@ -9,7 +9,10 @@ Per held-out ARC task, with the same inner loops as training (``flows.training.I
   (``fewshot.oracle_configs``); the task counts as solved if any of them solves it.
 
 As in the paper, the two self-edit rows count self-edits (solved/K per task), the other two
-count tasks. All test-time training adapts the base model; only who writes the config changes.
+count tasks. The SEAL row adapts the policy that wrote its configs, as the reference code does
+at evaluation (``fewshot.seal_adapts: base`` adapts the base model instead, so that only who
+writes the config changes); the other rows adapt the base model. Each row has a 95 % interval
+from a bootstrap over tasks, and the paired difference SEAL - TTT with base self-edits has one.
 """
 
 from __future__ import annotations
@@ -55,11 +58,12 @@ def _evaluate_fewshot_policy(config: SealConfig, policy: PolicyRef, base: Policy
         else:
             policy_edits = FEWSHOT.sample_self_edits(
                 policy, config, [arc], [seed], k, f"held-out-{policy.name}")[0].result()
-            # The policy writes the config; test-time training still adapts the base model.
-            seal = [InnerLoop(base, config, arc, e, f"policy-edit{e.index}") for e in policy_edits]
+            adapted = policy if config.fewshot.seal_adapts == "policy" else base
+            seal = [InnerLoop(adapted, config, arc, e, f"policy-edit{e.index}") for e in policy_edits]
         oracle = [InnerLoop(base, config, arc, e, f"oracle{e.index}") for e in FEWSHOT.oracle_self_edits(config, arc)]
         submitted.append((arc, in_context, ttt, seal, oracle))
     correct = dict.fromkeys(TABLE_1, 0)
+    counts: dict[str, list[tuple[float, int]]] = {column: [] for column in TABLE_1}
     per_context = []
     for arc, in_context, ttt, seal, oracle in submitted:
         rows = {
@@ -68,12 +72,13 @@ def _evaluate_fewshot_policy(config: SealConfig, policy: PolicyRef, base: Policy
             "seal": [solved(loop.result()[1]) for loop in seal],
             "oracle_solved_by": [solved(loop.result()[1]) for loop in oracle],
         }
-        counts = {"in_context": sum(rows["in_context"]), "ttt_self_edits": sum(rows["ttt_self_edits"]),
+        solved_counts = {"in_context": sum(rows["in_context"]), "ttt_self_edits": sum(rows["ttt_self_edits"]),
                   "seal": sum(rows["seal"]), "oracle_ttt": int(any(rows["oracle_solved_by"]))}
-        for column, count in counts.items():
+        for column, count in solved_counts.items():
             correct[column] += count
+            counts[column].append((count, k if column in ("ttt_self_edits", "seal") else 1))
         per_context.append({
-            "context_id": arc.id, **counts, "self_edits": k,
+            "context_id": arc.id, **solved_counts, "self_edits": k,
             "oracle_solved_by": [i for i, ok in enumerate(rows["oracle_solved_by"]) if ok],
             "seal_configs_valid": sum(1 for loop in seal if loop.result()[0].failure is None),
             # (adapter folder, seconds to train and score it) of every inner loop that ran; equal
@@ -84,4 +89,5 @@ def _evaluate_fewshot_policy(config: SealConfig, policy: PolicyRef, base: Policy
         progress.advance("tasks")
     progress.close()
     totals = {"ttt_self_edits": k * len(tasks), "seal": k * len(tasks)}
-    return HeldOutResult(policy, correct, len(tasks), time.perf_counter() - start, per_context, totals)
+    return HeldOutResult(policy, correct, len(tasks), time.perf_counter() - start, per_context, totals,
+                         counts=counts, comparison=("seal", "ttt_self_edits"))

@@ -11,9 +11,16 @@ Prefect's log lines ("Task run ... Finished") are the plain record.
 
 from __future__ import annotations
 
+import re
 import sys
 
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+
+def artifact_key(name: str) -> str:
+    """``name`` as a Prefect artifact key, which takes only lowercase letters, digits and dashes
+    (``models:/seal-policy@best`` -> ``models-seal-policy-best``)."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unnamed"
 
 
 class Progress:
@@ -21,7 +28,7 @@ class Progress:
         self.totals = dict(totals)
         self.done = dict.fromkeys(totals, 0)
         self.artifact_id = create_progress_artifact(
-            progress=0.0, key=f"progress-{name}",
+            progress=0.0, key=artifact_key(f"progress-{name}"),
             description=f"{name}: " + ", ".join(f"{stage} 0/{total}" for stage, total in totals.items()),
         )
         stream = stream if stream is not None else sys.stderr

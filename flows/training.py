@@ -15,12 +15,19 @@ The algorithm (Zweiger et al. 2025, §3, knowledge incorporation):
     evaluate policy_T on held-out contexts
 
 Departures from the paper, on purpose:
-- Each self-edit is scored with one inner-loop seed, not averaged over 3 (cost).
+- Each self-edit is scored with ``inner_loop.seeds`` training seeds (paper: 3), averaged; the
+  CPU configs use 1 (cost).
+- ``reward.baseline: passage_only`` makes the reward compare against an adapter trained on the
+  passage alone (one more inner loop per context), so a self-edit earns it only by adding to
+  what the passage teaches; ``reward.kind: graded`` logs the accuracy gain instead of 0/1.
+- An empty self-edit trains on the passage alone (the paper's documents then) but is never kept.
 - Ties between self-edits are broken by token F1, then sample index, and recorded.
 - If no self-edit of an iteration beat its baseline, the policy is carried over unchanged.
 - The M-step merges a LoRA (r=64, alpha=128 as in the paper) into a full checkpoint.
-- Held-out evaluation samples one self-edit per context; the baseline columns are the base
-  model's (as in the paper's Table 2), so they are computed once per config.
+- Held-out evaluation samples ``eval.num_self_edits`` self-edits per context (averaged); the
+  baseline columns are the base model's (as in the paper's Table 2), so they are computed once
+  per config. Every column has a 95 % interval from a bootstrap over contexts
+  (``models/stats.py``), and the paired difference policy self-edits - passage only has one too.
 
 The same loop serves the paper's few-shot setting (§4.1, ARC): contexts are ARC tasks, a
 self-edit is a JSON test-time-training config, reward 1 when the adapted model solves the task,
@@ -52,6 +59,7 @@ from flows.runner import SERIAL, on_runner, placement, ray_cluster, with_storage
 from flows.tracking import MlflowTracker, Tracker, default_tracking_uri, find_resumable_run
 from models.base_model import seal_home, weights_digest
 from models.config import SealConfig
+from models.stats import Estimate, accuracy_interval, paired_difference
 from tasks.knowledge import fetch_contexts, resolve_base_policy, update_policy
 from tasks.records import (
     AdapterRecord,
@@ -80,18 +88,32 @@ class IterationResult:
 @dataclass
 class HeldOutResult:
     policy: PolicyRef
-    correct: dict[str, int]  # the table's columns, in order
+    correct: dict[str, float]  # the table's columns, in order (a mean over self-edits and seeds)
     total: int
     seconds: float
     per_context: list[dict] = field(default_factory=list)
     # Columns whose denominator is not ``total`` (few-shot: the self-edit rows count self-edits).
     totals: dict[str, int] = field(default_factory=dict)
+    # Per column, per context: (correct, total), what the intervals resample.
+    counts: dict[str, list[tuple[float, int]]] = field(default_factory=dict)
+    # The paired difference the table reports: (SEAL's column, the column it must beat).
+    comparison: tuple[str, str] | None = None
 
     def total_of(self, column: str) -> int:
         return self.totals.get(column, self.total)
 
     def accuracy(self, column: str) -> float:
         return self.correct[column] / self.total_of(column) if self.total_of(column) else 0.0
+
+    def interval(self, column: str) -> Estimate:
+        """The column's accuracy with a 95 % interval from a bootstrap over contexts."""
+        return accuracy_interval(self.counts[column])
+
+    def difference(self) -> Estimate | None:
+        """``comparison[0]`` minus ``comparison[1]`` on the same contexts, with its 95 % interval."""
+        if self.comparison is None:
+            return None
+        return paired_difference(self.counts[self.comparison[0]], self.counts[self.comparison[1]])
 
 
 OUT_OF_MEMORY = "out of memory"
@@ -171,7 +193,7 @@ class InnerLoopGroup:
             except (InnerLoopOutOfMemory, torch.OutOfMemoryError, MemoryError) as exc:
                 failure = f"{OUT_OF_MEMORY}: {str(exc)[:200]}"
                 self._results = [(AdapterRecord(path=None, failure=failure),
-                                  EvalRecord.failed(context.num_targets, failure)) for context, _, _ in self.items]
+                                  EvalRecord.failed(context.num_targets, failure)) for context, *_ in self.items]
         return self._results
 
 
@@ -189,6 +211,45 @@ class _GroupMember:
 
     def result(self) -> tuple[AdapterRecord, EvalRecord]:
         return self.group.results()[self.index]
+
+
+class SeedMean:
+    """The inner loops of one self-edit under several training seeds (``inner_loop.seeds``),
+    seen by the flows as one inner loop: ``adapter``/``score`` wait for all of them, and
+    ``result()`` pools their scores (accuracy is the mean over seeds)."""
+
+    def __init__(self, members: list) -> None:
+        self.members = members
+
+    @property
+    def adapter(self) -> AllOf:
+        return AllOf([m.adapter for m in self.members])
+
+    @property
+    def score(self) -> AllOf:
+        return AllOf([m.score for m in self.members])
+
+    def result(self) -> tuple[AdapterRecord, EvalRecord]:
+        """The first seed's adapter (with every seed's training time) and the pooled score."""
+        results = [m.result() for m in self.members]
+        adapter = results[0][0].model_copy(update={"seconds": sum(a.seconds for a, _ in results)})
+        return adapter, EvalRecord.pooled([score for _, score in results])
+
+
+class AllOf:
+    """Futures waited on as one: final when all are."""
+
+    def __init__(self, futures: list) -> None:
+        self.futures = futures
+
+    def wait(self, timeout: float | None = None) -> None:
+        for future in self.futures:
+            future.wait(timeout)
+
+    @property
+    def state(self):
+        states = [f.state for f in self.futures]
+        return next((state for state in states if not state.is_final()), states[-1])
 
 
 def verified_policy(make, *args) -> PolicyRef:
@@ -235,38 +296,44 @@ def _run_iteration(config: SealConfig, policy: PolicyRef, iteration: int) -> Ite
         policy, config, contexts, [stable_seed(config.seed, iteration, c.id) for c in contexts],
         config.self_edit.num_samples, label)))
     baselines = dict(zip([c.id for c in contexts], domain.evaluate_baselines(policy, config, contexts, label)))
-    edits = len(contexts) * config.self_edit.num_samples
+    items = [(c, edit, f"edit{edit.index}") for c in contexts for edit in samples[c.id].result()]
+    # reward.baseline=passage_only: one more inner loop per context, on the passage alone.
+    passage_baseline = config.reward.baseline == "passage_only"
+    passages = [(c, None, "passage") for c in contexts] if passage_baseline else []
+    loops = domain.inner_loops(policy, config, items + passages)
+    loops, passage_loops = loops[: len(items)], dict(zip([c.id for c in contexts], loops[len(items) :]))
     progress = Progress(f"iteration-{iteration}", {
-        "sampling": len(contexts), "training": edits, "evaluation": edits + len(contexts)})
-    items = []
-    for c in contexts:
-        items += [(c, edit, f"edit{edit.index}") for edit in samples[c.id].result()]
-        progress.advance("sampling")
-    loops = domain.inner_loops(policy, config, items)
+        "sampling": len(contexts), "training": len(items) + len(passages),
+        "evaluation": len(items) + len(passages) + len(contexts)})
+    progress.advance("sampling", len(contexts))
     scores = {c.id: [loop for (context, _, _), loop in zip(items, loops) if context.id == c.id] for c in contexts}
     for c in contexts:
         baselines[c.id].wait()
         progress.advance("evaluation")
-    for loop in loops:
+    for loop in [*loops, *passage_loops.values()]:
         loop.adapter.wait()
         progress.advance("training")
         loop.score.wait()
         progress.advance("evaluation")
     progress.close()
+    reward_baselines = {c.id: passage_loops[c.id].result()[1] if passage_baseline else baselines[c.id].result()
+                        for c in contexts}
     selections = [
-        domain.select_self_edits(c.id, baselines[c.id].result(), [loop.result()[1] for loop in scores[c.id]])
+        domain.select_self_edits(config, c.id, reward_baselines[c.id], [loop.result()[1] for loop in scores[c.id]],
+                                 samples[c.id].result())
         for c in contexts
     ]
     rows, pairs = [], []
     for c, selection in zip(contexts, selections):
-        for edit, loop, reward in zip(samples[c.id].result(), scores[c.id], selection.rewards):
+        for edit, loop, reward, failure in zip(samples[c.id].result(), scores[c.id], selection.rewards,
+                                               selection.failures):
             adapter, score = loop.result()
             kept = edit.index in selection.kept_indices
             rows.append({
                 "iteration": iteration, "context_id": c.id, "self_edit": edit.index,
                 "reward": reward, "kept": kept,
                 "baseline_accuracy": selection.baseline_accuracy, "accuracy": score.accuracy,
-                "f1": score.mean_f1, **domain.describe(edit), "failure": score.failure,
+                "f1": score.mean_f1, **domain.describe(c, edit), "failure": failure,
                 "train_seconds": adapter.seconds, "eval_seconds": score.seconds,
                 "adapter": adapter.path, "text": edit.text,
             })
@@ -281,9 +348,10 @@ def _run_iteration(config: SealConfig, policy: PolicyRef, iteration: int) -> Ite
     rewards = [r["reward"] for r in rows]
     metrics = {
         "reward_mean": sum(rewards) / len(rewards),
-        "positive_fraction": sum(1 for r in rewards if r) / len(rewards),
+        "positive_fraction": sum(1 for r in rewards if r > 0) / len(rewards),
         "kept_count": float(len(pairs)),
         "baseline_accuracy": sum(s.baseline_accuracy for s in selections) / len(selections),
+        "no_adaptation_accuracy": sum(baselines[c.id].result().accuracy for c in contexts) / len(contexts),
         "adapted_accuracy": sum(r["accuracy"] for r in rows) / len(rows),
         "failed_self_edits": float(sum(1 for r in rows if r["failure"])),
         "train_seconds": sum(r["train_seconds"] for r in rows),
@@ -291,8 +359,20 @@ def _run_iteration(config: SealConfig, policy: PolicyRef, iteration: int) -> Ite
         "ties": float(sum(1 for s in selections if s.tie)),
         "e_step_seconds": e_step_seconds,
         "m_step_seconds": time.perf_counter() - start - e_step_seconds,
+        **edit_measures(rows, domain.edit_measures),
     }
     return IterationResult(iteration, new_policy, selections, rows, metrics)
+
+
+def edit_measures(rows: list[dict], measures: tuple[str, ...]) -> dict[str, float]:
+    """Per-iteration means of the self-edits' measures (``self_edit/<measure>``), and of the
+    kept ones' (``self_edit/kept_<measure>``): what RL changes in the self-edits it keeps."""
+    metrics = {}
+    for prefix, chosen in (("", rows), ("kept_", [r for r in rows if r["kept"]])):
+        for measure in measures:
+            if chosen:
+                metrics[f"self_edit/{prefix}{measure}"] = sum(float(r[measure]) for r in chosen) / len(chosen)
+    return metrics
 
 
 @flow(flow_run_name="held-out-{policy.name}", task_runner=SERIAL)
@@ -313,43 +393,53 @@ def _evaluate_policy(config: SealConfig, policy: PolicyRef, base: PolicyRef) -> 
     contexts = fetch_contexts(config.data, "validation", config.data.num_eval_contexts, seed=config.data.seed)
     progress = Progress(f"held-out-{policy.name}", {"contexts": len(contexts)})
     domain = domain_for(config)
-    # One self-edit per context and column, all contexts sampled in one batched call.
+    # eval.num_self_edits self-edits per context and column, all contexts sampled in one batched call.
+    m = config.eval.num_self_edits
     seeds = [stable_seed(config.seed, "held-out", c.id) for c in contexts]
-    base_edits = domain.sample_self_edits(base, config, contexts, seeds, 1, f"held-out-{base.name}")
+    base_edits = domain.sample_self_edits(base, config, contexts, seeds, m, f"held-out-{base.name}")
     same = policy.digest == base.digest  # before any update both columns are the same work
     policy_edits = base_edits if same else domain.sample_self_edits(
-        policy, config, contexts, seeds, 1, f"held-out-{policy.name}")
+        policy, config, contexts, seeds, m, f"held-out-{policy.name}")
     baselines = domain.evaluate_baselines(base, config, contexts, f"held-out-{base.name}")
+    # Per context: the passage alone, then its m base self-edits.
     base_loops = domain.inner_loops(base, config, [
         item for c, edits in zip(contexts, base_edits)
-        for item in ((c, None, "passage"), (c, edits.result()[0], "base-edit"))
+        for item in [(c, None, "passage")] + [(c, e, f"base-edit{e.index}") for e in edits.result()]
     ], tag="base")
-    policy_loops = base_loops[1::2] if same else domain.inner_loops(
-        policy, config, [(c, edits.result()[0], "policy-edit") for c, edits in zip(contexts, policy_edits)],
-        tag="policy")
+    per_base = [base_loops[i * (m + 1) : (i + 1) * (m + 1)] for i in range(len(contexts))]
+    if same:
+        per_policy = [loops[1:] for loops in per_base]
+    else:
+        policy_loops = domain.inner_loops(policy, config, [
+            (c, e, f"policy-edit{e.index}") for c, edits in zip(contexts, policy_edits) for e in edits.result()
+        ], tag="policy")
+        per_policy = [policy_loops[i * m : (i + 1) * m] for i in range(len(contexts))]
     futures = [
-        {"no_adaptation": baseline, "passage_only": passage, "base_self_edits": base_edit,
-         "policy_self_edits": policy_edit}
-        for baseline, passage, base_edit, policy_edit in zip(baselines, base_loops[0::2], base_loops[1::2], policy_loops)
+        {"no_adaptation": [baseline], "passage_only": loops[:1], "base_self_edits": loops[1:],
+         "policy_self_edits": policy}
+        for baseline, loops, policy in zip(baselines, per_base, per_policy)
     ]
     for i in range(len(contexts)):
         _advance_finished(futures[: i + 1], progress)
         for column in futures[i].values():
-            _wait(column)
-    correct = dict.fromkeys(HELD_OUT_COLUMNS, 0)
+            for future in column:
+                _wait(future)
+    counts: dict[str, list[tuple[float, int]]] = {name: [] for name in HELD_OUT_COLUMNS}
     per_context = []
     for c, columns in zip(contexts, futures):
-        scores: dict[str, EvalRecord] = {
-            name: f.result()[1] if hasattr(f, "adapter") else f.result() for name, f in columns.items()
-        }
-        for name, score in scores.items():
-            correct[name] += score.num_correct
-        per_context.append({"context_id": c.id, "questions": len(c.questions),
-                            **{name: s.num_correct for name, s in scores.items()}})
+        # A column's score on a context: correct answers, averaged over its self-edits and seeds.
+        scores = {name: [f.result()[1] if hasattr(f, "adapter") else f.result() for f in column]
+                  for name, column in columns.items()}
+        means = {name: sum(s.mean_correct for s in records) / len(records) for name, records in scores.items()}
+        for name, mean in means.items():
+            counts[name].append((mean, len(c.questions)))
+        per_context.append({"context_id": c.id, "questions": len(c.questions), **means})
     progress.advance("contexts", len(contexts) - progress.done["contexts"])
     progress.close()
     total = sum(len(c.questions) for c in contexts)
-    return HeldOutResult(policy, correct, total, time.perf_counter() - start, per_context)
+    correct = {name: sum(n for n, _ in column) for name, column in counts.items()}
+    return HeldOutResult(policy, correct, total, time.perf_counter() - start, per_context, counts=counts,
+                         comparison=("policy_self_edits", "passage_only"))
 
 
 def _wait(column) -> None:
@@ -363,27 +453,56 @@ def _advance_finished(submitted: list[dict], progress: Progress) -> None:
         futures = (column.adapter, column.score) if hasattr(column, "adapter") else (column,)
         return all(f.state.is_final() for f in futures)
 
-    done = sum(1 for columns in submitted if all(finished(c) for c in columns.values()))
+    done = sum(1 for columns in submitted if all(finished(f) for c in columns.values() for f in c))
     progress.advance("contexts", done - progress.done["contexts"])
 
 
 def format_held_out(results: list[tuple[str, HeldOutResult]]) -> str:
-    """The held-out table: one row per evaluation, correct/total per column."""
+    """The held-out table: one row per evaluation, correct/total per column with its 95 %
+    interval (a bootstrap over contexts), then the paired difference the domain reports."""
     columns = list(results[0][1].correct)
-    header = f"{'policy':<16}" + "".join(f"{c.replace('_', ' '):>20}" for c in columns)
+    width = 26
+    header = f"{'policy':<16}" + "".join(f"{c.replace('_', ' '):>{width}}" for c in columns)
     lines = [header, "-" * len(header)]
     for label, result in results:
-        cells = "".join(
-            f"{f'{result.correct[c]}/{result.total_of(c)} ({result.accuracy(c):.0%})':>20}" for c in columns
-        )
+        cells = ""
+        for c in columns:
+            cell = f"{result.correct[c]:g}/{result.total_of(c)} {result.accuracy(c):.0%}"
+            if result.counts:
+                estimate = result.interval(c)
+                cell += f" [{estimate.low:.0%},{estimate.high:.0%}]"
+            cells += f"{cell:>{width}}"
         lines.append(f"{label:<16}{cells}")
+    lines.append("(95 % intervals: a bootstrap over held-out contexts)")
+    for label, result in results:
+        difference = result.difference()
+        if difference is not None:
+            first, second = (c.replace("_", " ") for c in result.comparison)
+            lines.append(f"{label}: {first} - {second} = {100 * difference.value:+.1f} points "
+                         f"[{100 * difference.low:+.1f}, {100 * difference.high:+.1f}]"
+                         + ("" if difference.excludes_zero() else " (interval includes 0)"))
     return "\n".join(lines)
 
 
+def held_out_metrics(result: HeldOutResult) -> dict[str, float]:
+    """A held-out result as MLflow metrics: per column its accuracy, counts and interval, and the
+    paired difference (``held_out/difference``) with its interval."""
+    metrics = {}
+    for c in result.correct:
+        metrics |= {f"held_out/{c}": result.accuracy(c), f"held_out/{c}_correct": result.correct[c],
+                    f"held_out/{c}_total": result.total_of(c)}
+        if result.counts:
+            estimate = result.interval(c)
+            metrics |= {f"held_out/{c}_low": estimate.low, f"held_out/{c}_high": estimate.high}
+    difference = result.difference()
+    if difference is not None:
+        metrics |= {"held_out/difference": difference.value, "held_out/difference_low": difference.low,
+                    "held_out/difference_high": difference.high}
+    return metrics
+
+
 def _log_held_out(tracker: Tracker, result: HeldOutResult, step: int) -> None:
-    tracker.log_metrics({f"held_out/{c}": result.accuracy(c) for c in result.correct}, step=step)
-    tracker.log_metrics({f"held_out/{c}_correct": n for c, n in result.correct.items()}, step=step)
-    tracker.log_metrics({f"held_out/{c}_total": result.total_of(c) for c in result.correct}, step=step)
+    tracker.log_metrics(held_out_metrics(result), step=step)
     tracker.log_table(result.per_context, f"held_out/step-{step}.json")
 
 
@@ -436,6 +555,7 @@ def _train(config: SealConfig, tracker: Tracker) -> TrainingResult:
     policy = base
     held_out = [("base", domain.evaluate_policy(config, base, base))]
     _log_held_out(tracker, held_out[-1][1], step=0)
+    get_run_logger().info("%s\n%s", domain.held_out_title, format_held_out(held_out))
     best_score = -1.0  # "best" points at the best evaluated registered version
     version = None  # the registry version of the current policy (None: the base model)
     iterations = []
@@ -466,6 +586,7 @@ def _train(config: SealConfig, tracker: Tracker) -> TrainingResult:
         if last or (config.rl.eval_every and t % config.rl.eval_every == 0):
             held_out.append((policy.name, domain.evaluate_policy(config, policy, base)))
             _log_held_out(tracker, held_out[-1][1], step=t)
+            get_run_logger().info("%s\n%s", domain.held_out_title, format_held_out(held_out))
             score = held_out[-1][1].accuracy(domain.policy_column)
             if version is not None and score > best_score:
                 tracker.set_alias(version, "best")
@@ -483,10 +604,19 @@ def _curves(iterations: list[IterationResult], held_out: list[tuple[str, HeldOut
     figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
     left.plot([r.iteration for r in iterations], [r.metrics["reward_mean"] for r in iterations], marker="o")
     left.set(title="mean reward per iteration", xlabel="iteration", ylabel="reward")
-    for column in held_out[0][1].correct:
-        right.plot(range(len(held_out)), [r.accuracy(column) for _, r in held_out], marker="o",
-                   label=column.replace("_", " "))
-    right.set(title="held-out accuracy", xlabel="evaluation", ylabel="accuracy")
+    steps = range(len(held_out))
+    for offset, column in enumerate(held_out[0][1].correct):
+        values = [r.accuracy(column) for _, r in held_out]
+        if held_out[0][1].counts:
+            estimates = [r.interval(column) for _, r in held_out]
+            errors = [[v - e.low for v, e in zip(values, estimates)], [e.high - v for v, e in zip(values, estimates)]]
+        else:
+            errors = None
+        # Columns side by side at each evaluation, so their error bars do not hide each other.
+        right.errorbar([x + 0.06 * (offset - 1.5) for x in steps], values, yerr=errors, marker="o", capsize=3,
+                       label=column.replace("_", " "))
+    right.set(title="held-out accuracy (95 % intervals)", xlabel="evaluation", ylabel="accuracy",
+              xticks=list(steps), xticklabels=[label for label, _ in held_out])
     right.legend(fontsize=7)
     figure.tight_layout()
     return figure

@@ -104,6 +104,11 @@ class InnerLoopConfig(_Section):
     batch_size: int = Field(1, ge=1, description="Documents per step.")  # paper: 1
     max_length: int = Field(256, ge=8, description="Documents are truncated to this many tokens.")
     seed: int = Field(0, description="Seed of adapter init and document order.")
+    seeds: int = Field(
+        1, ge=1, le=16,
+        description="Training seeds per inner loop (knowledge domain): each self-edit trains this many "
+        "adapters (seed, seed+1, ...) and its reward and held-out scores are their mean (paper: 3).",
+    )
     max_grad_norm: float | None = Field(
         1.0, gt=0,
         description="Each adapter's gradient is scaled down to at most this norm before its update, as "
@@ -152,6 +157,28 @@ class InnerLoopConfig(_Section):
 class EvalConfig(_Section):
     max_new_tokens: int = Field(32, ge=1, description="Answer length budget (greedy).")
     batch_size: int = Field(16, ge=1, description="Questions answered per generate call.")
+    num_self_edits: int = Field(
+        1, ge=1, le=16,
+        description="Self-edits sampled per held-out context for the self-edit columns, which report "
+        "their mean: more of them narrow the interval of the columns SEAL is judged by.",
+    )
+
+
+class RewardConfig(_Section):
+    """What a self-edit's reward measures (knowledge domain; few-shot rewards a solved task)."""
+
+    baseline: Literal["no_adaptation", "passage_only"] = Field(
+        "no_adaptation",
+        description="What the adapted model must beat: 'no_adaptation' (the paper's: the policy's "
+        "closed-book score) or 'passage_only' (an adapter trained on the passage alone, one more "
+        "inner loop per context: the self-edit must add to what the passage teaches).",
+    )
+    kind: Literal["binary", "graded"] = Field(
+        "binary",
+        description="'binary' (the paper's): 1 when the adapted model beats the baseline. 'graded': the "
+        "accuracy gain over the baseline (negative when below). Either way a context keeps its best "
+        "self-edit only if it beats the baseline.",
+    )
 
 
 class PolicyUpdateConfig(_Section):
@@ -286,6 +313,11 @@ class FewshotConfig(_Section):
         "", description="Text the policy's answer is made to start with (e.g. the opening of the "
         "JSON object), for models too small to write JSON unprompted. Paper: none.",
     )
+    seal_adapts: Literal["policy", "base"] = Field(
+        "policy", description="Held-out SEAL row: test-time training adapts the trained policy that "
+        "wrote the configs (the reference code's evaluation) or the base model (only who writes the "
+        "config changes).",
+    )
     voting: bool = Field(
         False, description="Predict under the 8 dihedral views and take the majority grid "
         "(8x the prediction cost).",
@@ -316,6 +348,7 @@ class SealConfig(_Section):
     lora: LoraConfig = Field(default_factory=LoraConfig)
     inner_loop: InnerLoopConfig = Field(default_factory=InnerLoopConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
     policy_update: PolicyUpdateConfig = Field(default_factory=PolicyUpdateConfig)
     rl: RLConfig = Field(default_factory=RLConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
@@ -339,6 +372,12 @@ class SealConfig(_Section):
 
             problems += task_id_problems("train", fewshot.train_task_ids, fewshot.max_grid_size)
             problems += task_id_problems("validation", fewshot.eval_task_ids, fewshot.max_grid_size)
+        if self.domain == "fewshot" and self.reward.baseline != "no_adaptation":
+            problems.append(f"reward.baseline is {self.reward.baseline!r} but the few-shot domain rewards a "
+                            "solved task: use reward.baseline=no_adaptation")
+        if self.domain == "fewshot" and self.inner_loop.seeds != 1:
+            problems.append(f"inner_loop.seeds is {self.inner_loop.seeds} but the few-shot domain trains one "
+                            "adapter per config: use inner_loop.seeds=1")
         problems += self.runner.problems(self.model.device)
         for n, oracle in enumerate(fewshot.oracle_configs):
             lr, epochs = oracle.training.learning_rate, oracle.training.num_train_epochs

@@ -1,7 +1,8 @@
 """ReST-EM's E-step bookkeeping: rewards for self-edits and which ones the M-step keeps.
 
 Reward (paper, Eq. 2) is binary: 1 if adapting with the self-edit beats the policy's
-no-adaptation score on the context's questions. Knowledge incorporation keeps, per context,
+no-adaptation score on the context's questions. The baseline may instead be an adapter trained
+on the passage alone (the self-edit must add to it), and the reward graded: the accuracy gain. Knowledge incorporation keeps, per context,
 the single best self-edit, and only if it beats the baseline (the reference code forgot that
 check). Ties on accuracy are broken by mean token F1, then by sample index, and recorded.
 """
@@ -24,30 +25,41 @@ class Candidate:
     failure: str | None = None
 
 
+RewardKind = Literal["binary", "graded"]
+
+
 @dataclass(frozen=True)
 class Selection:
-    rewards: tuple[int, ...]  # per candidate, in index order
+    rewards: tuple[float, ...]  # per candidate, in index order
     kept: int | None  # index of the kept self-edit
     outcome: Outcome
     tie: bool  # several candidates shared the best accuracy
 
 
-def compute_reward(baseline_accuracy: float, candidate: Candidate) -> int:
-    """1 if the adapted model answered more of the questions than the unadapted one, else 0."""
-    return int(candidate.failure is None and candidate.accuracy > baseline_accuracy)
+def compute_reward(baseline_accuracy: float, candidate: Candidate, kind: RewardKind = "binary") -> float:
+    """``binary``: 1 if the adapted model answered more of the questions than the baseline, else 0.
+    ``graded``: its accuracy minus the baseline's (negative when below). A failed candidate gets 0."""
+    if candidate.failure is not None:
+        return 0.0
+    if kind == "graded":
+        return candidate.accuracy - baseline_accuracy
+    return float(candidate.accuracy > baseline_accuracy)
 
 
-def select_self_edits(baseline_accuracy: float, candidates: list[Candidate]) -> Selection:
+def select_self_edits(baseline_accuracy: float, candidates: list[Candidate], kind: RewardKind = "binary") -> Selection:
     """Rewards for a context's K self-edits and the one the policy update will imitate.
 
     Args:
-        baseline_accuracy: the current policy's closed-book accuracy with no adaptation.
+        baseline_accuracy: the baseline's closed-book accuracy: the current policy with no
+            adaptation, or adapted on the passage alone (``reward.baseline``).
         candidates: the context's scored self-edits (failed ones carry ``failure``).
+        kind: ``binary`` or ``graded`` rewards (see :func:`compute_reward`); the kept self-edit is
+            the same for both.
 
     Returns:
-        Binary rewards, the kept index (None when no self-edit beat the baseline) and why.
+        Rewards, the kept index (None when no self-edit beat the baseline) and why.
     """
-    rewards = tuple(compute_reward(baseline_accuracy, c) for c in candidates)
+    rewards = tuple(compute_reward(baseline_accuracy, c, kind) for c in candidates)
     valid = [c for c in candidates if c.failure is None]
     if not valid:
         return Selection(rewards, None, "no-valid-self-edit", tie=False)

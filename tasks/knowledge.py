@@ -18,7 +18,9 @@ from prefect.tasks import exponential_backoff
 
 from models import inner_loop, policy, rest_em, self_edit
 from models.base_model import load_model, resolve_model, seal_home, weights_digest
-from models.config import DataConfig, EvalConfig, InnerLoopConfig, LoraConfig, ModelConfig, PolicyUpdateConfig, SelfEditConfig
+from models.config import (
+    DataConfig, EvalConfig, InnerLoopConfig, LoraConfig, ModelConfig, PolicyUpdateConfig, RewardConfig, SelfEditConfig,
+)
 from models.knowledge_data import load_contexts, select_contexts
 from tasks.records import (
     AdapterRecord,
@@ -82,18 +84,20 @@ def sample_self_edits(
             kind=config.prompt, num_samples=num_samples, temperature=config.temperature, top_p=config.top_p,
             max_new_tokens=config.max_new_tokens, max_documents=config.max_documents,
         )
+        lengths = [[len(loaded.tokenizer(e.text, add_special_tokens=False).input_ids) for e in samples]
+                   for samples in edits]
     records = []
-    for context, samples in zip(contexts, edits):
+    for context, samples, tokens in zip(contexts, edits, lengths):
         prompt = self_edit.self_edit_prompt(config.prompt, context.title, context.context)
-        records.append([SelfEditRecord(index=i, text=e.text, documents=list(e.documents), prompt=prompt)
-                        for i, e in enumerate(samples)])
+        records.append([SelfEditRecord(index=i, text=e.text, documents=list(e.documents), prompt=prompt, tokens=n)
+                        for i, (e, n) in enumerate(zip(samples, tokens))])
     return records
 
 
 @task(cache_policy=CACHED, persist_result=True, tags=["gpu"], task_run_name="train-adapters-{label}")
 def train_adapters(
     policy_ref: PolicyRef, model: ModelConfig, items: list[tuple[Context, SelfEditRecord | None]],
-    label: str, labels: list[str], lora: LoraConfig, config: InnerLoopConfig,
+    seeds: list[int], label: str, labels: list[str], lora: LoraConfig, config: InnerLoopConfig,
 ) -> list[AdapterRecord]:
     """A fresh LoRA adapter per item, trained on its self-edit plus its context's passage (the
     passage alone when the self-edit is None), all of them together in shared batches through
@@ -102,37 +106,39 @@ def train_adapters(
     (``models/lanes.py``), ``config.slots`` of them at a time. Each is saved under
     ``$SEAL_HOME/adapters`` as soon as it finishes, and its slot takes the next.
 
-    ``label`` names the group's task run, ``labels`` its items (neither is in the cache key).
-    What a self-edit causes is recorded, with reward 0 to follow: no usable line, a non-finite
-    loss. Running out of memory is raised instead (InnerLoopOutOfMemory): the task run fails,
+    ``seeds[i]`` seeds item i's fresh weights and document order (``inner_loop.seeds`` trains
+    an item once per seed). ``label`` names the group's task run, ``labels`` its items (neither
+    is in the cache key).
+    A self-edit with no usable line trains on the passage alone, as the paper's documents (its
+    lines, then the passage) are then; selection never keeps it. A non-finite loss is recorded,
+    with reward 0 to follow. Running out of memory is raised instead (InnerLoopOutOfMemory): the task run fails,
     is not cached, and a rerun tries again."""
     for item_label in labels:
         maybe_fail("train_adapter", item_label)
     records: list[AdapterRecord | None] = [None] * len(items)
-    trainable = []  # (index, documents, folder)
-    for i, (context, edit) in enumerate(items):
-        if edit is not None and not edit.documents:
-            records[i] = AdapterRecord(path=None, failure="empty self-edit: no usable line in the generation")
-            continue
+    trainable = []  # (index, seed, documents, folder)
+    if len(seeds) != len(items):
+        raise ValueError(f"{len(seeds)} seeds for {len(items)} inner loops")
+    for i, ((context, edit), seed) in enumerate(zip(items, seeds)):
         documents = self_edit.training_documents(
             self_edit.SelfEdit(edit.text, tuple(edit.documents)) if edit else None, context.title, context.context
         )
-        key = f"{stable_seed(edit.text if edit else '', lora, config):08x}"
-        trainable.append((i, documents, adapter_dir(seal_home(), policy_ref, context.id, key)))
+        key = f"{stable_seed(edit.text if edit else '', lora, config, seed):08x}"
+        trainable.append((i, seed, documents, adapter_dir(seal_home(), policy_ref, context.id, key)))
     if not trainable:
         return records
     with use_model(policy_ref, model) as loaded:
         stacks = adapter_lanes(loaded, lora, min(len(trainable), config.concurrent), config.lanes)
         try:
             start = time.perf_counter()
-            results = stacks.train([docs for _, docs, _ in trainable], config, [config.seed] * len(trainable),
-                                   folders=[folder for _, _, folder in trainable])
+            results = stacks.train([docs for _, _, docs, _ in trainable], config, [seed for _, seed, _, _ in trainable],
+                                   folders=[folder for _, _, _, folder in trainable])
             seconds = time.perf_counter() - start
         except torch.OutOfMemoryError as exc:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             raise InnerLoopOutOfMemory(f"{label}: {str(exc)[:200]}") from None
-    for (i, _, folder), result in zip(trainable, results):
+    for (i, _, _, folder), result in zip(trainable, results):
         if isinstance(result, inner_loop.NonFiniteLossError):
             records[i] = AdapterRecord(path=None, failure=f"non-finite loss: {result}")
             continue
@@ -193,15 +199,22 @@ def evaluate_baselines(
     return [EvalRecord.of(result) for result in results]
 
 
+EMPTY_SELF_EDIT = "empty self-edit: no usable line in the generation"
+
+
 @task(cache_policy=CACHED, persist_result=True, task_run_name="select-self-edits-{context_id}")
-def select_self_edits(context_id: str, baseline: EvalRecord, scores: list[EvalRecord]) -> SelectionRecord:
-    """Binary rewards and the best self-edit that beat the baseline, if any."""
-    candidates = [rest_em.Candidate(i, s.accuracy, s.mean_f1, s.failure) for i, s in enumerate(scores)]
-    selection = rest_em.select_self_edits(baseline.accuracy, candidates)
+def select_self_edits(context_id: str, baseline: EvalRecord, scores: list[EvalRecord], edits: list[SelfEditRecord],
+                      reward: RewardConfig) -> SelectionRecord:
+    """Rewards (``reward.kind``) against ``baseline`` (``reward.baseline``'s score) and the best
+    self-edit that beat it, if any. An empty self-edit earns 0 and is never kept: the policy
+    would learn to write nothing."""
+    candidates = [rest_em.Candidate(i, s.accuracy, s.mean_f1, s.failure or (None if e.documents else EMPTY_SELF_EDIT))
+                  for i, (s, e) in enumerate(zip(scores, edits, strict=True))]
+    selection = rest_em.select_self_edits(baseline.accuracy, candidates, reward.kind)
     return SelectionRecord(
         context_id=context_id, baseline_accuracy=baseline.accuracy,
         accuracies=[s.accuracy for s in scores], rewards=list(selection.rewards),
-        failures=[s.failure for s in scores], kept=selection.kept, outcome=selection.outcome,
+        failures=[c.failure for c in candidates], kept=selection.kept, outcome=selection.outcome,
         tie=selection.tie,
     )
 

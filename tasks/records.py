@@ -44,6 +44,7 @@ class SelfEditRecord(_Record):
     text: str
     documents: list[str]
     prompt: str  # the raw self-edit prompt, what the policy update trains on
+    tokens: int = 0  # the generation's length in tokens
 
     @property
     def digest(self) -> str:
@@ -78,6 +79,21 @@ class EvalRecord(_Record):
     f1: list[float]
     seconds: float = 0.0
     failure: str | None = None
+    runs: int = 1  # inner loops pooled here (training seeds): each question appears once per run
+
+    @classmethod
+    def pooled(cls, records: list[EvalRecord]) -> EvalRecord:
+        """One score of several runs on the same questions (one per training seed): accuracy and
+        F1 are their means, and a failure of any run is the pooled failure."""
+        return cls(predictions=[p for r in records for p in r.predictions],
+                   correct=[c for r in records for c in r.correct], f1=[f for r in records for f in r.f1],
+                   seconds=sum(r.seconds for r in records), runs=sum(r.runs for r in records),
+                   failure=next((r.failure for r in records if r.failure), None))
+
+    @property
+    def mean_correct(self) -> float:
+        """Questions answered correctly, averaged over the pooled runs."""
+        return self.num_correct / self.runs
 
     @classmethod
     def of(cls, result) -> EvalRecord:
@@ -107,7 +123,7 @@ class SelectionRecord(_Record):
     context_id: str
     baseline_accuracy: float
     accuracies: list[float]
-    rewards: list[int]
+    rewards: list[float]  # binary (0/1) or graded (the accuracy gain), as reward.kind says
     failures: list[str | None]
     kept: int | None
     outcome: str
@@ -155,7 +171,7 @@ class SolvedSelectionRecord(_Record):
     context_id: str
     baseline_accuracy: float
     accuracies: list[float]
-    rewards: list[int]
+    rewards: list[float]  # binary (0/1) or graded (the accuracy gain), as reward.kind says
     failures: list[str | None]
     kept: list[int]
     outcome: str

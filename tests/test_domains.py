@@ -16,10 +16,20 @@ def test_the_config_picks_the_domain(name, domain):
 
 
 def test_each_domain_describes_its_own_self_edits():
-    knowledge_edit = SelfEditRecord(index=0, text="a\nb", documents=["a", "b"], prompt="p")
-    assert KNOWLEDGE.describe(knowledge_edit) == {"documents": 2}
+    from tasks.records import ArcTask, Context
+
+    context = Context(id="c", title="T", context="Orvanne Kelthrop founded the guild in 1873.",
+                      questions=["Who founded it?", "When?"], answers=[["Orvanne Kelthrop"], ["1873"]])
+    knowledge_edit = SelfEditRecord(index=0, text="Kelthrop founded\nthe guild in 1873 long ago", prompt="p",
+                                    documents=["Kelthrop founded", "the guild in 1873 long ago"], tokens=9)
+    described = KNOWLEDGE.describe(context, knowledge_edit)
+    assert {k: described[k] for k in ("documents", "tokens", "answer_coverage")} == {
+        "documents": 2, "tokens": 9, "answer_coverage": 0.5}
+    assert described["fact_recall"] == pytest.approx(2 / 3)  # Kelthrop, 1873; not Orvanne
+    assert set(described) == {"documents", "tokens", *KNOWLEDGE.edit_measures}
+    arc = ArcTask(id="t", train_inputs=[[[1]]], train_outputs=[[[2]]], test_inputs=[[[1]]], test_outputs=[[[2]]])
     invalid = ConfigSelfEditRecord(index=0, text="{", prompt="p", config=None, failure="invalid JSON", attempts=3)
-    assert FEWSHOT.describe(invalid) == {"config": None, "attempts": 3}
+    assert FEWSHOT.describe(arc, invalid) == {"config": None, "attempts": 3}
 
 
 def test_kept_indices_read_the_same_in_both_domains():

@@ -29,3 +29,18 @@ def test_reward_is_binary_improvement_over_the_baseline():
     assert compute_reward(0.2, C(0, 0.4, 0.0)) == 1
     assert compute_reward(0.4, C(0, 0.4, 1.0)) == 0
     assert compute_reward(0.0, C(0, 1.0, 1.0, failure="oom")) == 0
+
+
+GRADED = [
+    # name, baseline, candidates, rewards, kept
+    ("gain is the reward", 0.2, [C(0, 0.6, 0.5), C(1, 0.4, 0.9)], (0.4, 0.2), 0),
+    ("below the baseline is negative", 0.5, [C(0, 0.25, 0.5)], (-0.25,), None),
+    ("failed is zero, not negative", 0.5, [C(0, 0.0, 0.0, "non-finite loss"), C(1, 0.75, 0.1)], (0.0, 0.25), 1),
+]
+
+
+@pytest.mark.parametrize("name, baseline, candidates, rewards, kept", GRADED, ids=[c[0] for c in GRADED])
+def test_graded_rewards_keep_what_binary_keeps(name, baseline, candidates, rewards, kept):
+    graded = select_self_edits(baseline, candidates, kind="graded")
+    assert graded.rewards == pytest.approx(rewards) and graded.kept == kept
+    assert select_self_edits(baseline, candidates).kept == kept

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from models import inner_loop
-from models.config import EvalConfig, InnerLoopConfig, LoraConfig, ModelConfig
+from models.config import EvalConfig, InnerLoopConfig, LoraConfig, ModelConfig, RewardConfig
 from tasks import knowledge
 from tasks.records import Context, SelfEditRecord
 
@@ -23,9 +23,11 @@ def base(seal_home):
     return knowledge.resolve_base_policy.fn(MODEL)
 
 
-def _train(base, edits, labels=None, lora=LORA, config=TRAIN):
+def _train(base, edits, labels=None, lora=LORA, config=TRAIN, seeds=None):
     labels = labels or [f"edit{i}" for i in range(len(edits))]
-    return knowledge.train_adapters.fn(base, MODEL, [(CONTEXT, e) for e in edits], "ctx1", labels, lora, config)
+    seeds = seeds or [config.seed] * len(edits)
+    return knowledge.train_adapters.fn(base, MODEL, [(CONTEXT, e) for e in edits], seeds, "ctx1", labels, lora,
+                                       config)
 
 
 def _evaluate(base, adapters):
@@ -97,7 +99,7 @@ def test_a_non_finite_loss_is_recorded_and_scores_zero(base, monkeypatch):
     scores = _evaluate(base, adapters)
     assert scores[0].correct == [False, False] and scores[0].failure == adapters[0].failure
     assert scores[1].failure is None and len(scores[1].predictions) == 2
-    selection = knowledge.select_self_edits.fn("ctx1", scores[1], scores[:1])
+    selection = knowledge.select_self_edits.fn("ctx1", scores[1], scores[:1], [EDIT], RewardConfig())
     assert selection.rewards == [0] and selection.kept is None and selection.outcome == "no-valid-self-edit"
 
 
@@ -127,11 +129,29 @@ def test_a_missing_or_altered_adapter_is_stale_not_loaded(base):
         _evaluate(base, [adapter])
 
 
-def test_an_empty_self_edit_is_not_trained(base):
+def test_an_empty_self_edit_trains_on_the_passage_and_is_never_kept(base):
+    from tasks.records import EvalRecord
+
     empty = SelfEditRecord(index=1, text="!!!", documents=[], prompt="p")
-    adapters = _train(base, [empty, EDIT])
-    assert adapters[0].failure.startswith("empty self-edit") and adapters[0].path is None
+    adapters = _train(base, [empty, EDIT, None])
+    assert adapters[0].failure is None and adapters[0].steps == 1  # the passage, as passage-only trains
+    assert adapters[0].mean_loss == pytest.approx(adapters[2].mean_loss, rel=1e-5)
     assert adapters[1].failure is None and adapters[1].steps == 2
+    perfect, none = EvalRecord(predictions=["a"], correct=[True], f1=[1.0]), EvalRecord(predictions=["b"], correct=[False], f1=[0.0])
+    selection = knowledge.select_self_edits.fn("ctx1", none, [perfect, perfect], [empty, EDIT], RewardConfig())
+    assert selection.rewards == [0.0, 1.0] and selection.kept == 1
+    assert selection.failures[0].startswith("empty self-edit")
+
+
+@pytest.mark.parametrize("seeds", [[0, 1], [5, 5]])
+def test_training_seeds_give_their_own_adapters(base, seeds):
+    adapters = _train(base, [EDIT, EDIT], seeds=seeds)
+    distinct = seeds[0] != seeds[1]
+    assert (adapters[0].path != adapters[1].path) == distinct
+    assert (adapters[0].digest != adapters[1].digest) == distinct
+    # Seed s in a group trains what seed s alone trains (up to round-off).
+    alone = _train(base, [EDIT], config=TRAIN.model_copy(update={"seed": seeds[1]}), seeds=[seeds[1]])[0]
+    assert alone.mean_loss == pytest.approx(adapters[1].mean_loss, rel=1e-5)
 
 
 def test_a_failed_eval_record_scores_every_question_zero():

@@ -90,8 +90,17 @@ def test_seal_run_then_eval_a_registered_policy(prefect_env, capsys):
     assert "held-out closed-book accuracy" in out and "no adaptation" in out
     assert "mlflow ui --backend-store-uri" in out and "prefect server start" in out
 
-    assert main(["eval", str(TINY), "base", *data]) == 0
-    assert "policy self edits" in capsys.readouterr().out
+    # Every documented form of POLICY evaluates: base, a folder, a registry URI (whose name is no
+    # valid Prefect artifact key as it is).
+    folder = next(line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("final policy: "))
+    tables = {}
+    for policy in ("base", folder, "models:/seal-policy@best", "models:/seal-policy@latest"):
+        assert main(["eval", str(TINY), policy, *data]) == 0, policy
+        printed = capsys.readouterr().out
+        assert "policy self edits" in printed and "[" in printed and "policy self edits - passage only" in printed
+        tables[policy] = printed.split("\n", 1)[1]
+    # The registered policy is the folder the run trained.
+    assert tables[folder].split("\n", 3)[2].split(None, 1)[1] == tables["models:/seal-policy@best"].split("\n", 3)[2].split(None, 1)[1]
     assert main(["eval", str(TINY), "models:/no-such-policy@best", *data]) == 2
     assert "no-such-policy" in capsys.readouterr().err
 

@@ -1,0 +1,96 @@
+"""Intervals for held-out scores whose questions come in correlated groups (one context each).
+
+The questions of one passage (or the self-edits of one ARC task) succeed or fail together: an
+adapter that learned the passage answers several of them. A binomial interval over questions
+would be too narrow, so the unit resampled here is the context (a cluster bootstrap): each
+replicate draws contexts with replacement and recomputes the pooled accuracy. A paired
+difference between two columns resamples the same contexts for both, so what the contexts
+share cancels out.
+
+    >>> interval = accuracy_interval([(2, 5), (0, 4), (5, 5)])
+    >>> difference = paired_difference([(2, 5), (0, 4)], [(1, 5), (0, 4)])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+Counts = Sequence[tuple[float, float]]  # per context: (correct, total); correct may be a seed mean
+
+REPLICATES = 4000
+LEVEL = 0.95
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A pooled accuracy (or a difference of two) with its percentile bootstrap interval."""
+
+    value: float
+    low: float
+    high: float
+
+    def excludes_zero(self) -> bool:
+        return self.low > 0 or self.high < 0
+
+    def __str__(self) -> str:
+        return f"{self.value:.1%} [{self.low:.1%}, {self.high:.1%}]"
+
+
+def accuracy_interval(counts: Counts, replicates: int = REPLICATES, seed: int = 0) -> Estimate:
+    """Pooled accuracy ``sum(correct) / sum(total)`` with a 95 % cluster-bootstrap interval.
+
+    Args:
+        counts: per context, (correct, total); ``correct`` may be fractional (a mean over seeds).
+        replicates: bootstrap replicates (fixed ``seed``: the same counts give the same interval).
+
+    Returns:
+        The estimate; with no questions, 0 with the interval [0, 1].
+    """
+    correct, total = _arrays(counts)
+    if total.sum() == 0:
+        return Estimate(0.0, 0.0, 1.0)
+    picks = _picks(len(total), replicates, seed)
+    return _estimate(correct.sum() / total.sum(), _ratio(correct, total, picks))
+
+
+def paired_difference(first: Counts, second: Counts, replicates: int = REPLICATES, seed: int = 0) -> Estimate:
+    """Accuracy of ``first`` minus that of ``second`` on the same contexts (in the same order),
+    with a 95 % cluster-bootstrap interval that resamples contexts for both at once.
+
+    Raises:
+        ValueError: if the two columns do not cover the same number of contexts.
+    """
+    if len(first) != len(second):
+        raise ValueError(f"a paired difference needs the same contexts: {len(first)} against {len(second)}")
+    a, na = _arrays(first)
+    b, nb = _arrays(second)
+    if na.sum() == 0 or nb.sum() == 0:
+        return Estimate(0.0, -1.0, 1.0)
+    picks = _picks(len(na), replicates, seed)
+    value = a.sum() / na.sum() - b.sum() / nb.sum()
+    return _estimate(value, _ratio(a, na, picks) - _ratio(b, nb, picks))
+
+
+def _arrays(counts: Counts) -> tuple[np.ndarray, np.ndarray]:
+    array = np.asarray(counts, dtype=np.float64).reshape(-1, 2)
+    return array[:, 0], array[:, 1]
+
+
+def _picks(contexts: int, replicates: int, seed: int) -> np.ndarray:
+    """(replicates, contexts) indices of contexts drawn with replacement."""
+    return np.random.default_rng(seed).integers(0, contexts, size=(replicates, contexts))
+
+
+def _ratio(correct: np.ndarray, total: np.ndarray, picks: np.ndarray) -> np.ndarray:
+    totals = total[picks].sum(1)
+    # A replicate that drew only contexts without questions has no accuracy: count it as 0.
+    return np.divide(correct[picks].sum(1), totals, out=np.zeros(len(picks)), where=totals > 0)
+
+
+def _estimate(value: float, replicates: np.ndarray) -> Estimate:
+    tail = (1 - LEVEL) / 2 * 100
+    low, high = np.percentile(replicates, [tail, 100 - tail])
+    return Estimate(float(value), float(low), float(high))

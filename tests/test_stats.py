@@ -1,0 +1,46 @@
+"""Cluster-bootstrap intervals over contexts: what the held-out tables report."""
+
+import pytest
+
+from models.stats import accuracy_interval, paired_difference
+
+
+def test_the_interval_holds_the_pooled_accuracy_and_is_reproducible():
+    counts = [(2, 5), (0, 4), (5, 5), (1, 5), (3, 5)]
+    estimate = accuracy_interval(counts)
+    assert estimate.value == pytest.approx(11 / 24)
+    assert estimate.low < estimate.value < estimate.high
+    assert accuracy_interval(counts) == estimate  # a fixed seed: the same table prints the same
+
+
+def test_correlated_questions_widen_the_interval():
+    # The same 10/20 correct, as 2 contexts all-or-nothing or as 2 contexts half right each time:
+    # the clustered one knows less.
+    clustered = accuracy_interval([(10, 10), (0, 10)] * 5)
+    spread = accuracy_interval([(5, 10), (5, 10)] * 5)
+    assert clustered.value == spread.value == 0.5
+    assert clustered.high - clustered.low > spread.high - spread.low == 0.0
+
+
+CASES = [
+    # name, first, second, value, excludes zero
+    ("always one more", [(3, 5), (2, 5), (4, 5), (1, 5)] * 3, [(2, 5), (1, 5), (3, 5), (0, 5)] * 3, 0.2, True),
+    ("no difference", [(3, 5), (1, 5)] * 4, [(3, 5), (1, 5)] * 4, 0.0, False),
+    ("mixed", [(3, 5), (0, 5), (2, 5), (1, 5)], [(2, 5), (1, 5), (2, 5), (1, 5)], 0.0, False),
+    ("always less", [(0, 4), (1, 4)] * 5, [(2, 4), (3, 4)] * 5, -0.5, True),
+]
+
+
+@pytest.mark.parametrize("name, first, second, value, excludes_zero", CASES, ids=[c[0] for c in CASES])
+def test_paired_difference(name, first, second, value, excludes_zero):
+    difference = paired_difference(first, second)
+    assert difference.value == pytest.approx(value)
+    assert difference.low <= difference.value <= difference.high
+    assert difference.excludes_zero() == excludes_zero
+
+
+def test_fractional_counts_and_empty_columns():
+    assert accuracy_interval([(1.5, 5), (2.5, 5)]).value == pytest.approx(0.4)  # means over seeds
+    assert (accuracy_interval([]).low, accuracy_interval([]).high) == (0.0, 1.0)
+    with pytest.raises(ValueError, match="same contexts"):
+        paired_difference([(1, 2)], [(1, 2), (0, 2)])
