@@ -9,11 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import flow
+from prefect.runtime import flow_run
 
-from flows.tracking import default_tracking_uri, resolve_policy_uri
+from flows.tracking import MlflowTracker, default_tracking_uri, resolve_policy_uri
 from flows.domains import domain_for
 from flows.runner import ray_cluster, with_storage
-from flows.training import HeldOutResult, verified_policy
+from flows.training import HeldOutResult, held_out_metrics, verified_policy
 from models.base_model import ModelNotFoundError, resolve_model, seal_home
 from models.config import SealConfig
 from tasks.knowledge import resolve_base_policy
@@ -41,7 +42,22 @@ def resolve_policy(policy: str, base: PolicyRef) -> PolicyRef:
 def seal_evaluation(config: SealConfig, policy: str = "base") -> HeldOutResult:
     """Score ``policy`` on held-out contexts. Knowledge: no adaptation, passage only, passage +
     self-edits from the base model, passage + self-edits from the policy. Few-shot (Table 1):
-    in-context learning, TTT with the base model's self-edits, SEAL (the policy's), oracle TTT."""
+    in-context learning, TTT with the base model's self-edits, SEAL (the policy's), oracle TTT.
+
+    The table (each column with its interval, and the paired difference) is logged to an MLflow
+    run of its own, tagged with the policy it scored."""
     base = verified_policy(with_storage(resolve_base_policy, config.runner), config.model)
+    resolved = resolve_policy(policy, base)
     with ray_cluster(config.runner):
-        return domain_for(config).evaluate_policy(config, resolve_policy(policy, base), base)
+        result = domain_for(config).evaluate_policy(config, resolved, base)
+    tracker = MlflowTracker(
+        default_tracking_uri(seal_home()), config.tracking.experiment, config.tracking.registered_model,
+        run_name=f"eval-{resolved.name}",
+        tags={"prefect.flow_run_id": str(flow_run.id), "seal.evaluated_policy": policy,
+              "seal.policy_digest": resolved.digest, "seal.config_digest": config.digest()},
+    )
+    tracker.log_params(config.flat())
+    tracker.log_metrics(held_out_metrics(result), step=0)
+    tracker.log_table(result.per_context, "held_out/evaluation.json")
+    tracker.finish("FINISHED")
+    return result

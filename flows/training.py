@@ -467,7 +467,7 @@ def format_held_out(results: list[tuple[str, HeldOutResult]]) -> str:
     for label, result in results:
         cells = ""
         for c in columns:
-            cell = f"{result.correct[c]:g}/{result.total_of(c)} {result.accuracy(c):.0%}"
+            cell = f"{result.correct[c]:g}/{result.total_of(c)} ({result.accuracy(c):.0%})"
             if result.counts:
                 estimate = result.interval(c)
                 cell += f" [{estimate.low:.0%},{estimate.high:.0%}]"

@@ -101,6 +101,16 @@ def test_seal_run_then_eval_a_registered_policy(prefect_env, capsys):
         tables[policy] = printed.split("\n", 1)[1]
     # The registered policy is the folder the run trained.
     assert tables[folder].split("\n", 3)[2].split(None, 1)[1] == tables["models:/seal-policy@best"].split("\n", 3)[2].split(None, 1)[1]
+    # Each evaluation is an MLflow run with the table's intervals and the paired difference.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{prefect_env}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("cli").experiment_id],
+                              "tags.`seal.evaluated_policy` = 'models:/seal-policy@best'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    metrics = runs[0].data.metrics
+    assert metrics["held_out/policy_self_edits_low"] <= metrics["held_out/policy_self_edits"]
+    assert metrics["held_out/difference_low"] <= metrics["held_out/difference"] <= metrics["held_out/difference_high"]
     assert main(["eval", str(TINY), "models:/no-such-policy@best", *data]) == 2
     assert "no-such-policy" in capsys.readouterr().err
 
@@ -126,3 +136,46 @@ def test_progress_draws_bars_only_on_a_terminal(prefect_env):
     drawn.close()
     assert plain.getvalue() == ""
     assert "test-terminal training" in terminal.getvalue() and "2/2" in terminal.getvalue()
+
+
+def test_seeds_passage_only_rewards_and_several_held_out_self_edits(prefect_env):
+    import os
+    from pathlib import Path
+
+    from mlflow import MlflowClient
+
+    from flows.training import seal_training
+    from models.config import load_config
+
+    config = load_config(TINY, [
+        "data.source=squad", f"data.path={_squad(prefect_env / 'squad-variants.json')}",
+        "data.num_train_contexts=2", "data.num_eval_contexts=2", "self_edit.num_samples=2",
+        "rl.iterations=1", "inner_loop.epochs=8", "inner_loop.learning_rate=3e-2", "inner_loop.seeds=2",
+        "reward.baseline=passage_only", "reward.kind=graded", "eval.num_self_edits=2",
+        "tracking.experiment=variants", "tracking.registered_model=variants-policy",
+    ])
+    adapters = Path(os.environ["SEAL_HOME"]) / "adapters"
+
+    def folders() -> set[Path]:  # other tests share SEAL_HOME and these context ids
+        return {p for p in adapters.glob("*/*/*") if not p.name.startswith(".")} if adapters.exists() else set()
+
+    before = folders()
+    result = seal_training(config)
+    made = folders() - before
+    (iteration,) = result.iterations
+    # The reward's baseline is the passage-only adapter, which the tiny model learns "zq" from.
+    assert iteration.metrics["baseline_accuracy"] > iteration.metrics["no_adaptation_accuracy"]
+    for row in iteration.rows:
+        assert row["reward"] == row["accuracy"] - row["baseline_accuracy"]  # graded: the gain
+    # Two seeds per inner loop: per training context 2 self-edits and the passage, twice each.
+    base = result.held_out[0][1].policy
+    for context_id in {row["context_id"] for row in iteration.rows}:
+        assert len([p for p in made if p.parent == adapters / base.digest / context_id]) == 6
+    # Held out: two self-edits per context and column, averaged; each column has its interval.
+    for _, held_out in result.held_out:
+        assert all(len(counts) == 2 for counts in held_out.counts.values())
+        assert held_out.difference() is not None
+    run = MlflowClient(f"sqlite:///{prefect_env}/mlflow.db").get_run(result.run_id)
+    for name in ("self_edit/documents", "self_edit/tokens", "self_edit/fact_recall", "self_edit/answer_coverage",
+                 "self_edit/copied_fraction", "held_out/difference", "held_out/passage_only_high"):
+        assert name in run.data.metrics, name
