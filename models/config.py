@@ -101,6 +101,12 @@ class LoraConfig(_Section):
 class InnerLoopConfig(_Section):
     learning_rate: float = Field(1e-3, gt=0, le=1, description="Adapter learning rate.")  # paper
     epochs: int = Field(10, ge=1, le=100, description="Passes over the self-edit.")  # paper: 10
+    self_edit_epochs: int | None = Field(
+        None, ge=1, le=100,
+        description="Passes over the self-edit's documents, the passage keeping ``epochs``: all of them "
+        "in one shuffled pass (None: the paper's, ``epochs`` passes over the self-edit and the passage "
+        "alike). Fewer keep a small model's wrong self-edits from drowning the passage.",
+    )
     batch_size: int = Field(1, ge=1, description="Documents per step.")  # paper: 1
     max_length: int = Field(256, ge=8, description="Documents are truncated to this many tokens.")
     seed: int = Field(0, description="Seed of adapter init and document order.")

@@ -16,7 +16,7 @@ from models.base_model import LoadedModel
 from models.config import SealConfig
 from models.inner_loop import EvalResult, evaluate_adapter, fresh_adapter, train_adapter
 from models.knowledge_data import load_contexts, select_contexts
-from models.self_edit import SelfEdit, sample_self_edits, training_documents
+from models.self_edit import SelfEdit, inner_loop_plan, sample_self_edits
 
 CONDITIONS = ("no_adaptation", "passage_only", "passage_self_edit")
 
@@ -31,12 +31,14 @@ class DemoRow:
 
 
 def adapt_and_evaluate(
-    loaded: LoadedModel, documents: list[str], questions: list[str], answers: list[list[str]],
-    config: SealConfig,
+    loaded: LoadedModel, self_edit: SelfEdit | None, context: dict, config: SealConfig,
 ) -> EvalResult:
-    """One inner loop: fresh adapter, train on ``documents``, evaluate, remove the adapter."""
+    """One inner loop: fresh adapter, train on the self-edit and the passage (the passage alone
+    for ``None``), evaluate on the context's questions, remove the adapter."""
+    documents, plan = inner_loop_plan(self_edit, context["title"], context["context"], config.inner_loop)
+    questions, answers = context["questions"], context["answers"]
     with fresh_adapter(loaded.model, config.lora, seed=config.inner_loop.seed) as adapted:
-        train_adapter(adapted, loaded.tokenizer, documents, config.inner_loop)
+        train_adapter(adapted, loaded.tokenizer, documents, plan)
         return evaluate_adapter(adapted, loaded.tokenizer, questions, answers, config.eval)
 
 
@@ -67,9 +69,7 @@ def run_inner_loop_demo(
         start = time.perf_counter()
         baseline = evaluate_adapter(loaded.model, loaded.tokenizer, questions, answers, config.eval)
         t_base = time.perf_counter()
-        passage = adapt_and_evaluate(
-            loaded, training_documents(None, ctx["title"], ctx["context"]), questions, answers, config
-        )
+        passage = adapt_and_evaluate(loaded, None, ctx, config)
         t_passage = time.perf_counter()
         (self_edit,) = sample_self_edits(
             loaded.model,
@@ -85,9 +85,7 @@ def run_inner_loop_demo(
             seed=config.seed + index,
         )
         t_sample = time.perf_counter()
-        edited = adapt_and_evaluate(
-            loaded, training_documents(self_edit, ctx["title"], ctx["context"]), questions, answers, config
-        )
+        edited = adapt_and_evaluate(loaded, self_edit, ctx, config)
         t_edit = time.perf_counter()
         row = DemoRow(
             context_id=ctx["id"],

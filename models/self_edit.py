@@ -24,6 +24,8 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from models.config import InnerLoopConfig
+
 # The paper's prompts (SEAL §4.2 and its reference code).
 SELF_EDIT_PROMPTS = {
     "implications": (
@@ -311,6 +313,25 @@ def parse_self_edit(text: str, max_documents: int = 16) -> tuple[str, ...]:
         if len(documents) == max_documents:
             break
     return tuple(documents)
+
+
+def inner_loop_plan(self_edit: SelfEdit | None, title: str, context: str,
+                    config: InnerLoopConfig) -> tuple[list[str], InnerLoopConfig]:
+    """What an inner loop trains on, and with which settings.
+
+    With ``config.self_edit_epochs`` unset (the paper's), :func:`training_documents` for
+    ``config.epochs`` passes. Set to k, the self-edit's documents k times and the passage
+    ``config.epochs`` times, in one shuffled pass: the passage gets the steps passage-only
+    training gives it, the self-edit k steps per document on top.
+
+    Returns:
+        The documents and the config to train them with (the same for every self-edit).
+    """
+    documents = training_documents(self_edit, title, context)
+    if config.self_edit_epochs is None:
+        return documents, config
+    *lines, passage = documents
+    return lines * config.self_edit_epochs + [passage] * config.epochs, config.model_copy(update={"epochs": 1})
 
 
 def training_documents(self_edit: SelfEdit | None, title: str, context: str) -> list[str]:

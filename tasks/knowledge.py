@@ -120,8 +120,9 @@ def train_adapters(
     if len(seeds) != len(items):
         raise ValueError(f"{len(seeds)} seeds for {len(items)} inner loops")
     for i, ((context, edit), seed) in enumerate(zip(items, seeds)):
-        documents = self_edit.training_documents(
-            self_edit.SelfEdit(edit.text, tuple(edit.documents)) if edit else None, context.title, context.context
+        documents, plan = self_edit.inner_loop_plan(
+            self_edit.SelfEdit(edit.text, tuple(edit.documents)) if edit else None, context.title, context.context,
+            config,
         )
         key = f"{stable_seed(edit.text if edit else '', lora, config, seed):08x}"
         trainable.append((i, seed, documents, adapter_dir(seal_home(), policy_ref, context.id, key)))
@@ -131,7 +132,7 @@ def train_adapters(
         stacks = adapter_lanes(loaded, lora, min(len(trainable), config.concurrent), config.lanes)
         try:
             start = time.perf_counter()
-            results = stacks.train([docs for _, _, docs, _ in trainable], config, [seed for _, seed, _, _ in trainable],
+            results = stacks.train([docs for _, _, docs, _ in trainable], plan, [seed for _, seed, _, _ in trainable],
                                    folders=[folder for _, _, _, folder in trainable])
             seconds = time.perf_counter() - start
         except torch.OutOfMemoryError as exc:

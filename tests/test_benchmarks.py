@@ -262,3 +262,22 @@ def test_step_ceiling_script_times_ours_and_the_frozen_model_on_the_same_rows(se
             assert point[f"{method}_fraction_of_peak"] == pytest.approx(gflops / report["matmul_peak_gflops"])
         assert point["ours_fraction_of_frozen"] == pytest.approx(point["frozen_ms_per_step"] / point["ours_ms_per_step"])
         assert f"ours at {point['ours_fraction_of_frozen']:.0%} of the frozen model's rate" in printed
+
+
+def test_learning_study_writes_table_2_with_intervals_after_every_iteration(prefect_env, tmp_path, capsys):
+    from benchmarks import learning_study
+
+    out = tmp_path / "study.json"
+    assert learning_study.main(["--config", str(TINY), "--json", str(out), "rl.iterations=2",
+                                "tracking.experiment=study", "tracking.registered_model=study-policy"]) == 0
+    report = json.loads(out.read_text())
+    assert len(report["held_out"]) == 3 and report["held_out"][0]["policy"] == "base"  # after each iteration
+    for row in report["held_out"]:
+        assert list(row["columns"]) == ["no_adaptation", "passage_only", "base_self_edits", "policy_self_edits"]
+        for column in row["columns"].values():
+            assert column["low"] <= column["accuracy"] <= column["high"]
+        assert row["difference"]["of"] == ["policy_self_edits", "passage_only"]
+    assert [i["iteration"] for i in report["iterations"]] == [1, 2]
+    assert "self_edit/fact_recall" in report["iterations"][0]
+    assert out.with_suffix(".png").stat().st_size > 0
+    assert "policy self edits - passage only" in capsys.readouterr().out

@@ -149,3 +149,24 @@ def test_answer_lines_are_generates_first_lines_with_rows_leaving_as_they_end(ti
     lengths = {len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in got}
     assert len(lengths) > 2  # rows ended at different steps
     assert answer_lines(model, tokenizer, [], max_new_tokens=4) == []
+
+
+PLANS = [
+    # name, self_edit_epochs, documents, epochs trained
+    ("the paper's", None, ["T\nA fact.", "T\nB fact.", "T\nThe passage."], 3),
+    ("the self-edit once", 1, ["T\nA fact.", "T\nB fact."] + ["T\nThe passage."] * 3, 1),
+    ("the self-edit twice", 2, ["T\nA fact.", "T\nB fact."] * 2 + ["T\nThe passage."] * 3, 1),
+]
+
+
+@pytest.mark.parametrize("name, self_edit_epochs, documents, epochs", PLANS, ids=[p[0] for p in PLANS])
+def test_inner_loop_plan_gives_the_passage_its_epochs(name, self_edit_epochs, documents, epochs):
+    from models.config import InnerLoopConfig
+    from models.self_edit import SelfEdit, inner_loop_plan
+
+    config = InnerLoopConfig(epochs=3, self_edit_epochs=self_edit_epochs)
+    planned, plan = inner_loop_plan(SelfEdit("x", ("A fact.", "B fact.")), "T", "The passage.", config)
+    assert (planned, plan.epochs) == (documents, epochs)
+    # Passage only trains the same steps either way: the passage, once per epoch.
+    alone, alone_plan = inner_loop_plan(None, "T", "The passage.", config)
+    assert len(alone) * alone_plan.epochs == 3
