@@ -95,3 +95,12 @@ def test_flat_params_and_digests():
 def test_parse_overrides_nests():
     tree, problems = parse_overrides(["a.b.c=1", "a.d=x"])
     assert tree == {"a": {"b": {"c": 1}, "d": "x"}} and problems == []
+
+
+def test_few_shot_refuses_what_only_the_knowledge_domain_does():
+    with pytest.raises(ConfigError) as raised:
+        load_config(None, ["domain=fewshot", "reward.baseline=passage_only", "inner_loop.seeds=3",
+                           "fewshot.eval_task_ids=[]"])
+    message = str(raised.value)
+    assert "reward.baseline" in message and "inner_loop.seeds" in message
+    assert load_config(None, ["reward.baseline=passage_only", "inner_loop.seeds=3"]).inner_loop.seeds == 3
