@@ -293,18 +293,26 @@ def sample_self_edits_batch(
     prompts = [render_prompt(tokenizer, self_edit_prompt(kind, title, context)) for title, context in passages]
     texts = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, num_return_sequences=num_samples,
                      temperature=temperature, top_p=top_p, seed=seeds)
-    edits = [SelfEdit(text, parse_self_edit(text, max_documents)) for text in texts]
+    # A generation that used its whole budget stopped mid-line: that line is a fragment (a
+    # number cut short is a wrong fact), so it is not a document.
+    cut = [len(tokenizer(text, add_special_tokens=False).input_ids) >= max_new_tokens for text in texts]
+    edits = [SelfEdit(text, parse_self_edit(text, max_documents, complete=not c)) for text, c in zip(texts, cut)]
     return [edits[i * num_samples : (i + 1) * num_samples] for i in range(len(passages))]
 
 
-def parse_self_edit(text: str, max_documents: int = 16) -> tuple[str, ...]:
+def parse_self_edit(text: str, max_documents: int = 16, complete: bool = True) -> tuple[str, ...]:
     """Split a generation into documents: one non-empty line each, list numbering stripped.
 
     Lines with fewer than 8 characters or no letters are dropped (fragments, separators,
-    stray tokens); duplicates keep their first occurrence.
+    stray tokens); duplicates keep their first occurrence. ``complete=False`` (the generation
+    ran out of tokens) drops the last line, cut short, unless the text ends with a line break
+    or that line is all there is.
     """
+    lines = [line for line in _CONTROL.sub(" ", text).splitlines() if line.strip()]
+    if not complete and len(lines) > 1 and not text.endswith("\n"):
+        lines = lines[:-1]
     documents: list[str] = []
-    for line in _CONTROL.sub(" ", text).splitlines():
+    for line in lines:
         line = _NUMBERING.sub("", line).strip()
         if len(line) < _MIN_DOCUMENT_CHARS or not any(c.isalpha() for c in line):
             continue

@@ -170,3 +170,11 @@ def test_inner_loop_plan_gives_the_passage_its_epochs(name, self_edit_epochs, do
     # Passage only trains the same steps either way: the passage, once per epoch.
     alone, alone_plan = inner_loop_plan(None, "T", "The passage.", config)
     assert len(alone) * alone_plan.epochs == 3
+
+
+def test_a_generation_cut_by_its_budget_loses_its_last_line():
+    text = "1. The bridge opened in 1873.\n2. It was built by Orvanne Kelthrop in 18"
+    assert parse_self_edit(text) == ("The bridge opened in 1873.", "It was built by Orvanne Kelthrop in 18")
+    assert parse_self_edit(text, complete=False) == ("The bridge opened in 1873.",)
+    assert parse_self_edit(text + "\n", complete=False) == parse_self_edit(text)  # the line had ended
+    assert parse_self_edit("One unfinished line of text", complete=False) == ("One unfinished line of text",)
