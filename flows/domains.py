@@ -100,29 +100,35 @@ class KnowledgeDomain:
         trains once per seed and its result pools theirs (:class:`flows.training.SeedMean`)."""
         from flows.training import InnerLoopGroup, SeedMean
 
-        def submit(group, label, refresh):
-            train, evaluate = knowledge.train_adapters, knowledge.evaluate_adapters
-            if refresh:
-                train, evaluate = train.with_options(refresh_cache=True), evaluate.with_options(refresh_cache=True)
-            pairs, labels, seeds = [(c, e) for c, e, _, _ in group], [g[2] for g in group], [g[3] for g in group]
-            adapters = train.submit(policy, config.model, pairs, seeds, label, labels, config.lora, config.inner_loop)
-            scored = evaluate.submit(policy, config.model, [c for c, _ in pairs], adapters, label, labels, config.eval,
-                                     config.inner_loop.lanes)
-            return adapters, scored
+        def submitter(inner):
+            def submit(group, label, refresh):
+                train, evaluate = knowledge.train_adapters, knowledge.evaluate_adapters
+                if refresh:
+                    train, evaluate = train.with_options(refresh_cache=True), evaluate.with_options(refresh_cache=True)
+                pairs, labels = [(c, e) for c, e, _ in group], [label for _, _, label in group]
+                adapters = train.submit(policy, config.model, pairs, label, labels, config.lora, inner)
+                scored = evaluate.submit(policy, config.model, [c for c, _ in pairs], adapters, label, labels,
+                                         config.eval, inner.lanes)
+                return adapters, scored
+            return submit
 
         first, count = config.inner_loop.seed, config.inner_loop.seeds
-        seeded = [(c, edit, label if count == 1 else f"{label}-seed{seed}", seed)
-                  for c, edit, label in items for seed in range(first, first + count)]
-        members: list = [None] * len(seeded)
-        for chunk in length_groups([_documents(edit) for _, edit, _, _ in seeded], config.inner_loop.group_size):
-            group = [seeded[i] for i in chunk]
-            contexts = list(dict.fromkeys(c.id for c, *_ in group))
-            label = "+".join(contexts) if len(contexts) <= 2 else f"{contexts[0]}+{len(contexts) - 1}"
-            for i, member in zip(chunk, InnerLoopGroup(submit, group, f"{label}-{tag}" if tag else label).members):
-                members[i] = member
+        per_seed = []  # for each training seed, a member per item: the seed's groups share its config
+        for seed in range(first, first + count):
+            inner = config.inner_loop.model_copy(update={"seed": seed})
+            members: list = [None] * len(items)
+            for chunk in length_groups([_documents(edit) for _, edit, _ in items], config.inner_loop.group_size):
+                group = [items[i] for i in chunk]
+                contexts = list(dict.fromkeys(c.id for c, _, _ in group))
+                label = "+".join(contexts) if len(contexts) <= 2 else f"{contexts[0]}+{len(contexts) - 1}"
+                label = label if count == 1 else f"{label}-seed{seed}"
+                group_loop = InnerLoopGroup(submitter(inner), group, f"{label}-{tag}" if tag else label)
+                for i, member in zip(chunk, group_loop.members):
+                    members[i] = member
+            per_seed.append(members)
         if count == 1:
-            return members
-        return [SeedMean(members[i : i + count]) for i in range(0, len(members), count)]
+            return per_seed[0]
+        return [SeedMean(list(seeds)) for seeds in zip(*per_seed)]
 
     def select_self_edits(self, config, context_id, baseline, scores, edits):
         return knowledge.select_self_edits(context_id, baseline, scores, edits, config.reward)

@@ -193,7 +193,7 @@ class InnerLoopGroup:
             except (InnerLoopOutOfMemory, torch.OutOfMemoryError, MemoryError) as exc:
                 failure = f"{OUT_OF_MEMORY}: {str(exc)[:200]}"
                 self._results = [(AdapterRecord(path=None, failure=failure),
-                                  EvalRecord.failed(context.num_targets, failure)) for context, *_ in self.items]
+                                  EvalRecord.failed(context.num_targets, failure)) for context, _, _ in self.items]
         return self._results
 
 

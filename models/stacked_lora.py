@@ -730,7 +730,7 @@ def train_slots(
     are still in the slot (to save them), and the slot starts the next job at the next step: a
     short self-edit never leaves its slot idle while the longest of its group finishes. Each
     adapter sees exactly the steps it would see alone: its documents reshuffled every epoch from
-    its job's seed (``config.seed`` for a job without one), ``config.batch_size`` of them per step, learning rate decaying linearly to
+    ``config.seed``, ``config.batch_size`` of them per step, learning rate decaying linearly to
     zero over its own step count, its own AdamW moments and bias correction
     (:class:`StackedAdamW`); rows of different adapters never interact.
 
@@ -749,9 +749,8 @@ def train_slots(
         if job.seed is not None:
             stack.reset_slot(slot, job.seed)
         optimizer.reset(slot)
-        order_seed = config.seed if job.seed is None else job.seed
-        return _Slot(job, _schedule(tokenize_documents(tokenizer, job.documents, config.max_length), config,
-                                    order_seed), time.perf_counter())
+        return _Slot(job, _schedule(tokenize_documents(tokenizer, job.documents, config.max_length), config),
+                     time.perf_counter())
 
     slots = [start(slot) for slot in range(stack.capacity)]
     model.train()
@@ -808,10 +807,10 @@ def train_slots(
         model.eval()
 
 
-def _schedule(sequences: list[list[int]], config: InnerLoopConfig, seed: int) -> list[list[list[int]]]:
+def _schedule(sequences: list[list[int]], config: InnerLoopConfig) -> list[list[list[int]]]:
     """One adapter's steps as train_adapter draws them: its documents reshuffled every epoch
-    from ``seed``, ``config.batch_size`` of them per step."""
-    generator = torch.Generator().manual_seed(seed)
+    from ``config.seed``, ``config.batch_size`` of them per step."""
+    generator = torch.Generator().manual_seed(config.seed)
     steps = []
     for _ in range(config.epochs):
         order = torch.randperm(len(sequences), generator=generator).tolist()

@@ -97,7 +97,7 @@ def sample_self_edits(
 @task(cache_policy=CACHED, persist_result=True, tags=["gpu"], task_run_name="train-adapters-{label}")
 def train_adapters(
     policy_ref: PolicyRef, model: ModelConfig, items: list[tuple[Context, SelfEditRecord | None]],
-    seeds: list[int], label: str, labels: list[str], lora: LoraConfig, config: InnerLoopConfig,
+    label: str, labels: list[str], lora: LoraConfig, config: InnerLoopConfig,
 ) -> list[AdapterRecord]:
     """A fresh LoRA adapter per item, trained on its self-edit plus its context's passage (the
     passage alone when the self-edit is None), all of them together in shared batches through
@@ -106,9 +106,9 @@ def train_adapters(
     (``models/lanes.py``), ``config.slots`` of them at a time. Each is saved under
     ``$SEAL_HOME/adapters`` as soon as it finishes, and its slot takes the next.
 
-    ``seeds[i]`` seeds item i's fresh weights and document order (``inner_loop.seeds`` trains
-    an item once per seed). ``label`` names the group's task run, ``labels`` its items (neither
-    is in the cache key).
+    ``config.seed`` seeds the fresh weights and the document order (``inner_loop.seeds``
+    submits a group per seed). ``label`` names the group's task run, ``labels`` its items
+    (neither is in the cache key).
     A self-edit with no usable line trains on the passage alone, as the paper's documents (its
     lines, then the passage) are then; selection never keeps it. A non-finite loss is recorded,
     with reward 0 to follow. Running out of memory is raised instead (InnerLoopOutOfMemory): the task run fails,
@@ -116,30 +116,28 @@ def train_adapters(
     for item_label in labels:
         maybe_fail("train_adapter", item_label)
     records: list[AdapterRecord | None] = [None] * len(items)
-    trainable = []  # (index, seed, documents, folder)
-    if len(seeds) != len(items):
-        raise ValueError(f"{len(seeds)} seeds for {len(items)} inner loops")
-    for i, ((context, edit), seed) in enumerate(zip(items, seeds)):
+    trainable = []  # (index, documents, folder)
+    for i, (context, edit) in enumerate(items):
         documents, plan = self_edit.inner_loop_plan(
             self_edit.SelfEdit(edit.text, tuple(edit.documents)) if edit else None, context.title, context.context,
             config,
         )
-        key = f"{stable_seed(edit.text if edit else '', lora, config, seed):08x}"
-        trainable.append((i, seed, documents, adapter_dir(seal_home(), policy_ref, context.id, key)))
+        key = f"{stable_seed(edit.text if edit else '', lora, config):08x}"
+        trainable.append((i, documents, adapter_dir(seal_home(), policy_ref, context.id, key)))
     if not trainable:
         return records
     with use_model(policy_ref, model) as loaded:
         stacks = adapter_lanes(loaded, lora, min(len(trainable), config.concurrent), config.lanes)
         try:
             start = time.perf_counter()
-            results = stacks.train([docs for _, _, docs, _ in trainable], plan, [seed for _, seed, _, _ in trainable],
-                                   folders=[folder for _, _, _, folder in trainable])
+            results = stacks.train([docs for _, docs, _ in trainable], plan, [config.seed] * len(trainable),
+                                   folders=[folder for _, _, folder in trainable])
             seconds = time.perf_counter() - start
         except torch.OutOfMemoryError as exc:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             raise InnerLoopOutOfMemory(f"{label}: {str(exc)[:200]}") from None
-    for (i, _, _, folder), result in zip(trainable, results):
+    for (i, _, folder), result in zip(trainable, results):
         if isinstance(result, inner_loop.NonFiniteLossError):
             records[i] = AdapterRecord(path=None, failure=f"non-finite loss: {result}")
             continue

@@ -23,11 +23,9 @@ def base(seal_home):
     return knowledge.resolve_base_policy.fn(MODEL)
 
 
-def _train(base, edits, labels=None, lora=LORA, config=TRAIN, seeds=None):
+def _train(base, edits, labels=None, lora=LORA, config=TRAIN):
     labels = labels or [f"edit{i}" for i in range(len(edits))]
-    seeds = seeds or [config.seed] * len(edits)
-    return knowledge.train_adapters.fn(base, MODEL, [(CONTEXT, e) for e in edits], seeds, "ctx1", labels, lora,
-                                       config)
+    return knowledge.train_adapters.fn(base, MODEL, [(CONTEXT, e) for e in edits], "ctx1", labels, lora, config)
 
 
 def _evaluate(base, adapters):
@@ -143,15 +141,10 @@ def test_an_empty_self_edit_trains_on_the_passage_and_is_never_kept(base):
     assert selection.failures[0].startswith("empty self-edit")
 
 
-@pytest.mark.parametrize("seeds", [[0, 1], [5, 5]])
-def test_training_seeds_give_their_own_adapters(base, seeds):
-    adapters = _train(base, [EDIT, EDIT], seeds=seeds)
-    distinct = seeds[0] != seeds[1]
-    assert (adapters[0].path != adapters[1].path) == distinct
-    assert (adapters[0].digest != adapters[1].digest) == distinct
-    # Seed s in a group trains what seed s alone trains (up to round-off).
-    alone = _train(base, [EDIT], config=TRAIN.model_copy(update={"seed": seeds[1]}), seeds=[seeds[1]])[0]
-    assert alone.mean_loss == pytest.approx(adapters[1].mean_loss, rel=1e-5)
+def test_training_seeds_give_their_own_adapters(base):
+    seeds = [_train(base, [EDIT], config=TRAIN.model_copy(update={"seed": seed}))[0] for seed in (0, 1)]
+    assert seeds[0].path != seeds[1].path and seeds[0].digest != seeds[1].digest
+    assert _train(base, [EDIT])[0].digest == seeds[0].digest  # cached by content: the same folder
 
 
 def test_a_failed_eval_record_scores_every_question_zero():
