@@ -33,9 +33,8 @@ def table_row(label: str, result) -> dict:
         row["columns"][column] = {"correct": result.correct[column], "total": result.total_of(column),
                                   "accuracy": estimate.value, "low": estimate.low, "high": estimate.high}
     difference = result.difference()
-    if difference is not None:
-        row["difference"] = {"of": list(result.comparison), "value": difference.value, "low": difference.low,
-                             "high": difference.high}
+    row["difference"] = {"of": list(result.comparison), "value": difference.value, "low": difference.low,
+                         "high": difference.high}
     return row
 
 
@@ -50,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     prefect_environment()
 
     from flows.domains import domain_for
-    from flows.training import _curves, format_held_out, seal_training
+    from flows.training import curves, format_held_out, seal_training
     from models.config import load_config
 
     config = load_config(args.config, [*args.overrides, "rl.eval_every=1"])
@@ -67,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         path = Path(args.json)
         path.write_text(json.dumps(report, indent=2))
-        _curves(result.iterations, result.held_out).savefig(path.with_suffix(".png"), dpi=120)
+        curves(result.iterations, result.held_out).savefig(path.with_suffix(".png"), dpi=120)
     print(f"{wall / 60:.1f} min; MLflow run {result.run_id}")
     return 0
 

@@ -112,18 +112,20 @@ class KnowledgeDomain:
                 return adapters, scored
             return submit
 
+        chunks = length_groups([_documents(edit) for _, edit, _ in items], config.inner_loop.group_size)
+        labels = []
+        for chunk in chunks:
+            contexts = list(dict.fromkeys(items[i][0].id for i in chunk))
+            label = "+".join(contexts) if len(contexts) <= 2 else f"{contexts[0]}+{len(contexts) - 1}"
+            labels.append(f"{label}-{tag}" if tag else label)
         first, count = config.inner_loop.seed, config.inner_loop.seeds
         per_seed = []  # for each training seed, a member per item: the seed's groups share its config
         for seed in range(first, first + count):
-            inner = config.inner_loop.model_copy(update={"seed": seed})
+            submit = submitter(config.inner_loop.model_copy(update={"seed": seed}))
             members: list = [None] * len(items)
-            for chunk in length_groups([_documents(edit) for _, edit, _ in items], config.inner_loop.group_size):
-                group = [items[i] for i in chunk]
-                contexts = list(dict.fromkeys(c.id for c, _, _ in group))
-                label = "+".join(contexts) if len(contexts) <= 2 else f"{contexts[0]}+{len(contexts) - 1}"
-                label = label if count == 1 else f"{label}-seed{seed}"
-                group_loop = InnerLoopGroup(submitter(inner), group, f"{label}-{tag}" if tag else label)
-                for i, member in zip(chunk, group_loop.members):
+            for chunk, label in zip(chunks, labels):
+                group = InnerLoopGroup(submit, [items[i] for i in chunk], label if count == 1 else f"{label}-seed{seed}")
+                for i, member in zip(chunk, group.members):
                     members[i] = member
             per_seed.append(members)
         if count == 1:

@@ -62,7 +62,6 @@ def _evaluate_fewshot_policy(config: SealConfig, policy: PolicyRef, base: Policy
             seal = [InnerLoop(adapted, config, arc, e, f"policy-edit{e.index}") for e in policy_edits]
         oracle = [InnerLoop(base, config, arc, e, f"oracle{e.index}") for e in FEWSHOT.oracle_self_edits(config, arc)]
         submitted.append((arc, in_context, ttt, seal, oracle))
-    correct = dict.fromkeys(TABLE_1, 0)
     counts: dict[str, list[tuple[float, int]]] = {column: [] for column in TABLE_1}
     per_context = []
     for arc, in_context, ttt, seal, oracle in submitted:
@@ -73,9 +72,8 @@ def _evaluate_fewshot_policy(config: SealConfig, policy: PolicyRef, base: Policy
             "oracle_solved_by": [solved(loop.result()[1]) for loop in oracle],
         }
         solved_counts = {"in_context": sum(rows["in_context"]), "ttt_self_edits": sum(rows["ttt_self_edits"]),
-                  "seal": sum(rows["seal"]), "oracle_ttt": int(any(rows["oracle_solved_by"]))}
+                         "seal": sum(rows["seal"]), "oracle_ttt": int(any(rows["oracle_solved_by"]))}
         for column, count in solved_counts.items():
-            correct[column] += count
             counts[column].append((count, k if column in ("ttt_self_edits", "seal") else 1))
         per_context.append({
             "context_id": arc.id, **solved_counts, "self_edits": k,
@@ -88,6 +86,4 @@ def _evaluate_fewshot_policy(config: SealConfig, policy: PolicyRef, base: Policy
         })
         progress.advance("tasks")
     progress.close()
-    totals = {"ttt_self_edits": k * len(tasks), "seal": k * len(tasks)}
-    return HeldOutResult(policy, correct, len(tasks), time.perf_counter() - start, per_context, totals,
-                         counts=counts, comparison=("seal", "ttt_self_edits"))
+    return HeldOutResult(policy, counts, time.perf_counter() - start, ("seal", "ttt_self_edits"), per_context)

@@ -87,20 +87,27 @@ class IterationResult:
 
 @dataclass
 class HeldOutResult:
+    """A held-out table. Everything it prints is derived from ``counts``: per column (in table
+    order), per context, (correct, total), where correct may be a mean over self-edits and seeds."""
+
     policy: PolicyRef
-    correct: dict[str, float]  # the table's columns, in order (a mean over self-edits and seeds)
-    total: int
+    counts: dict[str, list[tuple[float, int]]]
     seconds: float
+    comparison: tuple[str, str]  # the paired difference reported: (SEAL's column, the one it must beat)
     per_context: list[dict] = field(default_factory=list)
-    # Columns whose denominator is not ``total`` (few-shot: the self-edit rows count self-edits).
-    totals: dict[str, int] = field(default_factory=dict)
-    # Per column, per context: (correct, total), what the intervals resample.
-    counts: dict[str, list[tuple[float, int]]] = field(default_factory=dict)
-    # The paired difference the table reports: (SEAL's column, the column it must beat).
-    comparison: tuple[str, str] | None = None
+
+    @property
+    def correct(self) -> dict[str, float]:
+        return {column: sum(n for n, _ in counts) for column, counts in self.counts.items()}
+
+    @property
+    def total(self) -> int:
+        """The contexts' targets: what the first column (no adaptation, in-context) counts."""
+        return self.total_of(next(iter(self.counts)))
 
     def total_of(self, column: str) -> int:
-        return self.totals.get(column, self.total)
+        """The column's denominator (few-shot: the self-edit rows count self-edits, not tasks)."""
+        return sum(t for _, t in self.counts[column])
 
     def accuracy(self, column: str) -> float:
         return self.correct[column] / self.total_of(column) if self.total_of(column) else 0.0
@@ -109,10 +116,8 @@ class HeldOutResult:
         """The column's accuracy with a 95 % interval from a bootstrap over contexts."""
         return accuracy_interval(self.counts[column])
 
-    def difference(self) -> Estimate | None:
+    def difference(self) -> Estimate:
         """``comparison[0]`` minus ``comparison[1]`` on the same contexts, with its 95 % interval."""
-        if self.comparison is None:
-            return None
         return paired_difference(self.counts[self.comparison[0]], self.counts[self.comparison[1]])
 
 
@@ -436,10 +441,8 @@ def _evaluate_policy(config: SealConfig, policy: PolicyRef, base: PolicyRef) -> 
         per_context.append({"context_id": c.id, "questions": len(c.questions), **means})
     progress.advance("contexts", len(contexts) - progress.done["contexts"])
     progress.close()
-    total = sum(len(c.questions) for c in contexts)
-    correct = {name: sum(n for n, _ in column) for name, column in counts.items()}
-    return HeldOutResult(policy, correct, total, time.perf_counter() - start, per_context, counts=counts,
-                         comparison=("policy_self_edits", "passage_only"))
+    return HeldOutResult(policy, counts, time.perf_counter() - start, ("policy_self_edits", "passage_only"),
+                         per_context)
 
 
 def _wait(column) -> None:
@@ -467,20 +470,18 @@ def format_held_out(results: list[tuple[str, HeldOutResult]]) -> str:
     for label, result in results:
         cells = ""
         for c in columns:
-            cell = f"{result.correct[c]:g}/{result.total_of(c)} ({result.accuracy(c):.0%})"
-            if result.counts:
-                estimate = result.interval(c)
-                cell += f" [{estimate.low:.0%},{estimate.high:.0%}]"
+            estimate = result.interval(c)
+            cell = (f"{result.correct[c]:g}/{result.total_of(c)} ({result.accuracy(c):.0%})"
+                    f" [{estimate.low:.0%},{estimate.high:.0%}]")
             cells += f"{cell:>{width}}"
         lines.append(f"{label:<16}{cells}")
     lines.append("(95 % intervals: a bootstrap over held-out contexts)")
     for label, result in results:
         difference = result.difference()
-        if difference is not None:
-            first, second = (c.replace("_", " ") for c in result.comparison)
-            lines.append(f"{label}: {first} - {second} = {100 * difference.value:+.1f} points "
-                         f"[{100 * difference.low:+.1f}, {100 * difference.high:+.1f}]"
-                         + ("" if difference.excludes_zero() else " (interval includes 0)"))
+        first, second = (c.replace("_", " ") for c in result.comparison)
+        lines.append(f"{label}: {first} - {second} = {100 * difference.value:+.1f} points "
+                     f"[{100 * difference.low:+.1f}, {100 * difference.high:+.1f}]"
+                     + ("" if difference.excludes_zero() else " (interval includes 0)"))
     return "\n".join(lines)
 
 
@@ -488,17 +489,14 @@ def held_out_metrics(result: HeldOutResult) -> dict[str, float]:
     """A held-out result as MLflow metrics: per column its accuracy, counts and interval, and the
     paired difference (``held_out/difference``) with its interval."""
     metrics = {}
-    for c in result.correct:
-        metrics |= {f"held_out/{c}": result.accuracy(c), f"held_out/{c}_correct": result.correct[c],
-                    f"held_out/{c}_total": result.total_of(c)}
-        if result.counts:
-            estimate = result.interval(c)
-            metrics |= {f"held_out/{c}_low": estimate.low, f"held_out/{c}_high": estimate.high}
+    for c, correct in result.correct.items():
+        estimate = result.interval(c)
+        metrics |= {f"held_out/{c}": result.accuracy(c), f"held_out/{c}_correct": correct,
+                    f"held_out/{c}_total": result.total_of(c), f"held_out/{c}_low": estimate.low,
+                    f"held_out/{c}_high": estimate.high}
     difference = result.difference()
-    if difference is not None:
-        metrics |= {"held_out/difference": difference.value, "held_out/difference_low": difference.low,
-                    "held_out/difference_high": difference.high}
-    return metrics
+    return metrics | {"held_out/difference": difference.value, "held_out/difference_low": difference.low,
+                      "held_out/difference_high": difference.high}
 
 
 def _log_held_out(tracker: Tracker, result: HeldOutResult, step: int) -> None:
@@ -591,11 +589,11 @@ def _train(config: SealConfig, tracker: Tracker) -> TrainingResult:
             if version is not None and score > best_score:
                 tracker.set_alias(version, "best")
                 best_score = score
-    tracker.log_figure(_curves(iterations, held_out), "curves.png")
+    tracker.log_figure(curves(iterations, held_out), "curves.png")
     return TrainingResult(policy, held_out, iterations, tracker.run_id, "")
 
 
-def _curves(iterations: list[IterationResult], held_out: list[tuple[str, HeldOutResult]]):
+def curves(iterations: list[IterationResult], held_out: list[tuple[str, HeldOutResult]]):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -607,11 +605,8 @@ def _curves(iterations: list[IterationResult], held_out: list[tuple[str, HeldOut
     steps = range(len(held_out))
     for offset, column in enumerate(held_out[0][1].correct):
         values = [r.accuracy(column) for _, r in held_out]
-        if held_out[0][1].counts:
-            estimates = [r.interval(column) for _, r in held_out]
-            errors = [[v - e.low for v, e in zip(values, estimates)], [e.high - v for v, e in zip(values, estimates)]]
-        else:
-            errors = None
+        estimates = [r.interval(column) for _, r in held_out]
+        errors = [[v - e.low for v, e in zip(values, estimates)], [e.high - v for v, e in zip(values, estimates)]]
         # Columns side by side at each evaluation, so their error bars do not hide each other.
         right.errorbar([x + 0.06 * (offset - 1.5) for x in steps], values, yerr=errors, marker="o", capsize=3,
                        label=column.replace("_", " "))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from models.inner_loop import normalize_answer
+from models.inner_loop import is_correct, normalize_answer
 
 # Words that open sentences or are capitalised for other reasons: not facts of the passage.
 _COMMON = frozenset("""
@@ -51,12 +51,11 @@ def fact_recall(text: str, passage: str) -> float:
 
 
 def answer_coverage(text: str, answers: Sequence[Sequence[str]]) -> float:
-    """Share of questions (``answers[i]``: question i's gold answers) whose answer ``text`` states."""
+    """Share of questions (``answers[i]``: question i's gold answers) whose answer ``text`` states,
+    matched as answers are graded (:func:`models.inner_loop.is_correct`)."""
     if not answers:
         return 0.0
-    padded = f" {normalize_answer(text)} "
-    return sum(1 for golds in answers if any(normalize_answer(g) and f" {normalize_answer(g)} " in padded
-                                             for g in golds)) / len(answers)
+    return sum(1 for golds in answers if is_correct(text, golds)) / len(answers)
 
 
 def copied_fraction(text: str, passage: str, n: int = 4) -> float:

@@ -2,9 +2,10 @@
 
 Reward (paper, Eq. 2) is binary: 1 if adapting with the self-edit beats the policy's
 no-adaptation score on the context's questions. The baseline may instead be an adapter trained
-on the passage alone (the self-edit must add to it), and the reward graded: the accuracy gain. Knowledge incorporation keeps, per context,
-the single best self-edit, and only if it beats the baseline (the reference code forgot that
-check). Ties on accuracy are broken by mean token F1, then by sample index, and recorded.
+on the passage alone (the self-edit must add to it), and the reward graded: the accuracy gain.
+Knowledge incorporation keeps, per context, the single best self-edit, and only if it beats the
+baseline (the reference code forgot that check). Ties on accuracy are broken by mean token F1,
+then by sample index, and recorded.
 """
 
 from __future__ import annotations

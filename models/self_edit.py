@@ -51,10 +51,11 @@ _MIN_DOCUMENT_CHARS = 8
 
 @dataclass(frozen=True)
 class SelfEdit:
-    """One sampled self-edit: the raw generation and the documents parsed from it."""
+    """One sampled self-edit: the raw generation, the documents parsed from it, its length in tokens."""
 
     text: str
     documents: tuple[str, ...]
+    tokens: int = 0
 
     @property
     def is_empty(self) -> bool:
@@ -295,8 +296,9 @@ def sample_self_edits_batch(
                      temperature=temperature, top_p=top_p, seed=seeds)
     # A generation that used its whole budget stopped mid-line: that line is a fragment (a
     # number cut short is a wrong fact), so it is not a document.
-    cut = [len(tokenizer(text, add_special_tokens=False).input_ids) >= max_new_tokens for text in texts]
-    edits = [SelfEdit(text, parse_self_edit(text, max_documents, complete=not c)) for text, c in zip(texts, cut)]
+    lengths = [len(tokenizer(text, add_special_tokens=False).input_ids) for text in texts]
+    edits = [SelfEdit(text, parse_self_edit(text, max_documents, complete=n < max_new_tokens), n)
+             for text, n in zip(texts, lengths)]
     return [edits[i * num_samples : (i + 1) * num_samples] for i in range(len(passages))]
 
 

@@ -84,13 +84,11 @@ def sample_self_edits(
             kind=config.prompt, num_samples=num_samples, temperature=config.temperature, top_p=config.top_p,
             max_new_tokens=config.max_new_tokens, max_documents=config.max_documents,
         )
-        lengths = [[len(loaded.tokenizer(e.text, add_special_tokens=False).input_ids) for e in samples]
-                   for samples in edits]
     records = []
-    for context, samples, tokens in zip(contexts, edits, lengths):
+    for context, samples in zip(contexts, edits):
         prompt = self_edit.self_edit_prompt(config.prompt, context.title, context.context)
-        records.append([SelfEditRecord(index=i, text=e.text, documents=list(e.documents), prompt=prompt, tokens=n)
-                        for i, (e, n) in enumerate(zip(samples, tokens))])
+        records.append([SelfEditRecord(index=i, text=e.text, documents=list(e.documents), prompt=prompt,
+                                       tokens=e.tokens) for i, e in enumerate(samples)])
     return records
 
 
@@ -108,11 +106,10 @@ def train_adapters(
 
     ``config.seed`` seeds the fresh weights and the document order (``inner_loop.seeds``
     submits a group per seed). ``label`` names the group's task run, ``labels`` its items
-    (neither is in the cache key).
-    A self-edit with no usable line trains on the passage alone, as the paper's documents (its
-    lines, then the passage) are then; selection never keeps it. A non-finite loss is recorded,
-    with reward 0 to follow. Running out of memory is raised instead (InnerLoopOutOfMemory): the task run fails,
-    is not cached, and a rerun tries again."""
+    (neither is in the cache key). A self-edit with no usable line trains on the passage alone,
+    as the paper's documents (its lines, then the passage) are then; selection never keeps it.
+    A non-finite loss is recorded, with reward 0 to follow. Running out of memory is raised
+    instead (InnerLoopOutOfMemory): the task run fails, is not cached, and a rerun tries again."""
     for item_label in labels:
         maybe_fail("train_adapter", item_label)
     records: list[AdapterRecord | None] = [None] * len(items)

@@ -135,7 +135,8 @@ def test_an_empty_self_edit_trains_on_the_passage_and_is_never_kept(base):
     assert adapters[0].failure is None and adapters[0].steps == 1  # the passage, as passage-only trains
     assert adapters[0].mean_loss == pytest.approx(adapters[2].mean_loss, rel=1e-5)
     assert adapters[1].failure is None and adapters[1].steps == 2
-    perfect, none = EvalRecord(predictions=["a"], correct=[True], f1=[1.0]), EvalRecord(predictions=["b"], correct=[False], f1=[0.0])
+    perfect = EvalRecord(predictions=["a"], correct=[True], f1=[1.0])
+    none = EvalRecord(predictions=["b"], correct=[False], f1=[0.0])
     selection = knowledge.select_self_edits.fn("ctx1", none, [perfect, perfect], [empty, EDIT], RewardConfig())
     assert selection.rewards == [0.0, 1.0] and selection.kept == 1
     assert selection.failures[0].startswith("empty self-edit")

@@ -100,7 +100,10 @@ def test_seal_run_then_eval_a_registered_policy(prefect_env, capsys):
         assert "policy self edits" in printed and "[" in printed and "policy self edits - passage only" in printed
         tables[policy] = printed.split("\n", 1)[1]
     # The registered policy is the folder the run trained.
-    assert tables[folder].split("\n", 3)[2].split(None, 1)[1] == tables["models:/seal-policy@best"].split("\n", 3)[2].split(None, 1)[1]
+    def scores(policy):  # the table's row, less its label
+        return tables[policy].splitlines()[2].split(None, 1)[1]
+
+    assert scores(folder) == scores("models:/seal-policy@best")
     # Each evaluation is an MLflow run with the table's intervals and the paired difference.
     from mlflow import MlflowClient
 
