@@ -281,3 +281,22 @@ def test_learning_study_writes_table_2_with_intervals_after_every_iteration(pref
     assert "self_edit/fact_recall" in report["iterations"][0]
     assert out.with_suffix(".png").stat().st_size > 0
     assert "policy self edits - passage only" in capsys.readouterr().out
+
+
+def test_results_table_matches_the_result_files():
+    """benchmarks/README.md's table is what benchmarks/report.py makes of benchmarks/results/*.json."""
+    from benchmarks import report
+
+    assert report.main(["--check"]) == 0, "run python benchmarks/report.py and commit benchmarks/README.md"
+
+
+def test_report_names_what_a_new_result_file_lacks(tmp_path):
+    from benchmarks import report
+
+    (tmp_path / "serve-new-machine.json").write_text("{}")
+    with pytest.raises(SystemExit, match="add an entry to CONDITIONS"):
+        report.table(tmp_path)
+    (tmp_path / "serve-new-machine.json").unlink()
+    (tmp_path / "unknown-cpu.json").write_text("{}")
+    with pytest.raises(SystemExit, match="add a summary for it to BENCHMARKS"):
+        report.table(tmp_path)
