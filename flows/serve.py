@@ -88,7 +88,7 @@ def wait_healthy(urls: dict[str, str], processes: dict[str, subprocess.Popen], t
 def servers(endpoints: Endpoints, home: Path, timeout: float = 120) -> Iterator[dict[str, float]]:
     """Run both servers for the block; yield the seconds each took to become healthy."""
     env = {**os.environ, "PREFECT_HOME": str(home / "prefect"), "PREFECT_API_URL": endpoints.prefect_api,
-           # MLflow's GenAI job runner (8 worker processes, ~1.9 GB idle) serves nothing SEAL logs.
+           # MLflow's GenAI job runner serves nothing SEAL logs; its idle workers cost memory.
            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     (home / "prefect").mkdir(parents=True, exist_ok=True)
     processes: dict[str, subprocess.Popen] = {}

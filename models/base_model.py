@@ -48,10 +48,9 @@ _CHATML = (
 
 # oneDNN, PyTorch's CPU path for bf16 matrix multiplies, caches a primitive per shape (1,024 by
 # default), each with its own scratch memory; packed training batches of ever new lengths fill it.
-# Measured (SmolLM2 in bf16 on a 2-core AMX CPU, stacked groups of 4 adapters in 2 lanes): resident
-# memory grew from 1.09 to 1.53 GB over 6 groups with the default, stayed at ~1.06 GB with 128 at
-# the same speed; with no cache training took 4.5x as long. oneDNN reads this when it creates its
-# first primitive, hence on import; a value set in the environment wins.
+# 128 keeps resident memory flat at the same speed; no cache is far slower (benchmarks/README.md,
+# "Memory on a CPU"). oneDNN reads this when it creates its first primitive, hence on import; a
+# value set in the environment wins.
 ONEDNN_CACHE_CAPACITY = 128
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_CACHE_CAPACITY))
 
@@ -91,8 +90,8 @@ def seal_home() -> Path:
 
 def native_bf16(device: str) -> bool:
     """Whether ``device`` multiplies bf16 matrices in hardware: a CUDA GPU that supports it, or a
-    CPU with AVX512-BF16 or AMX. Elsewhere PyTorch emulates bf16, measured ~135x slower than
-    fp32 on an AVX2-only 2-core CPU (1 against 130 GFLOP/s)."""
+    CPU with AVX512-BF16 or AMX. Elsewhere PyTorch emulates bf16, two orders of magnitude slower
+    than fp32 (benchmarks/README.md, "Model dtype")."""
     if device == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if device == "cpu":
@@ -173,10 +172,9 @@ def contiguous_head_input(model: PreTrainedModel) -> None:
     the head gets ``hidden[:, -1:, :]``: a (rows, 1, hidden) view whose row stride spans the whole
     prompt. With the weights frozen (stacked adapters and peft freeze them), ``torch.matmul``
     folds a 3-D input into one matrix multiply only if its leading dimensions are contiguous, and
-    otherwise multiplies row by row with the head's weight expanded and copied once per row.
-    SmolLM2 in bf16, 12 saved adapters' 59 questions in generations of <= 32 rows (2-core
-    AVX-512 EPYC): +1.99 GB of peak memory and 17.6 s without the hook, +0.43 GB and 15.3 s with
-    it. Copying the input costs rows x hidden values.
+    otherwise multiplies row by row with the head's weight expanded and copied once per row:
+    gigabytes of peak memory when evaluating saved adapters (benchmarks/README.md, "Memory on a
+    CPU"). Copying the input costs rows x hidden values.
     """
     head = model.get_output_embeddings()
     if head is not None:

@@ -226,7 +226,7 @@ def train_adapter(
         raise ValueError("train_adapter needs at least one document, got none")
     sequences = tokenize_documents(tokenizer, documents, config.max_length)
     params = [p for p in model.parameters() if p.requires_grad]
-    # The fused kernel does the update in one pass: ~20 ms less per step for SmolLM2 on a CPU.
+    # The fused kernel does the update in one pass, saving time every step (benchmarks/README.md).
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0,
                                   fused=model.device.type in ("cpu", "cuda"))
     steps_per_epoch = math.ceil(len(sequences) / config.batch_size)

@@ -4,10 +4,8 @@ A stacked inner-loop step on a CPU keeps every core busy only inside its large m
 multiplies; the rest (thousands of small elementwise and indexing operations, the autograd
 engine, Python) runs on one core while the others wait. Two lanes, each a thread with its
 share of the cores as intra-op threads and its own module tree over the same weight tensors,
-fill that idle time with the other lane's work. Measured on 2 CPU cores (SmolLM2, issue 8's
-two contexts of 5 self-edits): training both contexts one after another with 2 threads took
-270 s, in two single-threaded lanes 227 s. The weights are not copied: a replica costs its
-module objects only.
+fill that idle time with the other lane's work (benchmarks/README.md, "Stacked groups"). The
+weights are not copied: a replica costs its module objects only.
 
 Work on different lanes never shares state: each replica has its own modules (so its own
 LoRA layers and routing), its own config (so its own attention implementation), and each lane

@@ -13,8 +13,8 @@ Every other implementation runs, inside :func:`packed_attention`, the ``seal_pac
 attention: it gathers each row's queries, keys and values into a right-padded batch, calls
 causal SDPA, and scatters the outputs back. Causal attention never looks right, so a row's
 padding never reaches its tokens, and attention costs what it would unpacked (transformers'
-own packed path for SDPA builds a dense tokens x tokens mask instead: 5x slower at 900 tokens
-on a CPU).
+own packed path for SDPA builds a dense tokens x tokens mask instead, several times slower on a
+CPU: benchmarks/README.md).
 
     batch = pack_sequences([[1, 2, 3], [4, 5]])
     with packed_attention(model):

@@ -182,8 +182,7 @@ def answer_lines(
     A row that has written its line leaves the batch (its cache rows dropped), so each step
     costs the rows still answering: answers to a batch's questions run from a few tokens to
     ``max_new_tokens``, and ``model.generate`` would decode every row until the longest is
-    done (SmolLM2, fp32, 2 cores, 30 questions, <= 64 new tokens: 7.1 s against 11.6 s for
-    ``generate`` with a newline stop string, the same answers). ``on_rows`` is called with the
+    done (benchmarks/README.md, "Evaluation"). ``on_rows`` is called with the
     indices (into ``prompts``) of the rows left whenever some leave, before the next step (to
     route them, as :func:`models.stacked_lora.evaluate_stacked` does). Prompts are rendered (:func:`render_prompt`) and left-padded as in :func:`generate`.
 
@@ -283,10 +282,10 @@ def sample_self_edits_batch(
 ) -> list[list[SelfEdit]]:
     """K self-edits for each ``(title, context)`` passage, all in one batched ``generate`` call.
 
-    Decoding is dominated by streaming the weights once per step, not by the rows (SmolLM2 on
-    2 CPU cores: ~105 ms per step at batch 1, ~260 ms at batch 16), so an iteration's contexts
-    are sampled together. Passage i's samples come from ``seeds[i]`` alone: the same as
-    :func:`sample_self_edits` with that seed gives for it (up to round-off).
+    Decoding is dominated by streaming the weights once per step, not by the rows
+    (benchmarks/README.md, "Evaluation"), so an iteration's contexts are sampled together.
+    Passage i's samples come from ``seeds[i]`` alone: the same as :func:`sample_self_edits`
+    with that seed gives for it (up to round-off).
 
     Returns:
         For each passage, ``num_samples`` self-edits; a garbled generation yields an empty one.

@@ -3,16 +3,16 @@
 The K self-edits of a context are separate fine-tunes of the same base model. Training them one
 after another multiplies small matrices K times; here one batch holds rows of every adapter,
 each row routed through its own LoRA weights, so the base model's matrix multiplies get K times
-more rows (on 2 CPU cores SmolLM2 trains ~1.5x more tokens per second at 240 tokens per step
-than at 60).
+more rows, which a small model's multiplies need to run near the hardware's rate
+(benchmarks/README.md, "Stacked groups").
 
 A step's rows are packed end to end (:mod:`models.packing`): no padding reaches the linear
 layers, each adapter's rows are one span of the packed row, and attention stays within each row.
 Each adapted layer is one function (:class:`_LinearSpans`): the base's matrix multiply over all
 tokens, then each adapter's products on its span, added in place into the base's output and
-input gradient (no padding, no copies; 8 % less time per step than a padded ``bmm`` over the
-adapters, issue 8's setting on 2 CPU cores). Generation routes whole batch rows: a batch grouped
-by adapter multiplies each adapter's rows together, never copying weights per row.
+input gradient (no padding, no copies; faster than a padded ``bmm`` over the adapters, see
+benchmarks/README.md). Generation routes whole batch rows: a batch grouped by adapter multiplies
+each adapter's rows together, never copying weights per row.
 
 A stack's adapters are slots (:func:`train_slots`): when one finishes its steps it is handed
 over (saved) and the slot starts the next self-edit at the next step, so self-edits of 2 and 8
@@ -202,11 +202,10 @@ class _LinearSpans(torch.autograd.Function):
 
     Each adapter's products are matrix multiplies on its own slice of the packed tokens, written
     into the base's output (forward) and input gradient (backward): no padding, no index copies,
-    and no separate sums of the base and LoRA parts (2 CPU cores, a SmolLM2 MLP layer's forward
-    and backward over 4 adapters' spans of ~55 tokens: 5.8 ms, against 6.6 ms for one padded
-    ``bmm`` per product plus the sums). LoRA runs in the adapters' dtype (float32 on a bf16 base,
-    as peft does), on ``dropped`` (the input after LoRA dropout) when given. The scaling goes on
-    the (tokens x rank) projection; an adapter with no span gets a zero gradient.
+    and no separate sums of the base and LoRA parts, which a padded ``bmm`` per product would
+    need. LoRA runs in the adapters' dtype (float32 on a bf16 base, as peft does), on ``dropped``
+    (the input after LoRA dropout) when given. The scaling goes on the (tokens x rank)
+    projection; an adapter with no span gets a zero gradient.
     """
 
     @staticmethod
@@ -577,7 +576,7 @@ class AdapterLanes:
             raise ValueError(f"a group of {len(documents)} adapters does not fit {len(self.stacks)} lane(s) "
                              f"of {self.stacks[0].capacity}")
         # An adapter's work: its characters (tokens) plus, per document (a step each epoch), what
-        # a step costs besides its rows (~260 ms, ~30 tokens of SmolLM2 on 2 CPU cores).
+        # a step costs besides its rows (benchmarks/README.md: a step's fixed cost, in characters).
         costs = [sum(len(d) + _STEP_CHARS for d in docs) for docs in documents]
         order = sorted(range(len(documents)), key=lambda i: (-costs[i], i))
         first, rest = order[: self.capacity], order[self.capacity :]

@@ -73,8 +73,8 @@ def sample_self_edits(
 
     Context i's samples depend on ``seeds[i]`` alone (a generator per row), so they are what
     sampling it on its own would give. Decoding streams the weights once per step whatever the
-    batch (SmolLM2 on 2 CPU cores: ~105 ms per step at batch 1, ~260 ms at batch 16): one call
-    for an iteration's 8 contexts x 3 samples costs about what 2 per-context calls did.
+    batch, so one call for all of an iteration's contexts costs about what two per-context calls
+    would (benchmarks/README.md, "Evaluation").
     """
     for context in contexts:
         maybe_fail("sample_self_edits", context.id)

@@ -34,9 +34,9 @@ from tasks.records import PolicyRef
 
 # One model at a time: a flow's tasks use one policy for long stretches (an iteration uses only
 # its policy; held-out evaluation finds the base model's columns cached after the first), and
-# on a CPU SmolLM2 reloads in under a second, while a second resident copy cost the SmolLM2
-# flow ~0.5 GB of its 4 GB budget during every iteration after the first. (The few-shot held-out
-# flow alternates: the policy writes each ARC task's configs, the base model is adapted.)
+# reloading is cheap while a second resident copy is not (benchmarks/README.md, "Memory on a
+# CPU"). (The few-shot held-out flow alternates: the policy writes each ARC task's configs, the
+# base model is adapted.)
 _MAX_LOADED = 1
 _models: OrderedDict[tuple[str, str, str, str], tuple[LoadedModel, threading.Lock]] = OrderedDict()
 _registry_lock = threading.Lock()
@@ -123,8 +123,8 @@ def limit_malloc_arenas(count: int = 2) -> None:
     """Cap glibc's malloc arenas (as ``MALLOC_ARENA_MAX`` would).
 
     glibc gives threads their own 64 MB arenas, up to 8 per core, and memory freed in one cannot
-    serve another: a flow run's many Prefect threads left SmolLM2 runs holding ~3.4 GB of
-    anonymous memory spread over hundreds of mappings. Called when this module is imported,
+    serve another: a flow run's many Prefect threads hold gigabytes spread over hundreds of
+    mappings (benchmarks/README.md, "Memory on a CPU"). Called when this module is imported,
     before the model tasks' threads allocate; a no-op off glibc.
     """
     if _LIBC is not None and hasattr(_LIBC, "mallopt"):
@@ -137,9 +137,9 @@ limit_malloc_arenas()
 def release_freed_memory() -> None:
     """Give the heap memory that tensors freed back to the OS.
 
-    glibc keeps freed memory for reuse: after a stacked group of SmolLM2 inner loops on a CPU the
-    process held ~1 GB more than it used (measured: 2.0 GB resident, 1.1 GB after a trim), and
-    that grew from task to task. Called after every model task; a no-op off glibc.
+    glibc keeps freed memory for reuse: after a stacked group of inner loops the process holds
+    far more than it uses, growing from task to task (benchmarks/README.md, "Memory on a CPU").
+    Called after every model task; a no-op off glibc.
     """
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
