@@ -8,7 +8,7 @@ For each worker count: a fresh SEAL_HOME (nothing cached; the converted model is
 torch threads each), and one iteration from the base policy. Self-edits per minute = self-edits
 / E-step seconds: sampling, baselines, inner loops, with the workers' start (imports) inside;
 the M-step after it is not counted. The per-self-edit costs in the JSON are what the throughput
-model in the README ("Scaling out with Ray") starts from.
+model in docs/ray.md starts from.
 """
 
 from __future__ import annotations

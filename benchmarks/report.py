@@ -86,7 +86,8 @@ def _gb(mb: float) -> str:
 
 def fewshot(r: dict) -> str:
     t = r["table_1"]
-    cells = " · ".join(f"{t[k]['solved']}/{t[k]['of']}" for k in ("in_context", "ttt_self_edits", "seal", "oracle_ttt"))
+    rows = ("in_context", "ttt_self_edits", "seal", "oracle_ttt")
+    cells = " · ".join(f"{t[k]['solved']}/{t[k]['of']}" for k in rows)
     return (f"Table 1 (in-context · TTT, base self-edits · SEAL · oracle TTT): {cells}; "
             f"median {r['median_seconds_per_self_edit']:.0f} s per self-edit, {r['wall_seconds'] / 60:.0f} min")
 
@@ -139,8 +140,8 @@ def serve(r: dict) -> str:
 
 
 def step_ceiling(r: dict) -> str:
-    points = ", ".join(f"{p['rows_per_lane']}: {_pct(p['ours_fraction_of_peak'])} / {_pct(p['frozen_fraction_of_peak'])}"
-                       for p in r["points"])
+    points = ", ".join(f"{p['rows_per_lane']}: {_pct(p['ours_fraction_of_peak'])} / "
+                       f"{_pct(p['frozen_fraction_of_peak'])}" for p in r["points"])
     return f"rows per lane: ours / frozen model, of {_gflops(r['matmul_peak_gflops'])}: {points}"
 
 
