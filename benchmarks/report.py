@@ -168,7 +168,7 @@ def training_flow(r: dict) -> str:
 # file-name prefix -> (what the benchmark measures, with its script, its summary)
 BENCHMARKS: dict[str, tuple[str, Callable[[dict], str]]] = {
     "fewshot": ("few-shot Table 1, one ReST-EM iteration (`fewshot_table1.py`)", fewshot),
-    "inner_loop-issue8": ("inner loop against Hugging Face baselines, issue 8's settings (`inner_loop.py`)",
+    "inner_loop": ("inner loop against Hugging Face baselines, issue 8's settings (`inner_loop.py`)",
                           inner_loop),
     "inner_loop_recipe": ("inner-loop recipe and self-edit prompt (`inner_loop_recipe.py`)", inner_loop_recipe),
     "learning_study": ("learning-quality study, Table 2 (`learning_study.py`)", learning_study),
