@@ -45,6 +45,8 @@ CONDITIONS: dict[str, dict[str, str]] = {
     "inner_loop-issue8-smollm2-intel-cpu.json": {"machine": "Intel AMX", "commit": "1f53856"},
     "inner_loop_recipe-smollm2-cpu.json": {"machine": "Intel AMX", "commit": "76e7f64",
                                            "model": "smollm2-135m-instruct", "dtype": "bfloat16"},
+    "learning_study-smollm2-cpu.json": {"machine": "Intel AMX", "commit": "b380dc8",
+                                        "model": "smollm2-135m-instruct", "dtype": "bfloat16"},
     "ray_throughput-cpu.json": {"machine": "Intel AMX", "commit": "dfc377b", "model": "smollm2-135m-instruct",
                                 "dtype": "bfloat16", "settings": "`inner_loop.epochs=3`"},
     "resume_after_kill-smollm2-cpu.json": {"machine": "Intel AMX", "commit": "569c7bd",
