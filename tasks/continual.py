@@ -1,0 +1,94 @@
+"""The Prefect task of continual self-adaptation: one step of a sequence (``models/continual.py``).
+
+Sampling the step's self-edit and scoring the unedited model reuse the knowledge tasks
+(``tasks/knowledge.py``); this one trains the LoRA, merges it and scores the merged model. Its key
+is the incoming checkpoint's digest, the passages, the self-edit and the settings, never the run:
+a rerun finds every finished step cached, a killed run resumes at the step it was in.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import get_run_logger, task
+
+from models import continual, inner_loop, self_edit
+from models.base_model import load_model, seal_home, weights_digest
+from models.config import EvalConfig, InnerLoopConfig, LoraConfig, ModelConfig
+from tasks.faults import maybe_fail
+from tasks.knowledge import CACHED
+from tasks.records import Context, EvalRecord, PolicyRef, SelfEditRecord, StaleArtifact, _Record, stable_seed
+from tasks.runtime import clear_models, release_freed_memory, use_model
+
+
+class ContinualStepRecord(_Record):
+    """A finished step: the merged checkpoint, what it trained on, its scores and drift."""
+
+    checkpoint: PolicyRef
+    documents: list[str]  # the step's own documents (self-edit lines, passage): what later steps replay
+    replayed: int  # documents replayed from earlier steps
+    scores: list[EvalRecord]  # on passages 0..k, in order
+    kl: float  # KL(step-0 model || merged model) on the probe texts, per token
+    steps: int
+    mean_loss: float
+    seconds: float
+
+
+def checkpoint_root() -> Path:
+    """Where merged checkpoints go: ``$SEAL_HOME/continual`` (the flow deletes them when done)."""
+    return seal_home() / "continual"
+
+
+def check_checkpoint(policy: PolicyRef) -> None:
+    """Raise :class:`StaleArtifact` if ``policy``'s folder is gone or its weights changed."""
+    if policy.digest.startswith("hf-"):  # a hub snapshot: its folder name is its digest
+        return
+    found = weights_digest(Path(policy.path))
+    if found != policy.digest:
+        raise StaleArtifact(f"checkpoint {policy.path} is missing or altered (weights digest {found}, "
+                            f"recorded {policy.digest})")
+
+
+@task(cache_policy=CACHED, persist_result=True, tags=["gpu"], task_run_name="continual-step-{label}")
+def continual_step(
+    policy_ref: PolicyRef, start: PolicyRef, model: ModelConfig, contexts: list[Context],
+    edit: SelfEditRecord | None, history: list[list[str]], replay: int, replay_seed: int,
+    lora: LoraConfig, config: InnerLoopConfig, eval_config: EvalConfig, probe_prompts: int, label: str,
+) -> ContinualStepRecord:
+    """Merge a LoRA trained on ``edit`` plus the last of ``contexts`` (``edit`` None: the passage
+    alone) into ``policy_ref``, and with ``replay`` documents drawn from ``history`` (the earlier
+    steps' documents); save the merged model; answer the questions of every context; measure
+    its drift from ``start`` on ``probe_prompts`` probe texts.
+
+    Raises:
+        StaleArtifact: if ``policy_ref``'s checkpoint is gone or altered (the flow rebuilds it).
+    """
+    maybe_fail("continual_step", label)
+    check_checkpoint(policy_ref)
+    passage = contexts[-1]
+    drawn = continual.replay_sample(history, replay, replay_seed)
+    documents, own, plan = continual.continual_documents(
+        self_edit.SelfEdit(edit.text, tuple(edit.documents)) if edit else None, passage.title, passage.context,
+        drawn, config)
+    key = stable_seed(documents, lora, config)
+    folder = checkpoint_root() / policy_ref.digest / f"{label}-{key:08x}"
+    # A private copy: the merge changes its weights. The cached models are freed first.
+    clear_models()
+    private = load_model(policy_ref.path, device=model.device, dtype=model.dtype)
+    merged = continual.merge_self_edit(private.model, private.tokenizer, documents, lora, plan, folder,
+                                       source=f"{policy_ref.name}+{label}")
+    scores = inner_loop.evaluate_contexts(private.model, private.tokenizer, [c.questions for c in contexts],
+                                          [c.answers for c in contexts], eval_config)
+    with use_model(start, model) as reference:
+        kl = continual.probe_kl(reference.model, private.model, private.tokenizer,
+                                continual.PROBE_TEXTS[:probe_prompts])
+    del private
+    release_freed_memory()
+    get_run_logger().info("%s: %d documents (%d replayed), %d steps, loss %.3f, accuracy %s, KL %.4f",
+                          label, len(documents), len(drawn), merged.train.steps, merged.train.mean_loss,
+                          [round(s.accuracy, 2) for s in scores], kl)
+    return ContinualStepRecord(
+        checkpoint=PolicyRef(name=label, path=str(merged.path), digest=merged.digest), documents=own,
+        replayed=len(drawn), scores=[EvalRecord.of(s) for s in scores], kl=kl, steps=merged.train.steps,
+        mean_loss=merged.train.mean_loss, seconds=merged.train.seconds,
+    )
