@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 import fsspec
 
@@ -371,18 +371,19 @@ class ContinualConfig(_Section):
     )
     seed: int = Field(0, description="Seed of each sequence's passages and of the replay draws.")
 
-    @model_validator(mode="after")
-    def _check_policy(self) -> ContinualConfig:
-        policy = self.policy
-        if policy == "base" or policy.startswith("models:/"):
+    @field_validator("policy")
+    @classmethod
+    def _check_policy(cls, policy: str) -> str:
+        # A field validator, so it reports alongside the section's other problems.
+        if policy.startswith("models:/"):
             rest = policy.removeprefix("models:/")
-            if policy != "base" and not ("@" in rest.strip("@") or "/" in rest.strip("/")):
-                raise ValueError(f"continual.policy {policy!r} is not a registry URI: use "
-                                 "'models:/NAME@ALIAS' or 'models:/NAME/VERSION'")
-        elif not Path(policy).expanduser().is_dir():
-            raise ValueError(f"continual.policy {policy!r} is neither 'base', a 'models:/' URI nor an existing "
-                             "folder; pass a policy folder written by seal run")
-        return self
+            if not ("@" in rest.strip("@") or "/" in rest.strip("/")):
+                raise ValueError(f"{policy!r} is not a registry URI: use 'models:/NAME@ALIAS' or "
+                                 "'models:/NAME/VERSION'")
+        elif policy != "base" and not Path(policy).expanduser().is_dir():
+            raise ValueError(f"{policy!r} is neither 'base', a 'models:/' URI nor an existing folder; pass a "
+                             "policy folder written by seal run")
+        return policy
 
 
 class SealConfig(_Section):

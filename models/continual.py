@@ -351,4 +351,6 @@ def remove_checkpoint(folder: Path, root: Path) -> bool:
     if root not in folder.parents or not folder.is_dir():
         return False
     shutil.rmtree(folder)
+    if folder.parent != root and not any(folder.parent.iterdir()):
+        folder.parent.rmdir()  # the incoming checkpoint's folder of merges, now empty
     return True
