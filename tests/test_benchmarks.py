@@ -281,3 +281,25 @@ def test_learning_study_writes_table_2_with_intervals_after_every_iteration(pref
     assert "self_edit/fact_recall" in report["iterations"][0]
     assert out.with_suffix(".png").stat().st_size > 0
     assert "policy self edits - passage only" in capsys.readouterr().out
+
+
+def test_continual_benchmark_writes_each_variant_with_its_matrix(prefect_env, tmp_path, capsys):
+    from benchmarks import continual
+    from conftest import squad_file as _squad
+
+    out = tmp_path / "continual.json"
+    squad = _squad(tmp_path / "squad-continual-bench.json")
+    assert continual.main(["--config", str(TINY), "--json", str(out), "--variants", "self_edit", "passage_only",
+                           "replay", "--replay", "1", "data.source=squad", f"data.path={squad}",
+                           "data.validation_fraction=0.95", "continual.sequences=1", "continual.passages=2",
+                           "continual.probe_prompts=1", "tracking.experiment=continual-bench"]) == 0
+    report = json.loads(out.read_text())
+    assert list(report["variants"]) == ["self_edit", "passage_only", "replay"]
+    for name, variant in report["variants"].items():
+        assert variant["wall_s"] > 0 and variant["projected_8x8_s"] == pytest.approx(variant["wall_s"] * 32)
+        assert len(variant["mean"]) == 3 and variant["mean"][1][1] is None
+        assert {"forgetting", "backward_transfer", "newest_accuracy"} <= set(variant["metrics"])
+        assert (tmp_path / f"continual-{name}.png").stat().st_size > 0
+    assert report["variants"]["passage_only"]["continual"]["training"] == "passage_only"
+    assert report["variants"]["replay"]["continual"]["replay"] == 1
+    assert report["machine"]["cpus"] and "== replay" in capsys.readouterr().out
