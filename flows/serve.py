@@ -133,6 +133,7 @@ def deployments(config_dir: Path = CONFIGS) -> list:
 
     from flows.continual import seal_continual
     from flows.evaluation import seal_evaluation
+    from flows.nightly import seal_nightly
     from flows.training import seal_training
     from models.config import load_config
 
@@ -157,11 +158,12 @@ def deployments(config_dir: Path = CONFIGS) -> list:
         tags=["seal", "evaluation"], entrypoint_type=EntrypointType.MODULE_PATH,
         description="Held-out evaluation of a policy (base, a folder or a models:/ URI).",
     ))
-    result.append(seal_training.to_deployment(
-        name="nightly-continued-adaptation", parameters={"config": default},
+    result.append(seal_nightly.to_deployment(
+        name="nightly-continued-adaptation", parameters={"config": default, "policy": "models:/seal-policy@latest"},
         schedules=[Cron("0 2 * * *", timezone="UTC", active=False)], tags=["seal", "training", "scheduled"],
         entrypoint_type=EntrypointType.MODULE_PATH,
-        description="Every night at 02:00 UTC (inactive until switched on): train again on the configured data.",
+        description="Every night at 02:00 UTC (inactive until switched on): continue the latest registered policy "
+        "on contexts it has not seen; register the result only if held-out accuracy did not drop.",
     ))
     return result
 

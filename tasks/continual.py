@@ -17,21 +17,10 @@ from models.base_model import load_model, seal_home, weights_digest
 from models.config import EvalConfig, InnerLoopConfig, LoraConfig, ModelConfig
 from tasks.faults import maybe_fail
 from tasks.knowledge import CACHED
-from tasks.records import Context, EvalRecord, PolicyRef, SelfEditRecord, StaleArtifact, _Record, stable_seed
+from tasks.records import (
+    Context, ContinualStepRecord, EvalRecord, PolicyRef, SelfEditRecord, StaleArtifact, stable_seed,
+)
 from tasks.runtime import clear_models, release_freed_memory, use_model
-
-
-class ContinualStepRecord(_Record):
-    """A finished step: the merged checkpoint, what it trained on, its scores and drift."""
-
-    checkpoint: PolicyRef
-    documents: list[str]  # the step's own documents (self-edit lines, passage): what later steps replay
-    replayed: int  # documents replayed from earlier steps
-    scores: list[EvalRecord]  # on passages 0..k, in order
-    kl: float  # KL(step-0 model || merged model) on the probe texts, per token
-    steps: int
-    mean_loss: float
-    seconds: float
 
 
 def checkpoint_root() -> Path:
