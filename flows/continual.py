@@ -44,6 +44,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
 from flows.evaluation import resolve_policy
+from flows.progress import Progress
 from flows.runner import SERIAL, on_runner, placement, ray_cluster, with_storage
 from flows.tracking import MlflowTracker, Tracker, default_tracking_uri, find_resumable_run
 from flows.training import verified_policy
@@ -70,10 +71,6 @@ class SequenceResult:
     def matrix(self) -> np.ndarray:
         return accuracy_matrix([s.accuracy for s in self.row0], [[s.accuracy for s in step.scores]
                                                                   for step in self.steps])
-
-    @property
-    def final(self) -> PolicyRef:
-        return self.steps[-1].checkpoint
 
 
 @dataclass
@@ -143,15 +140,18 @@ def run_sequence(config: SealConfig, start: PolicyRef, sequence: int, keep_final
                                                    f"seq{sequence}-unedited").result()
         chain = _Sequence(config, start, sequence, contexts)
         root = checkpoint_root()
+        progress = Progress(f"continual-sequence-{sequence}", {"steps": cont.passages})
         for k in range(cont.passages):
             edit, record = chain.run(k)
             chain.edits.append(edit)
             chain.steps.append(record)
+            progress.advance("steps")
             if k > 0:  # step k has used checkpoint k-1; no later step needs it
                 remove_checkpoint(chain.steps[k - 1].checkpoint.path, root)
         # Also any earlier checkpoint a rebuild brought back.
         for step in chain.steps[:-1] if keep_final else chain.steps:
             remove_checkpoint(step.checkpoint.path, root)
+        progress.close()
         return SequenceResult(sequence, contexts, row0, chain.edits, chain.steps)
 
 
