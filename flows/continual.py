@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
 from flows.evaluation import resolve_policy
@@ -175,6 +175,12 @@ def seal_continual(config: SealConfig, keep_final: bool = False) -> ContinualRes
               "seal.host": socket.gethostname(), "seal.pid": str(os.getpid())},
         run_id=resumed,
     )
+    create_link_artifact(
+        link=f"{os.environ.get('SEAL_MLFLOW_UI', 'http://127.0.0.1:5000')}/#/experiments/"
+        f"{tracker.experiment_id}/runs/{tracker.run_id}",
+        link_text=f"MLflow run {tracker.run_id}", key="mlflow-run",
+        description="The MLflow run of this continual flow run: matrices, heatmap, curves, drift.",
+    )
     try:
         with ray_cluster(config.runner):
             result = _continual(config, tracker, keep_final)
@@ -233,6 +239,12 @@ def _report(tracker: Tracker, sequences: list[SequenceResult], summary: Continua
                                for j in range(passages)}} for r in range(passages + 1)],
         description=f"Accuracy on passage j (column) after r merges (row), mean ± std over {len(sequences)} "
         "sequence(s); row 0 is the model before any merge.",
+    )
+    create_table_artifact(
+        key="continual-forgetting-curve",
+        table=[{"more_merges": d, "accuracy": round(a, 4)} for d, a in enumerate(summary.lag)],
+        description="Accuracy on a passage after d more merges than its own (d = 0: right after it), mean over "
+        "passages and sequences.",
     )
     create_markdown_artifact(key="continual-summary", markdown=format_summary(summary, len(sequences)),
                              description="Continual self-adaptation: forgetting, transfer and drift")

@@ -64,7 +64,7 @@ def test_continual_flow_logs_the_matrix_and_reruns_from_cache(prefect_env, monke
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     with get_client(sync_client=True) as prefect:
-        for key in ("continual-matrix", "continual-summary"):
+        for key in ("continual-matrix", "continual-summary", "continual-forgetting-curve", "mlflow-run"):
             assert prefect.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]))), key
 
     # Same config, new flow run: nothing is sampled, trained or evaluated again.
