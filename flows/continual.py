@@ -37,6 +37,7 @@ import json
 import os
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from prefect import flow, get_run_logger
@@ -103,7 +104,8 @@ class _Sequence:
         try:
             return self._submit(k, refresh)
         except (StaleArtifact, ModelNotFoundError) as exc:
-            if k == 0:
+            # Sampling from a deleted checkpoint fails to find the model; any other failure to load is real.
+            if k == 0 or (isinstance(exc, ModelNotFoundError) and Path(self.before(k).path).is_dir()):
                 raise
             get_run_logger().warning("%s; rebuilding step %d's checkpoint", exc, k - 1)
             self.edits[k - 1], self.steps[k - 1] = self.run(k - 1, refresh=True)

@@ -29,6 +29,8 @@ distributions from the step-0 model's on fixed probe texts unrelated to the pass
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import random
 import shutil
@@ -42,8 +44,8 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from models.base_model import resolve_model, save_model
-from models.config import InnerLoopConfig, LoraConfig
-from models.inner_loop import TrainResult, lora_config, train_adapter
+from models.config import EvalConfig, InnerLoopConfig, LoraConfig
+from models.inner_loop import EvalResult, TrainResult, evaluate_contexts, lora_config, train_adapter
 from models.self_edit import SelfEdit, inner_loop_plan
 
 # Fixed texts far from any passage (recipes, code, weather, arithmetic, ...): the drift probe.
@@ -164,6 +166,48 @@ def merge_self_edit(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     save_model(merged, tokenizer, Path(folder), source=source)
     # Read the digest back: if another process wrote the folder first, its copy is the one kept.
     return MergeResult(Path(folder), resolve_model(str(folder)).digest, result)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """One continual step: what it trained on, the merged checkpoint, its scores and drift."""
+
+    own_documents: list[str]  # the step's self-edit lines and passage (what later steps may replay)
+    replayed: list[str]  # the earlier documents trained on again
+    merge: MergeResult
+    scores: list[EvalResult]  # on each context, in order
+    kl: float
+
+
+def run_step(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, reference: PreTrainedModel,
+             self_edit: SelfEdit | None, contexts: Sequence[tuple[str, str, Sequence[str], Sequence[Sequence[str]]]],
+             history: Sequence[Sequence[str]], replay: int, replay_seed: int, lora: LoraConfig,
+             config: InnerLoopConfig, eval_config: EvalConfig, probe_texts: Sequence[str], root: Path,
+             source: str) -> StepResult:
+    """Step k of a sequence: merge a LoRA trained on ``self_edit`` plus the last context's passage
+    (and ``replay`` documents drawn from ``history``) into ``model``, save the merged checkpoint under
+    ``root`` (in a folder named by what it trained on), answer every context's questions closed-book,
+    and measure the drift from ``reference`` on ``probe_texts``.
+
+    Args:
+        model: the incoming model, a private copy: it holds the merged weights afterwards.
+        reference: the sequence's step-0 model (not modified).
+        self_edit: the step's self-edit; None trains on the passage alone.
+        contexts: (title, passage, questions, answers) of passages 0..k; the last is this step's.
+        history: per earlier step, its own documents (see :class:`StepResult`).
+
+    Returns:
+        What it trained on, the checkpoint, a score per context, the probe KL.
+    """
+    title, passage, _, _ = contexts[-1]
+    drawn = replay_sample(history, replay, replay_seed)
+    documents, own, plan = continual_documents(self_edit, title, passage, drawn, config)
+    key = hashlib.sha256(json.dumps([documents, lora.model_dump(mode="json"), plan.model_dump(mode="json")])
+                         .encode()).hexdigest()[:12]
+    merged = merge_self_edit(model, tokenizer, documents, lora, plan, Path(root) / key, source)
+    scores = evaluate_contexts(model, tokenizer, [c[2] for c in contexts], [c[3] for c in contexts], eval_config)
+    kl = probe_kl(reference, model, tokenizer, probe_texts)
+    return StepResult(own, drawn, merged, scores, kl)
 
 
 @torch.no_grad()
@@ -351,6 +395,8 @@ def remove_checkpoint(folder: Path, root: Path) -> bool:
     if root not in folder.parents or not folder.is_dir():
         return False
     shutil.rmtree(folder)
-    if folder.parent != root and not any(folder.parent.iterdir()):
-        folder.parent.rmdir()  # the incoming checkpoint's folder of merges, now empty
+    parent = folder.parent
+    while parent != root and not any(parent.iterdir()):  # the folders above it, once empty
+        parent.rmdir()
+        parent = parent.parent
     return True

@@ -1,7 +1,8 @@
-"""The Prefect task of continual self-adaptation: one step of a sequence (``models/continual.py``).
+"""The Prefect task of continual self-adaptation: one step of a sequence (``models.continual.run_step``).
 
 Sampling the step's self-edit and scoring the unedited model reuse the knowledge tasks
-(``tasks/knowledge.py``); this one trains the LoRA, merges it and scores the merged model. Its key
+(``tasks/knowledge.py``); this one trains the LoRA, merges it, scores the merged model and
+measures its drift. Its key
 is the incoming checkpoint's digest, the passages, the self-edit and the settings, never the run:
 a rerun finds every finished step cached, a killed run resumes at the step it was in.
 """
@@ -12,13 +13,13 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
-from models import continual, inner_loop, self_edit
+from models import continual, self_edit
 from models.base_model import load_model, seal_home, weights_digest
 from models.config import EvalConfig, InnerLoopConfig, LoraConfig, ModelConfig
 from tasks.faults import maybe_fail
 from tasks.knowledge import CACHED
 from tasks.records import (
-    Context, ContinualStepRecord, EvalRecord, PolicyRef, SelfEditRecord, StaleArtifact, stable_seed,
+    Context, ContinualStepRecord, EvalRecord, PolicyRef, SelfEditRecord, StaleArtifact,
 )
 from tasks.runtime import clear_models, release_freed_memory, use_model
 
@@ -54,30 +55,25 @@ def continual_step(
     """
     maybe_fail("continual_step", label)
     check_checkpoint(policy_ref)
-    passage = contexts[-1]
-    drawn = continual.replay_sample(history, replay, replay_seed)
-    documents, own, plan = continual.continual_documents(
-        self_edit.SelfEdit(edit.text, tuple(edit.documents)) if edit else None, passage.title, passage.context,
-        drawn, config)
-    key = stable_seed(documents, lora, config)
-    folder = checkpoint_root() / policy_ref.digest / f"{label}-{key:08x}"
     # A private copy: the merge changes its weights. The cached models are freed first.
     clear_models()
     private = load_model(policy_ref.path, device=model.device, dtype=model.dtype)
-    merged = continual.merge_self_edit(private.model, private.tokenizer, documents, lora, plan, folder,
-                                       source=f"{policy_ref.name}+{label}")
-    scores = inner_loop.evaluate_contexts(private.model, private.tokenizer, [c.questions for c in contexts],
-                                          [c.answers for c in contexts], eval_config)
     with use_model(start, model) as reference:
-        kl = continual.probe_kl(reference.model, private.model, private.tokenizer,
-                                continual.PROBE_TEXTS[:probe_prompts])
+        result = continual.run_step(
+            private.model, private.tokenizer, reference.model,
+            self_edit.SelfEdit(edit.text, tuple(edit.documents)) if edit else None,
+            [(c.title, c.context, c.questions, c.answers) for c in contexts], history, replay, replay_seed,
+            lora, config, eval_config, continual.PROBE_TEXTS[:probe_prompts],
+            root=checkpoint_root() / policy_ref.digest / label, source=f"{policy_ref.name}+{label}")
     del private
     release_freed_memory()
-    get_run_logger().info("%s: %d documents (%d replayed), %d steps, loss %.3f, accuracy %s, KL %.4f",
-                          label, len(documents), len(drawn), merged.train.steps, merged.train.mean_loss,
-                          [round(s.accuracy, 2) for s in scores], kl)
+    merged = result.merge
+    get_run_logger().info("%s: %d documents replayed, %d steps, loss %.3f, accuracy %s, KL %.4f", label,
+                          len(result.replayed), merged.train.steps, merged.train.mean_loss,
+                          [round(s.accuracy, 2) for s in result.scores], result.kl)
     return ContinualStepRecord(
-        checkpoint=PolicyRef(name=label, path=str(merged.path), digest=merged.digest), documents=own,
-        replayed=len(drawn), scores=[EvalRecord.of(s) for s in scores], kl=kl, steps=merged.train.steps,
+        checkpoint=PolicyRef(name=label, path=str(merged.path), digest=merged.digest),
+        documents=result.own_documents, replayed=len(result.replayed),
+        scores=[EvalRecord.of(s) for s in result.scores], kl=result.kl, steps=merged.train.steps,
         mean_loss=merged.train.mean_loss, seconds=merged.train.seconds,
     )

@@ -152,7 +152,7 @@ def test_merge_self_edit_changes_the_weights_and_saves_them_with_their_digest(pr
 
 def test_remove_checkpoint_only_deletes_under_its_root(tmp_path):
     root = tmp_path / "continual"
-    inside, outside = root / "abc" / "seq0-step0", tmp_path / "policy"
+    inside, outside = root / "abc" / "seq0-step0" / "key", tmp_path / "policy"
     for folder in (inside, outside):
         folder.mkdir(parents=True)
         (folder / "model.safetensors").write_bytes(b"x")
@@ -170,3 +170,30 @@ def test_continual_policy_is_checked_when_the_config_loads(policy, fragment):
         load_config(None, [f"continual.policy={policy}", "continual.replay=-1"])
     for good in ("base", "models:/seal-policy@best", "models:/seal-policy/3"):
         assert load_config(None, [f"continual.policy={good}"]).continual.policy == good
+
+
+def test_run_step_merges_scores_every_passage_and_names_the_checkpoint_by_content(private_tiny, tmp_path):
+    from models.base_model import load_model
+    from models.config import EvalConfig
+
+    reference = load_model("tiny-random", home=tmp_path / "home", device="cpu", dtype="float32")
+    contexts = [("A", "zq zq zq", ["What is a?"], [["zq"]]), ("B", "zq zq", ["What is b?", "And c?"], [["zq"], ["zq"]])]
+    edit = SelfEdit("zq is b\nb is zq", ("zq is b", "b is zq"))
+    lora = LoraConfig(rank=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    config = InnerLoopConfig(epochs=2, learning_rate=1e-2, max_grad_norm=None, max_length=64)
+    step = dict(history=[["A\nzq zq zq"]], replay=1, replay_seed=0, lora=lora, config=config,
+                eval_config=EvalConfig(max_new_tokens=4), probe_texts=continual.PROBE_TEXTS[:2], source="t")
+    result = continual.run_step(private_tiny.model, private_tiny.tokenizer, reference.model, edit, contexts,
+                                root=tmp_path / "a", **step)
+    assert result.own_documents == ["B\nzq is b", "B\nb is zq", "B\nzq zq"] and result.replayed == ["A\nzq zq zq"]
+    assert [s.total for s in result.scores] == [1, 2] and result.kl > 0
+    assert result.merge.path.parent == tmp_path / "a" and result.merge.train.steps == 2 * 4
+    # The same documents and settings name the same folder; another self-edit, another one.
+    fresh = load_model("tiny-random", home=tmp_path / "home", device="cpu", dtype="float32")
+    again = continual.run_step(fresh.model, fresh.tokenizer, reference.model, edit, contexts, root=tmp_path / "b",
+                               **step)
+    assert again.merge.path.name == result.merge.path.name and again.merge.digest == result.merge.digest
+    other = load_model("tiny-random", home=tmp_path / "home", device="cpu", dtype="float32")
+    alone = continual.run_step(other.model, other.tokenizer, reference.model, None, contexts, root=tmp_path / "a",
+                               **step)
+    assert alone.merge.path.name != result.merge.path.name and alone.own_documents == ["B\nzq zq"]

@@ -70,7 +70,7 @@ def test_continual_flow_logs_the_matrix_and_reruns_from_cache(prefect_env, monke
     # Same config, new flow run: nothing is sampled, trained or evaluated again.
     calls = []
     for module, name in [(continual, "merge_self_edit"), (inner_loop, "evaluate_contexts"),
-                         (self_edit, "sample_self_edits_batch")]:
+                         (continual, "evaluate_contexts"), (self_edit, "sample_self_edits_batch")]:
         real = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
     second = seal_continual(config)
@@ -125,7 +125,7 @@ def test_sigkill_at_step_5_then_rerun_recomputes_only_from_step_5(tmp_path):
     deadline = time.monotonic() + 300
     # Step 5 has merged its checkpoint: steps 0..4 are finished and persisted, step 5 is running.
     while time.monotonic() < deadline and process.poll() is None:
-        if checkpoints.exists() and any(not p.name.startswith(".") for p in checkpoints.glob("*/seq0-step5-*")):
+        if checkpoints.exists() and any(not p.name.startswith(".") for p in checkpoints.glob("*/seq0-step5/*")):
             break
         time.sleep(0.02)
     assert process.poll() is None, "the run ended before it could be killed"
