@@ -142,9 +142,12 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def continual(args: argparse.Namespace) -> int:
-    from models.config import load_config
+    from models.config import ConfigError, load_config
 
     config = load_config(args.config, args.overrides)
+    if config.domain != "knowledge":
+        raise ConfigError(f"seal continual merges self-edits about passages: it needs domain=knowledge, the config "
+                          f"has domain={config.domain}")
     prefect_environment()
     from flows.continual import format_summary, seal_continual
 
