@@ -248,18 +248,19 @@ def _report(tracker: Tracker, sequences: list[SequenceResult], summary: Continua
         description="Accuracy on a passage after d more merges than its own (d = 0: right after it), mean over "
         "passages and sequences.",
     )
-    create_markdown_artifact(key="continual-summary", markdown=format_summary(summary, len(sequences)),
+    create_markdown_artifact(key="continual-summary", markdown=format_summary(summary, len(sequences), markdown=True),
                              description="Continual self-adaptation: forgetting, transfer and drift")
     get_run_logger().info("\n%s", format_summary(summary, len(sequences)))
 
 
-def format_summary(summary: ContinualSummary, sequences: int) -> str:
-    """The mean ± std matrix and the measures, as text (markdown-friendly)."""
+def format_summary(summary: ContinualSummary, sequences: int, markdown: bool = False) -> str:
+    """The mean ± std matrix and the measures, as text (``markdown``: fenced as code, for an artifact)."""
     m = summary.metrics
     correlation = summary.kl_forgetting_correlation
+    fence = ["```"] if markdown else []
     lines = [
         f"accuracy on passage j (column) after r merges (row), mean ± std over {sequences} sequence(s):",
-        "```", format_matrix(summary.mean, summary.std), "```",
+        *fence, format_matrix(summary.mean, summary.std),
         f"newest passage (right after its merge): {m['newest_accuracy']:.3f} ± {m['newest_accuracy_std']:.3f}",
         f"forgetting (after own merge -> end):    {m['forgetting']:.3f} ± {m['forgetting_std']:.3f}",
         f"forgetting from best:                   {m['forgetting_max']:.3f} ± {m['forgetting_max_std']:.3f}",
@@ -268,6 +269,7 @@ def format_summary(summary: ContinualSummary, sequences: int) -> str:
         f"after d more merges (d = 0..K-1):       {' '.join(f'{a:.2f}' for a in summary.lag)}",
         f"probe KL after the last merge:          {m['kl_final']:.4f}",
         "correlation of KL with forgetting:      " + ("undefined" if correlation is None else f"{correlation:+.2f}"),
+        *fence,
     ]
     return "\n".join(lines)
 
