@@ -1,12 +1,14 @@
 """``seal clean``: prune persisted results and SEAL artifacts that no run references.
 
 Prefect never deletes persisted task results, and every inner loop leaves an adapter folder
-under ``$SEAL_HOME/adapters``. What is kept:
+under ``$SEAL_HOME/adapters`` (the continual flow deletes its merged checkpoints under
+``$SEAL_HOME/continual`` itself, but a killed run or ``keep_final`` leaves some). What is kept:
 
 - a result file, if a task run or flow run in Prefect's database has it as its result (a
   Completed or a Cached state; deleting a flow run in the UI deletes its task runs and so frees
   their results);
-- an adapter or policy folder, if a kept result mentions its path (so a cached rerun finds it).
+- an adapter, policy or merged-checkpoint folder, if a kept result mentions its path (so a cached
+  rerun finds it).
   Registered policies and logged adapters do not need theirs: MLflow keeps its own copies.
 
 Everything else is a candidate: result files of deleted runs, folders no kept result mentions,
@@ -24,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ARTIFACT_FOLDERS = ("adapters", "policies")
+ARTIFACT_FOLDERS = ("adapters", "policies", "continual")
 
 
 @dataclass

@@ -3,6 +3,7 @@
     seal run CONFIG [section.key=value ...]          train (the SEAL outer loop)
     seal eval CONFIG POLICY [section.key=value ...]  held-out evaluation of a policy
     seal inner-loop CONFIG [section.key=value ...]   the inner-loop demo table
+    seal continual CONFIG [section.key=value ...]    self-edits merged in sequence: the forgetting matrix
     seal clean [--yes]                               prune results and artifacts no run references
     seal serve [--prefect-port P] [--mlflow-port M]  Prefect + MLflow UIs, the flows as deployments
 """
@@ -44,6 +45,11 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("config", help="YAML config, e.g. deployments/configs/knowledge-smollm2.yaml")
     demo.add_argument("overrides", nargs="*", help="section.key=value overrides")
     demo.add_argument("--contexts", type=int, default=None, help="default: data.num_eval_contexts")
+    continual = commands.add_parser(
+        "continual", help="merge self-edits one after another and measure what earlier passages lose",
+    )
+    continual.add_argument("config", help="YAML config, e.g. deployments/configs/continual-smollm2.yaml")
+    continual.add_argument("overrides", nargs="*", help="section.key=value overrides")
     clean = commands.add_parser(
         "clean", help="list (or with --yes delete) results and adapters that no Prefect run references"
     )
@@ -135,6 +141,25 @@ def evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def continual(args: argparse.Namespace) -> int:
+    from models.config import ConfigError, load_config
+
+    config = load_config(args.config, args.overrides)
+    if config.domain != "knowledge":
+        raise ConfigError(f"seal continual merges self-edits about passages: it needs domain=knowledge, the config "
+                          f"has domain={config.domain}")
+    prefect_environment()
+    from flows.continual import format_summary, seal_continual
+
+    result = seal_continual(config)
+    print()
+    print(format_summary(result.summary, len(result.sequences)))
+    print()
+    print(f"MLflow: run {result.run_id} in {result.tracking_uri}")
+    print(f"  open the MLflow UI:  mlflow ui --backend-store-uri {result.tracking_uri}")
+    return 0
+
+
 def clean(args: argparse.Namespace) -> int:
     prefect_environment()
     from flows.clean import delete, format_plan, plan_clean, referenced_storage_keys
@@ -169,8 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     from models.knowledge_data import DatasetError
 
     try:
-        return {"run": run, "eval": evaluate, "inner-loop": inner_loop, "clean": clean,
-                "serve": serve}[args.command](args)
+        return {"run": run, "eval": evaluate, "inner-loop": inner_loop, "continual": continual,
+                "clean": clean, "serve": serve}[args.command](args)
     except (ConfigError, ModelNotFoundError, DatasetError, UnknownTaskError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

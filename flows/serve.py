@@ -125,12 +125,15 @@ def _signal_group(process: subprocess.Popen, sig: int) -> None:
 
 
 def deployments(config_dir: Path = CONFIGS) -> list:
-    """One training deployment per config (knowledge and few-shot), an evaluation deployment, and
-    a paused nightly run (continued adaptation on new data) to switch on in the UI."""
+    """One training deployment per config (knowledge and few-shot), one continual-adaptation
+    deployment per ``continual-*.yaml``, an evaluation deployment, and a paused nightly run
+    (continued adaptation on new data) to switch on in the UI."""
     from prefect.deployments.runner import EntrypointType
     from prefect.schedules import Cron
 
+    from flows.continual import seal_continual
     from flows.evaluation import seal_evaluation
+    from flows.nightly import seal_nightly
     from flows.training import seal_training
     from models.config import load_config
 
@@ -142,17 +145,25 @@ def deployments(config_dir: Path = CONFIGS) -> list:
             entrypoint_type=EntrypointType.MODULE_PATH,
             description=f"SEAL training (ReST-EM) with {path.name}; edit any field in the form.",
         ))
+    for path in sorted(config_dir.glob("continual-*.yaml")):
+        config = load_config(path).model_dump(mode="json")
+        result.append(seal_continual.to_deployment(
+            name=path.stem, parameters={"config": config}, tags=["seal", "continual"],
+            entrypoint_type=EntrypointType.MODULE_PATH,
+            description=f"Self-edits merged one after another, and the forgetting matrix, with {path.name}.",
+        ))
     default = load_config(config_dir / "knowledge-smollm2.yaml").model_dump(mode="json")
     result.append(seal_evaluation.to_deployment(
         name="knowledge-smollm2", parameters={"config": default, "policy": "models:/seal-policy@best"},
         tags=["seal", "evaluation"], entrypoint_type=EntrypointType.MODULE_PATH,
         description="Held-out evaluation of a policy (base, a folder or a models:/ URI).",
     ))
-    result.append(seal_training.to_deployment(
-        name="nightly-continued-adaptation", parameters={"config": default},
+    result.append(seal_nightly.to_deployment(
+        name="nightly-continued-adaptation", parameters={"config": default, "policy": "models:/seal-policy@latest"},
         schedules=[Cron("0 2 * * *", timezone="UTC", active=False)], tags=["seal", "training", "scheduled"],
         entrypoint_type=EntrypointType.MODULE_PATH,
-        description="Every night at 02:00 UTC (inactive until switched on): train again on the configured data.",
+        description="Every night at 02:00 UTC (inactive until switched on): continue the latest registered policy "
+        "on contexts it has not seen; register the result only if held-out accuracy did not drop.",
     ))
     return result
 

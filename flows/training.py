@@ -285,17 +285,37 @@ def check_success_fraction(rows: list[dict], minimum: float, iteration: int) -> 
 # The task runners below are the defaults; the training flow runs these subflows with the
 # config's runner (flows.runner.on_runner).
 @flow(flow_run_name="iteration-{iteration}", task_runner=SERIAL)
-def run_iteration(config: SealConfig, policy: PolicyRef, iteration: int) -> IterationResult:
-    """One outer iteration: the E-step over N contexts x K self-edits, then the M-step."""
+def run_iteration(config: SealConfig, policy: PolicyRef, iteration: int,
+                  exclude: list[str] | None = None) -> IterationResult:
+    """One outer iteration: the E-step over N contexts x K self-edits, then the M-step. Training
+    contexts whose id is in ``exclude`` (those a continued policy has seen) are skipped."""
     with placement(config.runner):
-        return _run_iteration(config, policy, iteration)
+        return _run_iteration(config, policy, iteration, exclude or [])
 
 
-def _run_iteration(config: SealConfig, policy: PolicyRef, iteration: int) -> IterationResult:
+def train_contexts(config: SealConfig, iteration: int, exclude: list[str]) -> list:
+    """The iteration's N training contexts (seeded), none of them in ``exclude``.
+
+    Raises:
+        ValueError: if the training split has no context left that is not excluded.
+    """
+    domain, count = domain_for(config), config.data.num_train_contexts
+    seed = stable_seed(config.data.seed, "train", iteration)
+    if not exclude:
+        return domain.fetch_contexts(config, "train", count, seed=seed)
+    # The same seeded draw, longer by what may be skipped: the first N unseen of it.
+    pool = domain.fetch_contexts(config, "train", count + len(exclude), seed=seed)
+    unseen = [c for c in pool if c.id not in set(exclude)][:count]
+    if not unseen:
+        raise ValueError(f"all {len(pool)} training contexts have been seen by the policy; add data "
+                         "(data.path, data.num_passages) to continue it")
+    return unseen
+
+
+def _run_iteration(config: SealConfig, policy: PolicyRef, iteration: int, exclude: list[str]) -> IterationResult:
     start = time.perf_counter()
     domain = domain_for(config)
-    contexts = domain.fetch_contexts(config, "train", config.data.num_train_contexts,
-                                     seed=stable_seed(config.data.seed, "train", iteration))
+    contexts = train_contexts(config, iteration, exclude)
     label = f"iteration-{iteration}"
     samples = dict(zip([c.id for c in contexts], domain.sample_self_edits(
         policy, config, contexts, [stable_seed(config.seed, iteration, c.id) for c in contexts],

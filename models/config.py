@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 import fsspec
 
@@ -341,6 +341,51 @@ class FewshotConfig(_Section):
     )
 
 
+class ContinualConfig(_Section):
+    """Continual self-adaptation (``seal continual``, the paper's §5 forgetting experiment): S
+    sequences of K held-out passages; at step k the current model writes a self-edit for passage k,
+    a LoRA trained on it (``lora``, ``inner_loop``) is merged into the weights, and the merged model
+    answers the questions of passages 0..k."""
+
+    sequences: int = Field(8, ge=1, le=64, description="Sequences S, each of its own passages (paper: 8).")
+    passages: int = Field(
+        8, ge=1, le=64, description="Passages per sequence K, each one self-edit merged in turn (paper: 8).",
+    )
+    policy: str = Field(
+        "base", description="The model each sequence starts from, which (merged, step after step) writes "
+        "the self-edits: 'base' (model.name), a policy folder, or a registry URI such as "
+        "'models:/seal-policy@best'.",
+    )
+    training: Literal["self_edit", "passage_only"] = Field(
+        "self_edit", description="What each step fine-tunes on: the model's self-edit plus the passage "
+        "(the paper's), or the passage alone (the comparison row: no self-edit is written).",
+    )
+    replay: int = Field(
+        0, ge=0, le=256, description="Mitigation, off at 0: each step's fine-tune also trains on this many "
+        "documents drawn (seeded) from the earlier steps' training documents, each weighed as one "
+        "self-edit line.",
+    )
+    probe_prompts: int = Field(
+        8, ge=1, le=32, description="Drift signal: after each merge, the KL divergence from the step-0 model "
+        "is measured on this many fixed probe texts unrelated to the passages (models/continual.py).",
+    )
+    seed: int = Field(0, description="Seed of each sequence's passages and of the replay draws.")
+
+    @field_validator("policy")
+    @classmethod
+    def _check_policy(cls, policy: str) -> str:
+        # A field validator, so it reports alongside the section's other problems.
+        if policy.startswith("models:/"):
+            rest = policy.removeprefix("models:/")
+            if not ("@" in rest.strip("@") or "/" in rest.strip("/")):
+                raise ValueError(f"{policy!r} is not a registry URI: use 'models:/NAME@ALIAS' or "
+                                 "'models:/NAME/VERSION'")
+        elif policy != "base" and not Path(policy).expanduser().is_dir():
+            raise ValueError(f"{policy!r} is neither 'base', a 'models:/' URI nor an existing folder; pass a "
+                             "policy folder written by seal run")
+        return policy
+
+
 class SealConfig(_Section):
     """The whole SEAL configuration."""
 
@@ -360,6 +405,7 @@ class SealConfig(_Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     fewshot: FewshotConfig = Field(default_factory=FewshotConfig)
     runner: RunnerConfig = Field(default_factory=RunnerConfig)
+    continual: ContinualConfig = Field(default_factory=ContinualConfig)
     seed: int = Field(0, description="Seed of self-edit sampling.")
 
     @model_validator(mode="after")

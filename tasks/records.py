@@ -135,6 +135,19 @@ class SelectionRecord(_Record):
         return [] if self.kept is None else [self.kept]
 
 
+class ContinualStepRecord(_Record):
+    """A finished step: the merged checkpoint, what it trained on, its scores and drift."""
+
+    checkpoint: PolicyRef
+    documents: list[str]  # the step's own documents (self-edit lines, passage): what later steps replay
+    replayed: int  # documents replayed from earlier steps
+    scores: list[EvalRecord]  # on passages 0..k, in order
+    kl: float  # KL(step-0 model || merged model) on the probe texts, per token
+    steps: int
+    mean_loss: float
+    seconds: float
+
+
 # --- few-shot (ARC) ---
 
 Grid = list[list[int]]

@@ -300,3 +300,41 @@ def test_report_names_what_a_new_result_file_lacks(tmp_path):
     (tmp_path / "unknown-cpu.json").write_text("{}")
     with pytest.raises(SystemExit, match="add a summary for it to BENCHMARKS"):
         report.table(tmp_path)
+
+
+def test_continual_benchmark_writes_each_variant_with_its_matrix(prefect_env, tmp_path, capsys):
+    from benchmarks import continual
+    from conftest import squad_file as _squad
+
+    out = tmp_path / "continual.json"
+    squad = _squad(tmp_path / "squad-continual-bench.json")
+    assert continual.main(["--config", str(TINY), "--json", str(out), "--variants", "self_edit,replay",
+                           "--replay", "1", "--rerun", "data.source=squad", f"data.path={squad}",
+                           "data.validation_fraction=0.95", "continual.sequences=1", "continual.passages=2",
+                           "continual.probe_prompts=1", "tracking.experiment=continual-bench"]) == 0
+    report = json.loads(out.read_text())
+    assert list(report["variants"]) == ["self_edit", "replay"]
+    for name, variant in report["variants"].items():
+        assert variant["wall_s"] > 0 and variant["projected_8x8_s"] == pytest.approx(variant["wall_s"] * 32)
+        assert len(variant["mean"]) == 3 and variant["mean"][1][1] is None
+        assert {"forgetting", "backward_transfer", "newest_accuracy"} <= set(variant["metrics"])
+        assert (tmp_path / f"continual-{name}.png").stat().st_size > 0
+        assert variant["peak_tree_memory_mb"] > 0 and variant["rerun_wall_s"] < variant["wall_s"]
+        assert any(task.startswith("continual_step") for task in variant["task_s_by_task"])
+    assert report["variants"]["replay"]["continual"]["replay"] == 1
+    assert report["machine"]["cpus"] and "== replay" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("variant, expected", [
+    ("self_edit", []), ("passage_only", ["continual.training=passage_only"]), ("replay", ["continual.replay=3"]),
+    ("policy", ["continual.policy=models:/seal-policy@best"]),
+])
+def test_continual_benchmark_variants_are_config_switches(variant, expected):
+    import argparse
+
+    from benchmarks import continual
+
+    args = argparse.Namespace(replay=3, policy="models:/seal-policy@best")
+    assert continual.variant_overrides(variant, args) == expected
+    with pytest.raises(SystemExit, match="needs --policy"):
+        continual.variant_overrides("policy", argparse.Namespace(replay=3, policy=None))

@@ -28,3 +28,12 @@ def test_invalid_config_stops_before_any_work(seal_home, capsys):
 def test_missing_model_is_a_clear_error(seal_home, capsys):
     assert main(["inner-loop", TINY, "model.name=./nowhere"]) == 2
     assert "not a folder with a model" in capsys.readouterr().err
+
+
+def test_continual_refuses_a_bad_config_before_any_work(seal_home, capsys):
+    assert main(["continual", TINY, "continual.passages=0", "continual.policy=models:/seal-policy"]) == 2
+    err = capsys.readouterr().err
+    assert "continual.passages" in err and "continual.policy" in err
+    assert main(["continual", TINY, "domain=fewshot"]) == 2
+    assert "domain=knowledge" in capsys.readouterr().err
+    assert not seal_home.exists()

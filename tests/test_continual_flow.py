@@ -1,0 +1,148 @@
+"""The continual flow at tiny size: the matrix and what it logs, a cached rerun, the comparison
+row, replay, and a SIGKILL at step 5 that the rerun resumes from."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import TINY, squad_file as _squad
+
+ROOT = Path(__file__).parents[1]
+
+
+def _overrides(path: Path, *extra: str) -> list[str]:
+    return [f"data.path={path}", "data.source=squad", "inner_loop.epochs=8", "inner_loop.learning_rate=3e-2",
+            "data.validation_fraction=0.95", "continual.probe_prompts=2", *extra]
+
+
+def _model_folders(root: Path) -> list[Path]:
+    return [p.parent for p in root.rglob("model.safetensors")] if root.exists() else []
+
+
+def test_continual_flow_logs_the_matrix_and_reruns_from_cache(prefect_env, monkeypatch):
+    import numpy as np
+    from mlflow import MlflowClient
+
+    from flows.continual import seal_continual
+    from models import continual, inner_loop, self_edit
+    from models.config import load_config
+
+    config = load_config(TINY, _overrides(_squad(prefect_env / "squad-continual.json"),
+                                          "continual.sequences=2", "continual.passages=3",
+                                          "tracking.experiment=continual"))
+    first = seal_continual(config)
+    assert [r.matrix.shape for r in first.sequences] == [(4, 3), (4, 3)]
+    matrix = first.sequences[0].matrix
+    assert np.isnan(matrix[1, 1:]).all() and not np.isnan(matrix[3]).any()
+    # The tiny model learns to answer "zq" from its first merged passage.
+    assert first.summary.metrics["newest_accuracy"] > first.summary.metrics["base_accuracy"]
+    assert all(step.kl > 0 for r in first.sequences for step in r.steps)
+    assert [len(step.scores) for step in first.sequences[0].steps] == [1, 2, 3]
+    # The sequences draw different passages; each step sampled a self-edit from the current model.
+    assert [c.id for c in first.sequences[0].contexts] != [c.id for c in first.sequences[1].contexts]
+    assert all(edit is not None for r in first.sequences for edit in r.edits)
+    # Every merged checkpoint was deleted once used (the start model is never one of them).
+    assert _model_folders(Path(os.environ["SEAL_HOME"]) / "continual") == []
+
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    run = client.get_run(first.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["seal.flow"] == "continual"
+    for name in ("continual/newest_accuracy", "continual/forgetting", "continual/backward_transfer",
+                 "continual/gain_over_base", "continual/kl", "sequence_1/kl"):
+        assert name in run.data.metrics, name
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "continual/kl")) == [1, 2, 3]
+    lag = client.get_metric_history(run.info.run_id, "continual/accuracy_after_more_merges")
+    assert sorted(m.step for m in lag) == [0, 1, 2]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "continual")}
+    assert {"continual/matrix.json", "continual/steps.json", "continual/forgetting.png"} <= artifacts
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as prefect:
+        for key in ("continual-matrix", "continual-summary", "continual-forgetting-curve", "mlflow-run"):
+            assert prefect.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]))), key
+
+    # Same config, new flow run: nothing is sampled, trained or evaluated again.
+    calls = []
+    for module, name in [(continual, "merge_self_edit"), (inner_loop, "evaluate_contexts"),
+                         (continual, "evaluate_contexts"), (self_edit, "sample_self_edits_batch")]:
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    second = seal_continual(config)
+    assert calls == []
+    np.testing.assert_array_equal(second.sequences[1].matrix, first.sequences[1].matrix)
+
+    # A changed evaluation setting needs the deleted checkpoints again: each is rebuilt (the same
+    # weights, so the self-edits and merges keep their keys) and scored anew.
+    calls.clear()
+    changed = config.model_copy(update={"eval": config.eval.model_copy(update={"max_new_tokens": 6})})
+    third = seal_continual(changed)
+    assert calls.count("evaluate_contexts") == 2 * (1 + 3)  # per sequence: the unedited row, 3 steps
+    assert "sample_self_edits_batch" not in calls
+    assert [s.checkpoint.digest for s in third.sequences[0].steps] == [s.checkpoint.digest for s in first.sequences[0].steps]
+
+
+def test_passage_only_row_and_replay(prefect_env, monkeypatch):
+    from flows.continual import seal_continual
+    from models import self_edit
+    from models.config import load_config
+
+    squad = _squad(prefect_env / "squad-continual-variants.json")
+    sampled = []
+    real = self_edit.sample_self_edits_batch
+    monkeypatch.setattr(self_edit, "sample_self_edits_batch", lambda *a, **k: sampled.append(1) or real(*a, **k))
+    passage_only = seal_continual(load_config(TINY, _overrides(
+        squad, "continual.sequences=1", "continual.passages=2", "continual.training=passage_only",
+        "tracking.experiment=continual-variants")))
+    (sequence,) = passage_only.sequences
+    assert sampled == [] and sequence.edits == [None, None]
+    assert all(len(step.documents) == 1 for step in sequence.steps)  # the passage alone
+
+    replay = seal_continual(load_config(TINY, _overrides(
+        squad, "continual.sequences=1", "continual.passages=3", "continual.replay=2",
+        "tracking.experiment=continual-variants")))
+    steps = replay.sequences[0].steps
+    assert [s.replayed for s in steps][0] == 0 and all(s.replayed == 2 for s in steps[1:])
+
+
+def test_sigkill_at_step_5_then_rerun_recomputes_only_from_step_5(tmp_path):
+    squad = _squad(tmp_path / "squad.json")
+    home = tmp_path / "home"
+    env = {**os.environ, "SEAL_HOME": str(home), "PREFECT_HOME": str(home / "prefect"),
+           "PREFECT_LOCAL_STORAGE_PATH": str(home / "prefect" / "storage"),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "PREFECT_LOGGING_LEVEL": "INFO"}
+    command = [sys.executable, "-m", "flows.cli", "continual", str(TINY),
+               *_overrides(squad, "continual.sequences=1", "continual.passages=7", "tracking.experiment=kill")]
+    # Its own session, so the kill takes the run's temporary Prefect server with it (tests/test_resume.py).
+    process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    checkpoints = home / "continual"
+    deadline = time.monotonic() + 300
+    # Step 5 has merged its checkpoint: steps 0..4 are finished and persisted, step 5 is running.
+    while time.monotonic() < deadline and process.poll() is None:
+        if checkpoints.exists() and any(not p.name.startswith(".") for p in checkpoints.glob("*/seq0-step5/*")):
+            break
+        time.sleep(0.02)
+    assert process.poll() is None, "the run ended before it could be killed"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+    rerun = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    logs = rerun.stdout + rerun.stderr
+    states = dict(re.findall(r"Task run 'continual-step-seq0-step(\d)' - Finished in state (\w+)", logs))
+    assert {k for k, state in states.items() if state == "Cached"} >= {"0", "1", "2", "3", "4"}, states
+    assert all(states[k] == "Cached" for k in "01234"), states
+    assert states["6"] == "Completed", states  # the step after the one killed ran for the first time
+    assert "accuracy on passage j" in rerun.stdout
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("kill").experiment_id])
+    assert [r.info.status for r in runs] == ["FINISHED"]  # the killed run was continued, not duplicated
