@@ -37,9 +37,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
 from compose import load_compose
-from conftest import free_port
+from conftest import free_port, squad_file
 
 pytestmark = pytest.mark.integration
 
@@ -373,3 +374,134 @@ def test_unauthenticated_requests_are_refused_and_authenticated_ones_accepted(st
                               "-w", "-c", "SELECT 1"], env={k: v for k, v in os.environ.items() if k != "PGPASSWORD"},
                              capture_output=True, text=True)
     assert refused.returncode != 0 and "password" in refused.stderr
+
+
+def test_the_registered_deployments_run_their_config_files(stack):
+    """What `prefect deploy` registered is what `seal run FILE OVERRIDES` runs."""
+    from models.config import SealConfig, load_config
+
+    spec = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
+    for deployment in spec["deployments"]:
+        flow = "seal-evaluation" if deployment["entrypoint"].endswith(":seal_evaluation") else "seal-training"
+        registered = stack.deployment(deployment["name"], flow)
+        (step,) = deployment["build"]
+        source = step["flows.deployment_config.config_parameter"]
+        expected = load_config(ROOT / source["file"], source.get("overrides", []))
+        assert SealConfig.model_validate(registered["parameters"]["config"]) == expected, deployment["name"]
+        assert registered["work_pool_name"] == "seal"
+        assert registered["pull_steps"] == spec["pull"]  # resolved on the worker, from its SEAL_REPO
+
+
+def _config(stack: Stack, *overrides: str) -> dict:
+    """The tiny config on passages its random model can learn from (so a policy is kept and
+    registered), as a user sets them in the UI's custom-run form."""
+    from models.config import load_config
+
+    data = stack.mounts["/seal"] / "squad.json"
+    if not data.exists():
+        squad_file(data)
+    learnable = [f"data.path={data}", "data.source=squad", "self_edit.num_samples=2", "rl.iterations=1",
+                 "inner_loop.epochs=8", "inner_loop.learning_rate=3e-2", "inner_loop.group_size=2", "seed=13"]
+    return load_config(TINY_CONFIG, [*learnable, *overrides]).model_dump(mode="json")
+
+
+def _comparable(metrics: dict[str, float]) -> dict[str, float]:
+    """A run's results, less what measures time or memory."""
+    return {k: v for k, v in metrics.items() if not any(w in k for w in ("seconds", "time", "memory", "_mb"))}
+
+
+@pytest.fixture(scope="module")
+def baseline(stack):
+    """The tiny deployment run as registered, and another deployment run (another seed) at once."""
+    first = stack.run_deployment("knowledge-tiny", _config(stack))
+    second = stack.run_deployment("knowledge-tiny", _config(stack, "seed=5", "tracking.experiment=stack-concurrent"))
+    runs = [stack.wait_final(run_id, timeout=300) for run_id in (first, second)]
+    return {"runs": runs, "tracked": [stack.mlflow_run(run["id"]) for run in runs]}
+
+
+def test_two_deployment_runs_at_once_finish_with_their_mlflow_runs_and_policies_in_postgres(stack, baseline):
+    first, second = baseline["runs"]
+    for run in (first, second):
+        assert run["state"]["type"] == "COMPLETED", (run["state"], stack.log("worker"))
+    # They ran at the same time, on the one worker.
+    assert first["start_time"] < second["end_time"] and second["start_time"] < first["end_time"]
+    tiny, other = baseline["tracked"]
+    assert tiny["status"] == other["status"] == "FINISHED"
+    assert tiny["experiment"] == _config(stack)["tracking"]["experiment"] and other["experiment"] == "stack-concurrent"
+    assert tiny["id"] != other["id"] and set(tiny["metrics"]) == set(other["metrics"])
+    assert "reward_mean" in tiny["metrics"]
+    # Each registered its policies, as versions of its own (the registry lives in Postgres).
+    assert tiny["versions"] and not set(tiny["versions"]) & set(other["versions"])
+    print("tiny metrics", tiny["metrics"], "versions", tiny["versions"])
+
+
+def _attempts(stack: Stack, run_id: str, before: set[str]) -> tuple[list[dict], list[dict]]:
+    """The task runs of the first attempt (ids in ``before``) and of the ones after."""
+    runs = stack.task_runs(run_id)
+    return [r for r in runs if r["id"] in before], [r for r in runs if r["id"] not in before]
+
+
+def _names(runs: list[dict], state: str) -> list[str]:
+    return [r["name"] for r in runs if r["state"]["name"] == state]
+
+
+def test_retry_from_the_ui_recomputes_only_the_failed_task_and_its_dependants(stack, baseline):
+    config = _config(stack, "tracking.experiment=stack-retry", f"runner.result_storage={stack.root / 'results-retry'}")
+    run_id = stack.run_deployment("knowledge-tiny", config, env={"SEAL_FAIL_ONCE": "train_adapter:edit1"})
+    failed = stack.wait_final(run_id, timeout=300)
+    assert failed["state"]["type"] == "FAILED", failed["state"]
+    time.sleep(2)  # task run states arrive as events
+    first = stack.task_runs(run_id)
+    stack.retry(run_id)
+    retried = stack.wait_final(run_id, timeout=300)
+    assert retried["state"]["type"] == "COMPLETED", (retried["state"], stack.log("worker"))
+    assert retried["run_count"] == 2
+    time.sleep(2)
+    before, after = _attempts(stack, run_id, {r["id"] for r in first})
+    print("FIRST", [(r["name"], r["state"]["name"]) for r in before])
+    print("AFTER", [(r["name"], r["state"]["name"]) for r in after])
+    (failed_task,) = _names(before, "Failed")
+    recomputed = _names(after, "Completed")
+    assert failed_task in recomputed
+    assert not set(recomputed) & set(_names(before, "Completed")), "a task that had completed ran again"
+    assert _names(after, "Cached"), "nothing was reused"
+    tracked = stack.mlflow_run(run_id)  # one MLflow run, continued
+    assert tracked["status"] == "FINISHED"
+    assert _comparable(tracked["metrics"]) == _comparable(baseline["tracked"][0]["metrics"])
+
+
+def test_worker_killed_mid_run_and_restarted_leaves_the_run_resumable(stack, baseline):
+    import psutil
+
+    config = _config(stack, "tracking.experiment=stack-kill", f"runner.result_storage={stack.root / 'results-kill'}")
+    run_id = stack.run_deployment("knowledge-tiny", config)
+    deadline = time.monotonic() + 240
+    # Kill once the run has finished some work (the held-out baseline's inner loops), as a
+    # machine or container going down would: the worker and the flow run's process together.
+    while len(_names(done := stack.task_runs(run_id), "Completed")) < 4:
+        assert stack.flow_run(run_id)["state"]["type"] in ("SCHEDULED", "PENDING", "RUNNING"), stack.log("worker")
+        assert time.monotonic() < deadline, "the run completed no tasks in 240 s"
+        time.sleep(0.5)
+    worker = psutil.Process(stack.processes["worker"].pid)
+    for process in [*worker.children(recursive=True), worker]:
+        process.kill()
+    stack.processes.pop("worker").wait()
+    time.sleep(2)
+    assert stack.flow_run(run_id)["state"]["type"] == "RUNNING"  # nobody told the server
+    before = {r["id"] for r in stack.task_runs(run_id)}
+    completed_before = set(_names(stack.task_runs(run_id), "Completed"))
+    assert completed_before >= set(_names(done, "Completed"))
+
+    stack.start_worker()
+    # In the UI: "Change state" to Crashed, then Retry.
+    stack.set_state(run_id, "CRASHED", "Crashed", "the worker's machine went down")
+    stack.retry(run_id)
+    resumed = stack.wait_final(run_id, timeout=300)
+    assert resumed["state"]["type"] == "COMPLETED", (resumed["state"], stack.log("worker"))
+    time.sleep(2)
+    _, after = _attempts(stack, run_id, before)
+    assert not set(_names(after, "Completed")) & completed_before, "work finished before the kill ran again"
+    assert _names(after, "Cached")
+    tracked = stack.mlflow_run(run_id)  # the killed run's MLflow run, continued (not a second one)
+    assert tracked["status"] == "FINISHED"
+    assert _comparable(tracked["metrics"]) == _comparable(baseline["tracked"][0]["metrics"])
