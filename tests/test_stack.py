@@ -392,6 +392,27 @@ def test_the_registered_deployments_run_their_config_files(stack):
         assert registered["pull_steps"] == spec["pull"]  # resolved on the worker, from its SEAL_REPO
 
 
+def test_seal_doctor_passes_on_the_stack_and_names_each_problem(stack):
+    """`seal doctor`'s checks from a user's seat, against the real servers and worker."""
+    from flows.doctor import FAIL, OK, format_checks, run_checks
+    from models.config import load_config
+
+    home = stack.mounts["/seal"]
+    seat = stack.client_env() | {"SEAL_HOME": str(home), "PREFECT_LOCAL_STORAGE_PATH": str(home / "prefect" / "storage")}
+    config = load_config(TINY_CONFIG)
+    checks = run_checks(seat, "seal", config)
+    assert [c.status for c in checks] == [OK] * 5, format_checks(checks)
+    assert "1 live worker(s)" in checks[2].message
+
+    def problems(env: dict[str, str], pool: str = "seal") -> str:
+        return "\n".join(c.message for c in run_checks(env, pool, config) if c.status == FAIL)
+
+    assert "refused PREFECT_API_AUTH_STRING (team:***)" in problems(seat | {"PREFECT_API_AUTH_STRING": "team:nope"})
+    no_user = {k: v for k, v in seat.items() if not k.startswith("MLFLOW_TRACKING_U") and k != "MLFLOW_TRACKING_PASSWORD"}
+    assert "asks for a user" in problems(no_user)
+    assert "no work pool 'gpu'" in problems(seat, pool="gpu")
+
+
 def _config(stack: Stack, *overrides: str) -> dict:
     """The tiny config on passages its random model can learn from (so a policy is kept and
     registered), as a user sets them in the UI's custom-run form."""
