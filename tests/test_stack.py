@@ -408,7 +408,7 @@ def test_seal_doctor_passes_on_the_stack_and_names_each_problem(stack):
         return "\n".join(c.message for c in run_checks(env, pool, config) if c.status == FAIL)
 
     assert "refused PREFECT_API_AUTH_STRING (team:***)" in problems(seat | {"PREFECT_API_AUTH_STRING": "team:nope"})
-    no_user = {k: v for k, v in seat.items() if not k.startswith("MLFLOW_TRACKING_U") and k != "MLFLOW_TRACKING_PASSWORD"}
+    no_user = {k: v for k, v in seat.items() if k not in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
     assert "asks for a user" in problems(no_user)
     assert "no work pool 'gpu'" in problems(seat, pool="gpu")
 
