@@ -74,6 +74,7 @@ class Stack:
         for folder in self.mounts.values():
             folder.mkdir(parents=True, exist_ok=True)
         self.processes: dict[str, subprocess.Popen] = {}
+        self.pg_dir: Path | None = None
         self.prefect_api = f"http://127.0.0.1:{self.ports['prefect-server']}/api"
         self.mlflow_url = f"http://127.0.0.1:{self.ports['mlflow']}"
 
@@ -314,7 +315,8 @@ def _has_user(name: str) -> bool:
 def _stop_all(stack: Stack) -> None:
     for service in ["worker", "prefect-server", "mlflow", "postgres"]:
         stack.stop(service)
-    shutil.rmtree(stack.pg_dir, ignore_errors=True)
+    if stack.pg_dir is not None:
+        shutil.rmtree(stack.pg_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
