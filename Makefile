@@ -14,7 +14,7 @@ export HF_DATASETS_OFFLINE=1
 # glibc: few malloc arenas, so memory freed by one thread serves the next (tasks/runtime.py)
 export MALLOC_ARENA_MAX=2
 
-.PHONY: install run serve test test-slow bench clean-venv
+.PHONY: install run serve test test-slow test-stack bench clean-venv
 
 install: $(STAMP)
 
@@ -38,6 +38,9 @@ test: install
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow
+
+test-stack: install  ## only the compose stack on real Postgres, Prefect and MLflow (also in make test)
+	$(BIN)/python -m pytest -q -m integration
 
 bench: install
 	$(BIN)/python benchmarks/inner_loop.py

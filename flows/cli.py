@@ -6,6 +6,7 @@
     seal continual CONFIG [section.key=value ...]    self-edits merged in sequence: the forgetting matrix
     seal clean [--yes]                               prune results and artifacts no run references
     seal serve [--prefect-port P] [--mlflow-port M]  Prefect + MLflow UIs, the flows as deployments
+    seal doctor [--pool seal] [--config CONFIG]      check a stack: servers, auth, worker, SEAL_HOME, model
 """
 
 from __future__ import annotations
@@ -58,6 +59,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default: localhost only)")
     serve.add_argument("--prefect-port", type=int, default=4200)
     serve.add_argument("--mlflow-port", type=int, default=5000)
+    doctor = commands.add_parser(
+        "doctor", help="check the servers, their auth, the work pool's worker, SEAL_HOME and the model"
+    )
+    doctor.add_argument("--pool", default="seal", help="the work pool deployments run on (default: seal)")
+    doctor.add_argument("--config", default=None, help="YAML config whose model and runner to check (default: defaults)")
+    doctor.add_argument("--timeout", type=float, default=5, help="seconds to wait for each server")
     return parser
 
 
@@ -184,6 +191,15 @@ def serve(args: argparse.Namespace) -> int:
     return serve_flows(Endpoints(args.host, args.prefect_port, args.mlflow_port), seal_home())
 
 
+def doctor(args: argparse.Namespace) -> int:
+    from flows.doctor import FAIL, format_checks, run_checks
+    from models.config import load_config
+
+    checks = run_checks(os.environ, args.pool, load_config(args.config), args.timeout)
+    print(format_checks(checks))
+    return 1 if any(check.status == FAIL for check in checks) else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
@@ -195,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return {"run": run, "eval": evaluate, "inner-loop": inner_loop, "continual": continual,
-                "clean": clean, "serve": serve}[args.command](args)
+                "clean": clean, "serve": serve, "doctor": doctor}[args.command](args)
     except (ConfigError, ModelNotFoundError, DatasetError, UnknownTaskError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,12 +1,19 @@
-"""docker-compose.yml is wired: URLs name real services, shared state is shared, ports stay local."""
+"""docker-compose.yml is wired: URLs name real services, shared state is shared, ports stay local,
+and it will not start without its secrets. (tests/test_stack.py runs the stack's components.)"""
 
+import configparser
 import re
 from pathlib import Path
 
-import yaml
+import pytest
+
+from compose import MissingVariable, interpolate, load_compose
 
 ROOT = Path(__file__).parents[1]
-COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+SECRETS = {"POSTGRES_PASSWORD": "pg-secret", "PREFECT_API_AUTH_STRING": "team:prefect-secret",
+           "MLFLOW_AUTH_ADMIN_USERNAME": "boss", "MLFLOW_AUTH_ADMIN_PASSWORD": "mlflow-secret",
+           "MLFLOW_FLASK_SERVER_SECRET_KEY": "flask-secret"}
+COMPOSE = load_compose(SECRETS)
 SERVICES = COMPOSE["services"]
 
 
@@ -60,17 +67,63 @@ def test_one_postgres_holds_both_databases():
 
 
 def test_ports_bind_to_localhost_by_default_and_services_have_health_checks():
+    assert load_compose(SECRETS | {"SEAL_BIND": "0.0.0.0"})["services"]["mlflow"]["ports"] == ["0.0.0.0:5000:5000"]
     for name, service in SERVICES.items():
         for port in service.get("ports", []):
-            assert port.startswith("${SEAL_BIND:-127.0.0.1}:"), f"{name} publishes {port} beyond localhost"
+            assert port.startswith("127.0.0.1:"), f"{name} publishes {port} beyond localhost"
         if not name.endswith("worker"):
             assert "healthcheck" in service, name
 
 
-def test_mlflow_basic_auth_is_an_option():
-    command = SERVICES["mlflow"]["command"]
-    assert "${MLFLOW_APP_NAME:+--app-name $MLFLOW_APP_NAME}" in command
-    assert "MLFLOW_AUTH_ADMIN_PASSWORD" in _environment(SERVICES["mlflow"])
+@pytest.mark.parametrize("secret", sorted(SECRETS))
+@pytest.mark.parametrize("value", [None, ""])
+def test_compose_refuses_to_start_without_each_secret(secret, value):
+    env = {k: v for k, v in SECRETS.items() if k != secret} | ({} if value is None else {secret: value})
+    with pytest.raises(MissingVariable, match=f"{secret} is missing a value.*docs/deployment.md"):
+        load_compose(env)
+
+
+def test_no_secret_has_a_built_in_default():
+    text = (ROOT / "docker-compose.yml").read_text()
+    defaulted = set(re.findall(r"\$\{(\w+):?-", text))
+    assert defaulted <= {"SEAL_BIND", "SEAL_RAY_WORKERS"}, defaulted
+    example = (ROOT / "deployments/docker/team.env.example").read_text()
+    assert set(SECRETS) <= set(re.findall(r"^(\w+)=", example, re.M))  # every secret is listed for .env
+
+
+def test_every_service_requires_its_credentials():
+    mlflow = SERVICES["mlflow"]
+    assert "--app-name basic-auth" in mlflow["command"]  # always, not an option
+    env = _environment(mlflow)
+    assert (env["MLFLOW_AUTH_ADMIN_USERNAME"], env["MLFLOW_AUTH_ADMIN_PASSWORD"]) == ("boss", "mlflow-secret")
+    assert env["MLFLOW_FLASK_SERVER_SECRET_KEY"] == "flask-secret"
+    # The users live on a volume of their own, not in the container.
+    ini = configparser.ConfigParser()
+    ini.read(ROOT / env["MLFLOW_AUTH_CONFIG_PATH"].removeprefix("/app/"))
+    database = ini["mlflow"]["database_uri"].removeprefix("sqlite:///")
+    assert any(database.startswith(m.split(":")[1] + "/") for m in mlflow["volumes"] if not m.startswith("."))
+    assert _environment(SERVICES["prefect-server"])["PREFECT_SERVER_API_AUTH_STRING"] == "team:prefect-secret"
+    clients = [name for name, s in SERVICES.items() if "PREFECT_API_URL" in _environment(s)]
+    assert {"worker", "ray-head", "ray-worker"} <= set(clients)
+    for name in clients:
+        assert _environment(SERVICES[name])["PREFECT_API_AUTH_STRING"] == "team:prefect-secret", name
+    worker = _environment(SERVICES["worker"])
+    assert (worker["MLFLOW_TRACKING_USERNAME"], worker["MLFLOW_TRACKING_PASSWORD"]) == ("boss", "mlflow-secret")
+    assert worker["SEAL_REPO"] == "/app"  # the image's WORKDIR, where the flows' entrypoints lie
+    assert "WORKDIR /app" in (ROOT / "Dockerfile").read_text()
+
+
+@pytest.mark.parametrize("text, env, expected", [
+    ("${A}", {"A": "1"}, "1"),
+    ("${A}", {}, ""),
+    ("${A:-x}", {"A": ""}, "x"),
+    ("${A-x}", {"A": ""}, ""),
+    ("${A:+--flag $A}", {"A": "v"}, "--flag v"),
+    ("${A:+--flag $A}", {}, ""),
+    ("$$A", {"A": "v"}, "$A"),
+])
+def test_interpolation_follows_the_compose_specification(text, env, expected):
+    assert interpolate(text, env) == expected
 
 
 def test_the_ray_cluster_shares_seal_home_with_the_flows_and_gives_each_worker_a_gpu():
