@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import glob
+import importlib
 import json
 import os
 import pwd
@@ -384,7 +385,8 @@ def test_the_registered_deployments_run_their_config_files(stack):
 
     spec = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
     for deployment in spec["deployments"]:
-        flow = "seal-evaluation" if deployment["entrypoint"].endswith(":seal_evaluation") else "seal-training"
+        path, function = deployment["entrypoint"].split(":")
+        flow = getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), function).name
         registered = stack.deployment(deployment["name"], flow)
         (step,) = deployment["build"]
         source = step["flows.deployment_config.config_parameter"]
