@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +46,7 @@ from prefect.runtime import flow_run
 from flows.evaluation import resolve_policy
 from flows.progress import Progress
 from flows.runner import SERIAL, on_runner, placement, ray_cluster, with_storage
-from flows.tracking import MlflowTracker, Tracker, default_tracking_uri, find_resumable_run
+from flows.tracking import Tracker, default_tracking_uri, flow_run_tracker
 from flows.training import verified_policy
 from models.base_model import ModelNotFoundError, seal_home
 from models.config import SealConfig
@@ -168,15 +167,9 @@ def seal_continual(config: SealConfig, keep_final: bool = False) -> ContinualRes
                          f"is {config.domain!r}: use domain=knowledge")
     tracking_uri = default_tracking_uri(seal_home())
     digest = f"continual-{config.digest()}"  # never continues a training run of the same config
-    resumed = find_resumable_run(tracking_uri, config.tracking.experiment, str(flow_run.id), digest)
-    tracker = MlflowTracker(
-        tracking_uri, config.tracking.experiment, config.tracking.registered_model,
-        run_name=flow_run.name or "seal-continual",
-        tags={"prefect.flow_run_id": str(flow_run.id), "seal.config_digest": digest, "seal.flow": "continual",
-              "seal.model": config.model.name, "seal.continual.policy": config.continual.policy,
-              "seal.host": socket.gethostname(), "seal.pid": str(os.getpid())},
-        run_id=resumed,
-    )
+    tracker = flow_run_tracker(tracking_uri, config.tracking, config.model.name, digest, str(flow_run.id),
+                               flow_run.name or "seal-continual", **{"seal.flow": "continual",
+                                                                     "seal.continual.policy": config.continual.policy})
     create_link_artifact(
         link=f"{os.environ.get('SEAL_MLFLOW_UI', 'http://127.0.0.1:5000')}/#/experiments/"
         f"{tracker.experiment_id}/runs/{tracker.run_id}",

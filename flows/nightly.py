@@ -19,8 +19,6 @@ its registered artifact. A policy registered by ``seal run`` has none, and nothi
 from __future__ import annotations
 
 import json
-import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +28,7 @@ from prefect.runtime import flow_run
 from flows.domains import domain_for
 from flows.evaluation import resolve_policy
 from flows.runner import on_runner, ray_cluster, with_storage
-from flows.tracking import MlflowTracker, Tracker, default_tracking_uri, find_resumable_run
+from flows.tracking import Tracker, default_tracking_uri, flow_run_tracker
 from flows.training import HeldOutResult, IterationResult, held_out_metrics, run_iteration, verified_policy
 from models.base_model import ModelNotFoundError, seal_home
 from models.config import SealConfig
@@ -72,14 +70,8 @@ def seal_nightly(config: SealConfig, policy: str = "models:/seal-policy@latest")
     accuracy dropped. See the module docstring."""
     tracking_uri = default_tracking_uri(seal_home())
     digest = f"nightly-{config.digest()}-{policy}"
-    resumed = find_resumable_run(tracking_uri, config.tracking.experiment, str(flow_run.id), digest)
-    tracker = MlflowTracker(
-        tracking_uri, config.tracking.experiment, config.tracking.registered_model,
-        run_name=flow_run.name or "seal-nightly",
-        tags={"prefect.flow_run_id": str(flow_run.id), "seal.config_digest": digest, "seal.flow": "nightly",
-              "seal.model": config.model.name, "seal.host": socket.gethostname(), "seal.pid": str(os.getpid())},
-        run_id=resumed,
-    )
+    tracker = flow_run_tracker(tracking_uri, config.tracking, config.model.name, digest, str(flow_run.id),
+                               flow_run.name or "seal-nightly", **{"seal.flow": "nightly"})
     try:
         with ray_cluster(config.runner):
             result = _night(config, policy, tracker)

@@ -29,6 +29,8 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
 
+from models.config import TrackingConfig
+
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 # MLflow reserves the alias "latest": ``models:/NAME@latest`` always means the highest version.
 LATEST = "latest"
@@ -189,6 +191,7 @@ class MlflowTracker:
         else:
             run = self._resume(run_id, experiment)
         self.run_id: str = run.info.run_id
+        self.resumed = run_id is not None
         self.artifact_uri: str = run.info.artifact_uri
         # (key, step) pairs already in the run: a resumed flow logs each point once.
         self._logged: set[tuple[str, int]] = set()
@@ -472,6 +475,19 @@ def find_resumable_run(tracking_uri: str, experiment: str, flow_run_id: str, con
         if candidate is None and run.info.status != "FINISHED" and tags.get("seal.config_digest") == config_digest:
             candidate = run.info.run_id
     return candidate
+
+
+def flow_run_tracker(tracking_uri: str, tracking: TrackingConfig, model: str, digest: str, flow_run_id: str,
+                     run_name: str, **tags: str) -> MlflowTracker:
+    """The MLflow run of a flow run: the one it should continue (:func:`find_resumable_run`, by
+    ``digest``), else a new one, tagged so that a later retry or rerun finds it again."""
+    resumed = find_resumable_run(tracking_uri, tracking.experiment, flow_run_id, digest)
+    return MlflowTracker(
+        tracking_uri, tracking.experiment, tracking.registered_model, run_name=run_name,
+        tags={"prefect.flow_run_id": flow_run_id, "seal.config_digest": digest, "seal.model": model,
+              "seal.host": socket.gethostname(), "seal.pid": str(os.getpid()), **tags},
+        run_id=resumed,
+    )
 
 
 def _process_alive(pid: int) -> bool:

@@ -42,7 +42,6 @@ process, or spread over Ray workers (a local instance or a cluster), with the sa
 from __future__ import annotations
 
 import os
-import socket
 import time
 from dataclasses import dataclass, field
 
@@ -56,7 +55,7 @@ from prefect.runtime import flow_run
 from flows.domains import domain_for
 from flows.progress import Progress
 from flows.runner import SERIAL, on_runner, placement, ray_cluster, with_storage
-from flows.tracking import MlflowTracker, Tracker, default_tracking_uri, find_resumable_run
+from flows.tracking import Tracker, default_tracking_uri, flow_run_tracker
 from models.base_model import seal_home, weights_digest
 from models.config import SealConfig
 from models.stats import Estimate, accuracy_interval, paired_difference
@@ -540,16 +539,10 @@ def seal_training(config: SealConfig) -> TrainingResult:
     """Train a policy to write better self-edits (ReST-EM); see the module docstring."""
     tracking_uri = default_tracking_uri(seal_home())
     # A retried or rerun flow continues its MLflow run rather than starting a second one.
-    resumed = find_resumable_run(tracking_uri, config.tracking.experiment, str(flow_run.id), config.digest())
-    tracker = MlflowTracker(
-        tracking_uri, config.tracking.experiment, config.tracking.registered_model,
-        run_name=flow_run.name or "seal-training",
-        tags={"prefect.flow_run_id": str(flow_run.id), "seal.config_digest": config.digest(),
-              "seal.model": config.model.name, "seal.host": socket.gethostname(), "seal.pid": str(os.getpid())},
-        run_id=resumed,
-    )
-    if resumed:
-        get_run_logger().info("continuing MLflow run %s", resumed)
+    tracker = flow_run_tracker(tracking_uri, config.tracking, config.model.name, config.digest(), str(flow_run.id),
+                               flow_run.name or "seal-training")
+    if tracker.resumed:
+        get_run_logger().info("continuing MLflow run %s", tracker.run_id)
     create_link_artifact(
         link=f"{os.environ.get('SEAL_MLFLOW_UI', 'http://127.0.0.1:5000')}/#/experiments/"
         f"{tracker.experiment_id}/runs/{tracker.run_id}",
