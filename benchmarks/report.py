@@ -36,6 +36,8 @@ MACHINES = {
 # What each file does not record itself: machine, commit measured, and where missing model, dtype
 # and the settings that differ from its benchmark's own.
 CONDITIONS: dict[str, dict[str, str]] = {
+    "continual-smollm2-cpu.json": {"machine": "Intel AMX", "commit": "6e36182", "model": "smollm2-135m-instruct",
+                                "dtype": "bfloat16"},
     "fewshot-smollm2-cpu.json": {"machine": "Intel AMX", "commit": "884e399"},
     "inner_loop-issue8-smollm2-cpu.json": {"machine": "EPYC AVX2", "commit": "fb46a87"},
     "inner_loop-issue8-smollm2-epyc-avx512-cpu.json": {"machine": "EPYC AVX-512", "commit": "caa52eb"},
@@ -84,6 +86,15 @@ def _gflops(gflops: float) -> str:
 
 def _gb(mb: float) -> str:
     return f"{mb / 1000:.2f} GB"
+
+
+def continual(r: dict) -> str:
+    parts = []
+    for name, v in r["variants"].items():
+        m = v["metrics"]
+        parts.append(f"`{name}` {v['wall_s'] / 60:.1f} min, newest {m['newest_accuracy']:.2f}, "
+                     f"forgetting {m['forgetting']:.2f} ± {m['forgetting_std']:.2f}")
+    return "; ".join(parts)
 
 
 def fewshot(r: dict) -> str:
@@ -169,6 +180,7 @@ def training_flow(r: dict) -> str:
 
 # file-name prefix -> (what the benchmark measures, with its script, its summary)
 BENCHMARKS: dict[str, tuple[str, Callable[[dict], str]]] = {
+    "continual": ("continual self-edits, 8 sequences x 8 passages (`continual.py`)", continual),
     "fewshot": ("few-shot Table 1, one ReST-EM iteration (`fewshot_table1.py`)", fewshot),
     "inner_loop": ("inner loop against Hugging Face baselines, issue 8's settings (`inner_loop.py`)",
                           inner_loop),
