@@ -46,10 +46,9 @@ from benchmarks.step_scaling import filler_row  # noqa: E402
 from models.base_model import load_model  # noqa: E402
 from models.config import load_config  # noqa: E402
 from models.inner_loop import tokenize_documents  # noqa: E402
-from models.lanes import model_replicas, run_lanes  # noqa: E402
 from models.lm_loss import token_losses  # noqa: E402
 from models.packing import PackedBatch, pack_sequences, packed_attention  # noqa: E402
-from models.stacked_lora import AdapterLanes  # noqa: E402
+from models.stacked_lora import AdapterLanes, model_replicas, run_lanes  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).parents[1] / "deployments" / "configs" / "knowledge-smollm2.yaml"
 

@@ -1,4 +1,4 @@
-"""Lanes (models/lanes.py) and stacked adapters spread over them: replicas share weights and
+"""Lanes (models/stacked_lora/lanes.py) and stacked adapters spread over them: replicas share weights and
 nothing else, lanes run side by side with their share of the threads, and an adapter trained
 in a lane is the adapter trained alone."""
 
@@ -13,8 +13,10 @@ from safetensors.torch import load_file
 
 from models.base_model import load_model
 from models.config import EvalConfig, InnerLoopConfig, LoraConfig
-from models.lanes import balance, model_replicas, run_lanes
-from models.stacked_lora import AdapterLanes, AdapterStack, evaluate_stacked, stacked_adapters, train_stacked
+from models.stacked_lora import (
+    AdapterLanes, AdapterStack, balance, evaluate_stacked, model_replicas, run_lanes, stacked_adapters,
+    train_stacked,
+)
 
 LORA = LoraConfig(rank=4, alpha=8)
 TRAIN = InnerLoopConfig(learning_rate=1e-2, epochs=2, batch_size=1, max_length=64)
