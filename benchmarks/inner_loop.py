@@ -128,7 +128,7 @@ def run_ours(loaded: LoadedModel, config: SealConfig, inputs: list[tuple[str, li
     size = config.inner_loop.group_size
     attach_start = now(device)
     lanes = AdapterLanes.attach(loaded.model, loaded.tokenizer, config.lora,
-                                min(config.inner_loop.concurrent, len(items)), config.inner_loop.lanes)
+                                min(config.inner_loop.group_slots, len(items)), config.inner_loop.lanes)
     other_s = (now(device) - attach_start) / len(items)  # the replicas and their LoRA layers, once
     scratch = tempfile.mkdtemp(prefix="seal-inner-loop-")
     try:

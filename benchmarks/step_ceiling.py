@@ -80,7 +80,7 @@ def time_ours(model: PreTrainedModel, tokenizer, config, row: str, rows: int, st
     """Seconds per step of ``rows`` adapters in each of the config's lanes, one row each."""
     lanes = config.inner_loop.lanes
     count = rows * lanes
-    stack = AdapterLanes.attach(model, tokenizer, config.lora, capacity=count, lanes=lanes)
+    stack = AdapterLanes.attach(model, tokenizer, config.lora, slots=count, lanes=lanes)
     inner = config.inner_loop.model_copy(update={"epochs": steps, "max_batch_tokens": 1_000_000})
     try:
         seconds = _best_seconds(lambda: stack.train([[row]] * count, inner, seeds=list(range(count))), repeats)

@@ -155,8 +155,8 @@ class InnerLoopConfig(_Section):
     )
 
     @property
-    def concurrent(self) -> int:
-        """Adapters training at once: ``slots``, or the whole group."""
+    def group_slots(self) -> int:
+        """Adapters training at once in a group: ``slots``, at most the whole group (None: all of it)."""
         return min(self.slots or self.group_size, self.group_size)
 
 

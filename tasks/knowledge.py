@@ -124,7 +124,7 @@ def train_adapters(
     if not trainable:
         return records
     with use_model(policy_ref, model) as loaded:
-        stacks = adapter_lanes(loaded, lora, min(len(trainable), config.concurrent), config.lanes)
+        stacks = adapter_lanes(loaded, lora, min(len(trainable), config.group_slots), config.lanes)
         try:
             start = time.perf_counter()
             results = stacks.train([docs for _, docs, _ in trainable], plan, [config.seed] * len(trainable),

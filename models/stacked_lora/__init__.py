@@ -17,6 +17,8 @@ each adapter's rows together, never copying weights per row.
 A stack's adapters are slots (:func:`train_slots`): when one finishes its steps it is handed
 over (saved) and the slot starts the next self-edit at the next step, so self-edits of 2 and 8
 documents never leave a slot idle while the longest runs on: continuous batching, for fine-tunes.
+How many adapters train at once is ``slots`` everywhere, from ``inner_loop.slots`` to the
+leading dimension of each layer's stacked weights.
 
 Equivalence with training each adapter alone: rows never interact in a causal LM's forward
 pass, the loss is the sum of each adapter's own mean loss (so adapter k's gradient is the one

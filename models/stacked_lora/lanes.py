@@ -67,13 +67,13 @@ def run_lanes(work: Sequence[Callable[[], T]], threads: int | None = None) -> li
     if len(work) == 1:
         return [work[0]()]
     total = threads or torch.get_num_threads()
-    per_lane = max(1, total // len(work))
+    lane_threads = max(1, total // len(work))
     results: list = [None] * len(work)
     errors: list[BaseException | None] = [None] * len(work)
 
     def lane(index: int) -> None:
         # Intra-op thread counts are per thread (OpenMP's are): set in the lane, for the lane.
-        torch.set_num_threads(per_lane)
+        torch.set_num_threads(lane_threads)
         try:
             results[index] = work[index]()
         except BaseException as exc:  # re-raised in the caller's thread below
@@ -123,7 +123,7 @@ class AdapterLanes:
     (:meth:`evaluate_saved`). Results do not depend on the lanes or the slots: each adapter
     trains exactly as alone (see :func:`train_slots`).
 
-        lanes = AdapterLanes.attach(model, tokenizer, lora, capacity=4, lanes=2)
+        lanes = AdapterLanes.attach(model, tokenizer, lora, slots=4, lanes=2)
         results = lanes.train(documents, config, seeds=[0] * len(documents), folders=folders)
         scores = lanes.evaluate_saved(folders, questions, answers, eval_config)
         lanes.close()
@@ -135,18 +135,18 @@ class AdapterLanes:
 
     @classmethod
     def attach(cls, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, lora: LoraConfig,
-               capacity: int, lanes: int = 1) -> AdapterLanes:
+               slots: int, lanes: int = 1) -> AdapterLanes:
         """A stack on each of ``lanes`` replicas of ``model`` (the first is ``model`` itself),
-        room for ``capacity`` adapters in all. ``model`` must have no adapters attached."""
+        ``slots`` in all (each lane's share rounded up). ``model`` must have no adapters attached."""
         replicas = model_replicas(model, lanes)
-        per_lane = -(-capacity // lanes)
-        stacks = [AdapterStack.attach(replica, lora, per_lane) for replica in replicas]
+        slots_per_lane = -(-slots // lanes)
+        stacks = [AdapterStack.attach(replica, lora, slots_per_lane) for replica in replicas]
         return cls(stacks, [tokenizer] + [copy.deepcopy(tokenizer) for _ in range(lanes - 1)])
 
     @property
-    def capacity(self) -> int:
-        """Adapters that fit: every lane's stack full."""
-        return sum(stack.capacity for stack in self.stacks)
+    def slots(self) -> int:
+        """Adapters training at once: every lane's slots."""
+        return sum(stack.slots for stack in self.stacks)
 
     def matches(self, lora: LoraConfig) -> bool:
         return self.stacks[0].matches(lora)
@@ -176,14 +176,14 @@ class AdapterLanes:
         if len(seeds) != len(documents) or (folders is not None and len(folders) != len(documents)):
             given = f"{len(seeds)} seeds" + ("" if folders is None else f" and {len(folders)} folders")
             raise ValueError(f"{given} for {len(documents)} adapters")
-        if not documents or (folders is None and len(documents) > self.capacity):
+        if not documents or (folders is None and len(documents) > self.slots):
             raise ValueError(f"a group of {len(documents)} adapters does not fit {len(self.stacks)} lane(s) "
-                             f"of {self.stacks[0].capacity}")
+                             f"of {self.stacks[0].slots}")
         # An adapter's work: its characters (tokens) plus, per document (a step each epoch), what
         # a step costs besides its rows (benchmarks/README.md: a step's fixed cost, in characters).
         costs = [sum(len(d) + _STEP_CHARS for d in docs) for docs in documents]
         order = sorted(range(len(documents)), key=lambda i: (-costs[i], i))
-        first, rest = order[: self.capacity], order[self.capacity :]
+        first, rest = order[: self.slots], order[self.slots :]
         lanes = [sorted(first[j] for j in items) for items in balance([costs[i] for i in first], len(self.stacks))]
         self.groups = [] if rest else lanes  # slot j of lane l holds lanes[l][j] at the start
         queue, lock = iter(rest), threading.Lock()

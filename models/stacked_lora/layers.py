@@ -18,7 +18,7 @@ from torch import nn
 
 
 class StackedLoraLinear(nn.Module):
-    """A frozen linear layer plus ``capacity`` LoRA adapters; ``rows`` says which row uses which.
+    """A frozen linear layer plus ``slots`` LoRA adapters; ``rows`` says which row uses which.
 
     The adapters' weights are one 3-D tensor each for A and B (adapter first), so a batch whose
     row i belongs to adapter i (one row per adapter, the usual case) multiplies by a view of
@@ -27,14 +27,14 @@ class StackedLoraLinear(nn.Module):
     updates exactly.
     """
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: int, dropout: float, capacity: int):
+    def __init__(self, base: nn.Linear, rank: int, alpha: int, dropout: float, slots: int):
         super().__init__()
         self.base = base
         self.scaling = alpha / rank
         self.dropout = dropout
         device = base.weight.device
-        self.lora_A = nn.Parameter(torch.zeros(capacity, rank, base.in_features, device=device))
-        self.lora_B = nn.Parameter(torch.zeros(capacity, base.out_features, rank, device=device))
+        self.lora_A = nn.Parameter(torch.zeros(slots, rank, base.in_features, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(slots, base.out_features, rank, device=device))
         # adapter of each batch row, or of each span of a packed row (see AdapterStack.route)
         self.rows: slice | torch.Tensor | TokenSpans | RowSpans | None = None
 

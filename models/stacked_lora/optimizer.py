@@ -20,16 +20,16 @@ class StackedAdamW:
     ``torch.nn.utils.clip_grad_norm_`` would clip it alone.
     """
 
-    def __init__(self, params: list[nn.Parameter], count: int, betas: tuple[float, float] = (0.9, 0.999),
+    def __init__(self, params: list[nn.Parameter], slots: int, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, max_grad_norm: float | None = None):
-        self.params, self.count, self.betas, self.eps = params, count, betas, eps
+        self.params, self.slots, self.betas, self.eps = params, slots, betas, eps
         self.max_grad_norm = max_grad_norm
-        self.exp_avg = [torch.zeros_like(p[:count]) for p in params]
-        self.exp_avg_sq = [torch.zeros_like(p[:count]) for p in params]
-        self.steps = [0] * count  # updates of each adapter so far
+        self.exp_avg = [torch.zeros_like(p[:slots]) for p in params]
+        self.exp_avg_sq = [torch.zeros_like(p[:slots]) for p in params]
+        self.steps = [0] * slots  # updates of each adapter so far
         # Adapter k's slices of the weights and moments, made once (thousands of views per step otherwise).
         with torch.no_grad():
-            self._slices = [_by_adapter(tensors, count) for tensors in (params, self.exp_avg, self.exp_avg_sq)]
+            self._slices = [_by_adapter(tensors, slots) for tensors in (params, self.exp_avg, self.exp_avg_sq)]
 
     @torch.no_grad()
     def step(self, learning_rates: Sequence[float]) -> None:
@@ -40,9 +40,9 @@ class StackedAdamW:
         beta1, beta2 = self.betas
         stacked = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         scales = self.clip_coefficients(stacked) if self.max_grad_norm is not None else None
-        grads = _by_adapter(stacked, self.count)
+        grads = _by_adapter(stacked, self.slots)
         weights, exp_avg, exp_avg_sq = self._slices
-        for k, lr in enumerate(learning_rates[: self.count]):
+        for k, lr in enumerate(learning_rates[: self.slots]):
             if lr == 0:  # finished or failed adapters: no update, and a NaN gradient stays out
                 continue
             self.steps[k] += 1
@@ -65,9 +65,9 @@ class StackedAdamW:
         """For each adapter, the factor that scales its gradient (its slice of each stacked
         gradient in ``grads``, adapter first) to at most ``max_grad_norm`` over all its weights,
         as ``torch.nn.utils.clip_grad_norm_`` computes it for one model's parameters;
-        ``(count,)``. One norm per stacked tensor covers every adapter."""
-        count = self.count
-        per_tensor = torch.stack([torch.linalg.vector_norm(g[:count].reshape(count, -1), dim=1) for g in grads])
+        ``(slots,)``. One norm per stacked tensor covers every adapter."""
+        slots = self.slots
+        per_tensor = torch.stack([torch.linalg.vector_norm(g[:slots].reshape(slots, -1), dim=1) for g in grads])
         norms = torch.linalg.vector_norm(per_tensor, dim=0)
         return (self.max_grad_norm / (norms + 1e-6)).clamp_(max=1.0)
 
@@ -76,6 +76,6 @@ class StackedAdamW:
             p.grad = None
 
 
-def _by_adapter(stacked: Sequence[torch.Tensor], count: int) -> list[list[torch.Tensor]]:
-    """``[[t[k] for t in stacked] for k in range(count)]``, one ``unbind`` per tensor."""
-    return [list(views) for views in zip(*(t.unbind(0)[:count] for t in stacked))]
+def _by_adapter(stacked: Sequence[torch.Tensor], slots: int) -> list[list[torch.Tensor]]:
+    """``[[t[k] for t in stacked] for k in range(slots)]``, one ``unbind`` per tensor."""
+    return [list(views) for views in zip(*(t.unbind(0)[:slots] for t in stacked))]

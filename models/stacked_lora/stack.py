@@ -25,7 +25,7 @@ from models.stacked_lora.layers import RowSpans, StackedLoraLinear, TokenSpans
 
 
 class AdapterStack:
-    """``capacity`` LoRA adapters attached to every target layer of a model, reused across groups.
+    """``slots`` LoRA adapters attached to every target layer of a model, reused across groups.
 
     Attach once (:meth:`attach`), then for each group of inner loops :meth:`reset` the first
     adapters from their seeds (or :meth:`load` saved ones), :meth:`route` batch rows to them,
@@ -34,17 +34,17 @@ class AdapterStack:
     """
 
     def __init__(self, model: PreTrainedModel, layers: dict[str, StackedLoraLinear], lora: LoraConfig,
-                 capacity: int, frozen: list[nn.Parameter]):
+                 slots: int, frozen: list[nn.Parameter]):
         self.model = model
         self.layers = layers
         self.lora = lora
-        self.capacity = capacity
-        self.count = capacity  # adapters in use by the current group
+        self.slots = slots
+        self.count = slots  # adapters in use by the current group
         self._frozen = frozen
 
     @classmethod
-    def attach(cls, model: PreTrainedModel, lora: LoraConfig, capacity: int) -> AdapterStack:
-        """Wrap every linear layer named in ``lora.target_modules`` with ``capacity`` adapters.
+    def attach(cls, model: PreTrainedModel, lora: LoraConfig, slots: int) -> AdapterStack:
+        """Wrap every linear layer named in ``lora.target_modules`` with ``slots`` adapters.
 
         Raises:
             ValueError: if no layer matches ``lora.target_modules``.
@@ -61,9 +61,9 @@ class AdapterStack:
         layers: dict[str, StackedLoraLinear] = {}
         for name, module in targets:
             parent_name, _, child = name.rpartition(".")
-            layers[name] = StackedLoraLinear(module, lora.rank, lora.alpha, lora.dropout, capacity)
+            layers[name] = StackedLoraLinear(module, lora.rank, lora.alpha, lora.dropout, slots)
             setattr(model.get_submodule(parent_name), child, layers[name])
-        return cls(model, layers, lora, capacity, frozen)
+        return cls(model, layers, lora, slots, frozen)
 
     def matches(self, lora: LoraConfig) -> bool:
         """Whether ``lora`` describes this stack's layers (module order aside)."""
@@ -73,8 +73,8 @@ class AdapterStack:
     def reset(self, seeds: Sequence[int]) -> None:
         """Fresh adapters 0..len(seeds)-1 for a new group; adapter k's A comes from ``seeds[k]``
         alone, so it starts the same whether it is trained alone or with others."""
-        if not 0 < len(seeds) <= self.capacity:
-            raise ValueError(f"a group of {len(seeds)} adapters does not fit a stack of {self.capacity}")
+        if not 0 < len(seeds) <= self.slots:
+            raise ValueError(f"a group of {len(seeds)} adapters does not fit a stack of {self.slots}")
         for k, seed in enumerate(seeds):
             self.reset_slot(k, seed)
         self.count = len(seeds)
@@ -135,8 +135,8 @@ class AdapterStack:
             ValueError: if there are more folders than adapters, or a saved adapter's layers do
                 not fit this stack.
         """
-        if not 0 < len(folders) <= self.capacity:
-            raise ValueError(f"a group of {len(folders)} adapters does not fit a stack of {self.capacity}")
+        if not 0 < len(folders) <= self.slots:
+            raise ValueError(f"a group of {len(folders)} adapters does not fit a stack of {self.slots}")
         expected = {f"base_model.model.{name}.lora_{ab}.weight" for name in self.layers for ab in "AB"}
         for index, folder in enumerate(folders):
             state = load_file(Path(folder) / "adapter_model.safetensors")
@@ -150,20 +150,20 @@ class AdapterStack:
         self.count = len(folders)
 
     @contextmanager
-    def resized(self, capacity: int) -> Iterator[AdapterStack]:
-        """This stack with room for ``capacity`` adapters (zero, no gradients) for the block, its
+    def resized(self, slots: int) -> Iterator[AdapterStack]:
+        """This stack with room for ``slots`` adapters (zero, no gradients) for the block, its
         own put back on exit: evaluating more adapters than training holds costs their weights
         only."""
-        kept = {name: (layer.lora_A, layer.lora_B) for name, layer in self.layers.items()}, self.capacity, self.count
+        kept = {name: (layer.lora_A, layer.lora_B) for name, layer in self.layers.items()}, self.slots, self.count
         for layer in self.layers.values():
             a, b = layer.lora_A, layer.lora_B
-            layer.lora_A = nn.Parameter(a.new_zeros((capacity, *a.shape[1:])), requires_grad=False)
-            layer.lora_B = nn.Parameter(b.new_zeros((capacity, *b.shape[1:])), requires_grad=False)
-        self.capacity = self.count = capacity
+            layer.lora_A = nn.Parameter(a.new_zeros((slots, *a.shape[1:])), requires_grad=False)
+            layer.lora_B = nn.Parameter(b.new_zeros((slots, *b.shape[1:])), requires_grad=False)
+        self.slots = self.count = slots
         try:
             yield self
         finally:
-            weights, self.capacity, self.count = kept
+            weights, self.slots, self.count = kept
             for name, layer in self.layers.items():
                 layer.lora_A, layer.lora_B = weights[name]
 

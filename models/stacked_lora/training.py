@@ -104,7 +104,7 @@ def train_slots(
         ValueError: if a job has no documents.
     """
     model = stack.model
-    optimizer = StackedAdamW(stack.weights(), stack.capacity, max_grad_norm=config.max_grad_norm)
+    optimizer = StackedAdamW(stack.weights(), stack.slots, max_grad_norm=config.max_grad_norm)
 
     def start(slot: int) -> _Slot | None:
         job = take()
@@ -118,7 +118,7 @@ def train_slots(
         return _Slot(job, _schedule(tokenize_documents(tokenizer, job.documents, config.max_length), config),
                      time.perf_counter())
 
-    slots = [start(slot) for slot in range(stack.capacity)]
+    slots = [start(slot) for slot in range(stack.slots)]
     model.train()
     try:
         while any(slots):
@@ -154,7 +154,7 @@ def train_slots(
                 del token_loss, total
             # Each adapter's learning rate decays linearly to zero over its own steps; an adapter
             # that failed part-way through this step is frozen, its gradient ignored.
-            rates = [0.0] * stack.capacity
+            rates = [0.0] * stack.slots
             for k, s in busy:
                 if s.failure is None:
                     rates[k] = config.learning_rate * (1 - s.step / len(s.batches))
