@@ -12,10 +12,10 @@ For each of ``--contexts`` held-out contexts, K self-edits are sampled from the 
 one batched call (timed as sampling at batch K, and one more at batch 1; not part of the inner
 loop). Then, on the same model in memory, the same self-edits' inner loops three ways:
 
-- **ours**, the path the training flow takes (``models/stacked_lora.py``): every context's
+- **ours**, the path the training flow takes (``models/stacked_lora/``): every context's
   no-adaptation answers in one batched call, then the self-edits in groups of
   ``inner_loop.group_size`` of similar length, each group trained together through stacked
-  adapters in ``inner_loop.lanes`` lanes (``models/lanes.py``) and evaluated in shared batched
+  adapters in ``inner_loop.lanes`` lanes (``models/stacked_lora/lanes.py``) and evaluated in shared batched
   generations;
 - **strong** and **reference**: see ``benchmarks/baselines.py``. The reference runs only
   ``--reference-self-edits`` self-edits and, with ``--reference-steps``, times that many
@@ -128,7 +128,7 @@ def run_ours(loaded: LoadedModel, config: SealConfig, inputs: list[tuple[str, li
     size = config.inner_loop.group_size
     attach_start = now(device)
     lanes = AdapterLanes.attach(loaded.model, loaded.tokenizer, config.lora,
-                                min(config.inner_loop.concurrent, len(items)), config.inner_loop.lanes)
+                                min(config.inner_loop.group_slots, len(items)), config.inner_loop.lanes)
     other_s = (now(device) - attach_start) / len(items)  # the replicas and their LoRA layers, once
     scratch = tempfile.mkdtemp(prefix="seal-inner-loop-")
     try:

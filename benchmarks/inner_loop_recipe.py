@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     loaded = load_model(config.model.name, device=config.model.device, dtype=config.model.dtype)
     contexts = list(select_contexts(load_contexts(config.data, "train"), args.contexts, seed=config.data.seed + 1))
     questions = [c["questions"] for c in contexts]
-    lanes = AdapterLanes.attach(loaded.model, loaded.tokenizer, config.lora, config.inner_loop.concurrent,
+    lanes = AdapterLanes.attach(loaded.model, loaded.tokenizer, config.lora, config.inner_loop.group_slots,
                                 config.inner_loop.lanes)
     folders = Path(tempfile.mkdtemp(prefix="inner-loop-recipe-"))
 

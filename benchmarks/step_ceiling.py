@@ -46,10 +46,9 @@ from benchmarks.step_scaling import filler_row  # noqa: E402
 from models.base_model import load_model  # noqa: E402
 from models.config import load_config  # noqa: E402
 from models.inner_loop import tokenize_documents  # noqa: E402
-from models.lanes import model_replicas, run_lanes  # noqa: E402
 from models.lm_loss import token_losses  # noqa: E402
 from models.packing import PackedBatch, pack_sequences, packed_attention  # noqa: E402
-from models.stacked_lora import AdapterLanes  # noqa: E402
+from models.stacked_lora import AdapterLanes, model_replicas, run_lanes  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).parents[1] / "deployments" / "configs" / "knowledge-smollm2.yaml"
 
@@ -81,7 +80,7 @@ def time_ours(model: PreTrainedModel, tokenizer, config, row: str, rows: int, st
     """Seconds per step of ``rows`` adapters in each of the config's lanes, one row each."""
     lanes = config.inner_loop.lanes
     count = rows * lanes
-    stack = AdapterLanes.attach(model, tokenizer, config.lora, capacity=count, lanes=lanes)
+    stack = AdapterLanes.attach(model, tokenizer, config.lora, slots=count, lanes=lanes)
     inner = config.inner_loop.model_copy(update={"epochs": steps, "max_batch_tokens": 1_000_000})
     try:
         seconds = _best_seconds(lambda: stack.train([[row]] * count, inner, seeds=list(range(count))), repeats)

@@ -144,8 +144,8 @@ class InnerLoopConfig(_Section):
         1, ge=1, le=16,
         description="Stacked inner loops (knowledge domain): a group's adapters are split over this "
         "many lanes, threads that share the model's weights and the torch threads, each training "
-        "and evaluating its share on its own (models/lanes.py). On a CPU two lanes keep both cores "
-        "busy through the small operations that leave one idle; results do not depend on it.",
+        "and evaluating its share on its own (models/stacked_lora/lanes.py). On a CPU two lanes keep "
+        "both cores busy through the small operations that leave one idle; results do not depend on it.",
     )
     min_success_fraction: float = Field(
         0.5, ge=0, le=1,
@@ -155,8 +155,8 @@ class InnerLoopConfig(_Section):
     )
 
     @property
-    def concurrent(self) -> int:
-        """Adapters training at once: ``slots``, or the whole group."""
+    def group_slots(self) -> int:
+        """Adapters training at once in a group: ``slots``, at most the whole group (None: all of it)."""
         return min(self.slots or self.group_size, self.group_size)
 
 

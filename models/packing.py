@@ -92,14 +92,14 @@ def pack_sequences(sequences: Sequence[Sequence[int]], device: torch.device | st
 
 
 def _padded_layout(cu_seq_lens: torch.Tensor, longest: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """For rows ``cu_seq_lens[i]:cu_seq_lens[i+1]``, the packed position of each slot of a
-    (rows, longest) right-padded batch (padding slots repeat the row's last token), and the
-    flat slot of each packed token."""
+    """For rows ``cu_seq_lens[i]:cu_seq_lens[i+1]``, the packed position of each cell of a
+    (rows, longest) right-padded batch (padding cells repeat the row's last token), and the
+    flat cell of each packed token."""
     starts, lengths = cu_seq_lens[:-1].long(), cu_seq_lens.diff().long()
     column = torch.arange(longest, device=cu_seq_lens.device)
     gather = starts[:, None] + torch.minimum(column[None], lengths[:, None] - 1)
-    slots = (column[None] < lengths[:, None]).flatten().nonzero().squeeze(1)
-    return gather.flatten(), slots
+    cells = (column[None] < lengths[:, None]).flatten().nonzero().squeeze(1)
+    return gather.flatten(), cells
 
 
 def packed_sdpa_forward(
@@ -123,7 +123,7 @@ def packed_sdpa_forward(
     if query.shape[0] != 1:
         raise ValueError(f"packed attention needs one packed row, got a batch of {query.shape[0]}")
     rows, longest = len(cu_seq_lens) - 1, int(kwargs.get("max_length_q") or cu_seq_lens.diff().max())
-    gather, slots = _padded_layout(cu_seq_lens, longest)
+    gather, cells = _padded_layout(cu_seq_lens, longest)
 
     def padded(states: torch.Tensor) -> torch.Tensor:  # (1, h, tokens, d) -> (rows, h, longest, d)
         heads, dim = states.shape[1], states.shape[3]
@@ -132,7 +132,7 @@ def packed_sdpa_forward(
     out, _ = sdpa_attention_forward(module, padded(query), padded(key), padded(value), None,
                                     dropout=dropout, scaling=scaling, is_causal=True)
     # out: (rows, longest, heads, dim) -> the packed tokens' rows
-    return out.flatten(0, 1)[slots][None], None
+    return out.flatten(0, 1)[cells][None], None
 
 
 AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_forward)

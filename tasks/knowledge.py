@@ -99,9 +99,9 @@ def train_adapters(
 ) -> list[AdapterRecord]:
     """A fresh LoRA adapter per item, trained on its self-edit plus its context's passage (the
     passage alone when the self-edit is None), all of them together in shared batches through
-    stacked adapters (``models/stacked_lora.py``: the same adapters as trained one by one, with
+    stacked adapters (``models/stacked_lora/``: the same adapters as trained one by one, with
     K times more rows per matrix multiply), split over ``config.lanes`` lanes
-    (``models/lanes.py``), ``config.slots`` of them at a time. Each is saved under
+    (``models/stacked_lora/lanes.py``), ``config.slots`` of them at a time. Each is saved under
     ``$SEAL_HOME/adapters`` as soon as it finishes, and its slot takes the next.
 
     ``config.seed`` seeds the fresh weights and the document order (``inner_loop.seeds``
@@ -124,7 +124,7 @@ def train_adapters(
     if not trainable:
         return records
     with use_model(policy_ref, model) as loaded:
-        stacks = adapter_lanes(loaded, lora, min(len(trainable), config.concurrent), config.lanes)
+        stacks = adapter_lanes(loaded, lora, min(len(trainable), config.group_slots), config.lanes)
         try:
             start = time.perf_counter()
             results = stacks.train([docs for _, docs, _ in trainable], plan, [config.seed] * len(trainable),

@@ -92,16 +92,16 @@ def adapter_slot(loaded: LoadedModel, lora: LoraConfig) -> AdapterSlot:
     return slot
 
 
-def adapter_lanes(loaded: LoadedModel, lora: LoraConfig, capacity: int, lanes: int = 1) -> AdapterLanes:
-    """The reusable stacked LoRA layers of a cached model, spread over ``lanes`` lanes with room
-    for at least ``capacity`` adapters in all (call inside ``use_model``). Groups of inner
-    loops reset them in place."""
+def adapter_lanes(loaded: LoadedModel, lora: LoraConfig, slots: int, lanes: int = 1) -> AdapterLanes:
+    """The reusable stacked LoRA layers of a cached model, spread over ``lanes`` lanes with at
+    least ``slots`` slots in all (call inside ``use_model``). Groups of inner loops reset them in
+    place."""
     stacks = _slots.get(id(loaded.model))
     if (not isinstance(stacks, AdapterLanes) or not stacks.matches(lora) or len(stacks.stacks) != lanes
-            or stacks.capacity < capacity):
+            or stacks.slots < slots):
         if stacks is not None:
             stacks.close()
-        stacks = _slots[id(loaded.model)] = AdapterLanes.attach(loaded.model, loaded.tokenizer, lora, capacity, lanes)
+        stacks = _slots[id(loaded.model)] = AdapterLanes.attach(loaded.model, loaded.tokenizer, lora, slots, lanes)
     return stacks
 
 

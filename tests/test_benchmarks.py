@@ -54,7 +54,7 @@ def generate_calls(tiny, monkeypatch):
 def answer_calls(monkeypatch):
     """Counts ``answer_lines`` calls (ours answers with it), with the number of rows of each."""
     import models.inner_loop
-    import models.stacked_lora
+    import models.stacked_lora.evaluation
     from models.self_edit import answer_lines
 
     calls = []
@@ -64,7 +64,7 @@ def answer_calls(monkeypatch):
         return answer_lines(model, tokenizer, prompts, **kwargs)
 
     monkeypatch.setattr(models.inner_loop, "answer_lines", counting)
-    monkeypatch.setattr(models.stacked_lora, "answer_lines", counting)
+    monkeypatch.setattr(models.stacked_lora.evaluation, "answer_lines", counting)
     return calls
 
 

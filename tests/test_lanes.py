@@ -1,4 +1,4 @@
-"""Lanes (models/lanes.py) and stacked adapters spread over them: replicas share weights and
+"""Lanes (models/stacked_lora/lanes.py) and stacked adapters spread over them: replicas share weights and
 nothing else, lanes run side by side with their share of the threads, and an adapter trained
 in a lane is the adapter trained alone."""
 
@@ -13,8 +13,10 @@ from safetensors.torch import load_file
 
 from models.base_model import load_model
 from models.config import EvalConfig, InnerLoopConfig, LoraConfig
-from models.lanes import balance, model_replicas, run_lanes
-from models.stacked_lora import AdapterLanes, AdapterStack, evaluate_stacked, stacked_adapters, train_stacked
+from models.stacked_lora import (
+    AdapterLanes, AdapterStack, balance, evaluate_stacked, model_replicas, run_lanes, stacked_adapters,
+    train_stacked,
+)
 
 LORA = LoraConfig(rank=4, alpha=8)
 TRAIN = InnerLoopConfig(learning_rate=1e-2, epochs=2, batch_size=1, max_length=64)
@@ -40,7 +42,7 @@ def test_replicas_share_weights_and_buffers_but_not_modules_or_config(model):
     assert copy.config is not original.config
     copy.config._attn_implementation = "eager"
     assert original.config._attn_implementation != "eager"
-    stack = AdapterStack.attach(copy, LORA, capacity=2)  # LoRA layers on the copy only
+    stack = AdapterStack.attach(copy, LORA, slots=2)  # LoRA layers on the copy only
     assert not any("lora" in name for name, _ in original.named_parameters())
     stack.close()
 
@@ -103,7 +105,7 @@ def test_adapters_trained_in_lanes_are_the_adapters_trained_together(model, tmp_
             stack.save(k, tmp_path / f"together-{k}")
         scored_together = evaluate_stacked(stack, model.tokenizer, questions, answers, config)
 
-    lanes = AdapterLanes.attach(model.model, model.tokenizer, LORA, capacity=4, lanes=2)
+    lanes = AdapterLanes.attach(model.model, model.tokenizer, LORA, slots=4, lanes=2)
     try:
         start = time.perf_counter()
         results = lanes.train(DOCS, TRAIN, SEEDS)
@@ -136,7 +138,7 @@ def test_adapters_trained_in_lanes_are_the_adapters_trained_together(model, tmp_
 
 
 def test_a_group_larger_than_the_lanes_hold_needs_folders(model):
-    lanes = AdapterLanes.attach(model.model, model.tokenizer, LORA, capacity=2, lanes=2)
+    lanes = AdapterLanes.attach(model.model, model.tokenizer, LORA, slots=2, lanes=2)
     try:
         with pytest.raises(ValueError, match="does not fit 2 lane"):
             lanes.train(DOCS, TRAIN, SEEDS)
@@ -160,7 +162,7 @@ def test_a_group_larger_than_the_lanes_hold_trains_as_a_queue_through_its_folder
         for k in range(len(DOCS)):
             stack.save(k, tmp_path / f"together-{k}")
 
-    lanes = AdapterLanes.attach(model.model, model.tokenizer, LORA, capacity=2, lanes=2)
+    lanes = AdapterLanes.attach(model.model, model.tokenizer, LORA, slots=2, lanes=2)
     folders = [tmp_path / f"queued-{k}" for k in range(len(DOCS))]
     try:
         results = lanes.train(DOCS, TRAIN, SEEDS, folders=folders)

@@ -89,7 +89,7 @@ def test_tokens_outside_the_loss_get_no_gradient_even_when_not_finite():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_stacked_lora_layer_gradients_equal_plain_autograd(dtype):
     torch.manual_seed(0)
-    layer = StackedLoraLinear(nn.Linear(8, 6, bias=False).to(dtype), rank=4, alpha=8, dropout=0.0, capacity=3)
+    layer = StackedLoraLinear(nn.Linear(8, 6, bias=False).to(dtype), rank=4, alpha=8, dropout=0.0, slots=3)
     layer.base.weight.requires_grad_(False)
     with torch.no_grad():
         layer.lora_A.normal_()

@@ -50,8 +50,9 @@ def test_two_ray_workers_give_the_local_runners_rewards_and_share_its_cache(pref
     from prefect.types import DateTime
 
     from flows.training import seal_training
-    from models import inner_loop, self_edit, stacked_lora
+    from models import inner_loop, self_edit
     from models.config import load_config
+    from models.stacked_lora import lanes
 
     monkeypatch.setenv("SEAL_HOME", str(tmp_path / "home"))  # adapters of this test only
     common = [
@@ -102,7 +103,7 @@ def test_two_ray_workers_give_the_local_runners_rewards_and_share_its_cache(pref
     # The local runner finds everything the Ray workers computed: no sampling, training or
     # evaluation runs again.
     calls = []
-    for module, name in [(stacked_lora, "train_slots"), (stacked_lora, "evaluate_stacked"),
+    for module, name in [(lanes, "train_slots"), (lanes, "evaluate_stacked"),
                          (inner_loop, "evaluate_contexts"), (self_edit, "sample_self_edits_batch")]:
         real = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))

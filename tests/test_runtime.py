@@ -49,7 +49,7 @@ def test_a_new_policy_frees_the_previous_model_and_its_adapters(tmp_path, monkey
     gc.disable()  # only the eviction may collect
     try:
         with runtime.use_model(first, config) as loaded:
-            runtime.adapter_lanes(loaded, LoraConfig(rank=2, alpha=4), capacity=2, lanes=2)
+            runtime.adapter_lanes(loaded, LoraConfig(rank=2, alpha=4), slots=2, lanes=2)
             old = weakref.ref(loaded.model)
             del loaded
         with runtime.use_model(second, config) as loaded:

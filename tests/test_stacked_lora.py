@@ -118,7 +118,7 @@ def test_a_reused_stack_trains_and_loads_like_a_fresh_one(model, tmp_path):
     with stacked_adapters(model.model, LORA, SEEDS[:2]) as fresh:
         train_stacked(fresh, model.tokenizer, DOCS[:2], TRAIN)
         expected = [_weights(fresh, k) for k in range(2)]
-    stack = AdapterStack.attach(model.model, LORA, capacity=3)
+    stack = AdapterStack.attach(model.model, LORA, slots=3)
     try:
         stack.reset(SEEDS)  # a first group of three, then a group of two in the same layers
         train_stacked(stack, model.tokenizer, DOCS, TRAIN)
@@ -243,12 +243,12 @@ def test_every_routing_gives_each_row_its_own_adapters_output_and_gradients(row_
     from models.stacked_lora import AdapterStack, StackedLoraLinear
 
     torch.manual_seed(0)
-    layer = StackedLoraLinear(torch.nn.Linear(8, 6, bias=False), rank=2, alpha=4, dropout=0.0, capacity=3)
+    layer = StackedLoraLinear(torch.nn.Linear(8, 6, bias=False), rank=2, alpha=4, dropout=0.0, slots=3)
     with torch.no_grad():
         layer.lora_A.normal_()
         layer.lora_B.normal_()
     x = torch.randn(len(row_adapter), 5, 8, requires_grad=True)
-    AdapterStack(None, {"layer": layer}, LORA, capacity=3, frozen=[]).route(torch.tensor(row_adapter))
+    AdapterStack(None, {"layer": layer}, LORA, slots=3, frozen=[]).route(torch.tensor(row_adapter))
     out = layer(x)
     (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
     got = (out.detach(), x.grad.clone(), layer.lora_A.grad.clone(), layer.lora_B.grad.clone())
@@ -269,12 +269,12 @@ def test_a_decoding_step_gives_each_row_its_own_adapters_output(row_adapter):
     from models.stacked_lora import AdapterStack, StackedLoraLinear
 
     torch.manual_seed(0)
-    layer = StackedLoraLinear(torch.nn.Linear(8, 6, bias=False), rank=2, alpha=4, dropout=0.0, capacity=3)
+    layer = StackedLoraLinear(torch.nn.Linear(8, 6, bias=False), rank=2, alpha=4, dropout=0.0, slots=3)
     with torch.no_grad():
         layer.lora_A.normal_()
         layer.lora_B.normal_()
     x = torch.randn(len(row_adapter), 1, 8)
-    AdapterStack(None, {"layer": layer}, LORA, capacity=3, frozen=[]).route(torch.tensor(row_adapter))
+    AdapterStack(None, {"layer": layer}, LORA, slots=3, frozen=[]).route(torch.tensor(row_adapter))
     with torch.no_grad():
         out = layer(x)
         expected = torch.stack([
@@ -328,12 +328,12 @@ def test_every_packed_routing_gives_each_span_its_own_adapters_output_and_gradie
     dtype = torch.bfloat16 if "bfloat16" in base else torch.float32
     dropout = 0.5 if "dropout" in base else 0.0
     linear = torch.nn.Linear(8, 6, bias="bias" in base).to(dtype)
-    layer = StackedLoraLinear(linear, rank=2, alpha=4, dropout=dropout, capacity=3)
+    layer = StackedLoraLinear(linear, rank=2, alpha=4, dropout=dropout, slots=3)
     with torch.no_grad():
         layer.lora_A.normal_()
         layer.lora_B.normal_()
     x = torch.randn(1, 13, 8, dtype=dtype, requires_grad=True)
-    AdapterStack(None, {"layer": layer}, LORA, capacity=3, frozen=[]).route_spans(spans)
+    AdapterStack(None, {"layer": layer}, LORA, slots=3, frozen=[]).route_spans(spans)
     torch.manual_seed(1)
     out = layer(x)
     weights = torch.linspace(-1, 1, out.numel()).view(out.shape).to(dtype)
@@ -362,7 +362,7 @@ def test_each_adapters_gradient_is_clipped_on_its_own():
     weights = [torch.nn.Parameter(torch.zeros(3, 2, 2)), torch.nn.Parameter(torch.zeros(3, 4))]
     weights[0].grad = torch.stack([torch.full((2, 2), 3.0), torch.full((2, 2), 0.1), torch.full((2, 2), 5.0)])
     weights[1].grad = torch.stack([torch.full((4,), 4.0), torch.full((4,), 0.1), torch.full((4,), 5.0)])
-    optimizer = StackedAdamW(weights, count=2, max_grad_norm=1.0)
+    optimizer = StackedAdamW(weights, slots=2, max_grad_norm=1.0)
     assert optimizer.clip_coefficients([w.grad for w in weights]).tolist() == pytest.approx([0.1, 1.0], rel=1e-5)  # norms 10, 0.28
 
     # The coefficient scales what the update sees: with one step, Adam moves each weight by lr
@@ -371,4 +371,4 @@ def test_each_adapters_gradient_is_clipped_on_its_own():
     torch.testing.assert_close(optimizer.exp_avg[0][0], torch.full((2, 2), 0.1 * 0.3))  # (1 - beta1) * 0.1 * 3
     torch.testing.assert_close(optimizer.exp_avg[1][0], torch.full((4,), 0.1 * 0.4))
     torch.testing.assert_close(optimizer.exp_avg[0][1], torch.full((2, 2), 0.1 * 0.1))  # under the limit
-    assert weights[0][2].abs().sum() == 0  # beyond count: untouched
+    assert weights[0][2].abs().sum() == 0  # beyond its slots: untouched

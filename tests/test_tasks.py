@@ -79,9 +79,9 @@ def test_a_group_larger_than_its_slots_trains_and_scores_what_all_at_once_does(b
 
 
 def test_a_non_finite_loss_is_recorded_and_scores_zero(base, monkeypatch):
-    from models import stacked_lora
+    from models.stacked_lora import lanes
 
-    train_slots = stacked_lora.train_slots
+    train_slots = lanes.train_slots
 
     def first_blows_up(stack, tokenizer, take, config, finished):  # as train_slots reports a NaN loss
         def report(job, slot, result):
@@ -90,7 +90,7 @@ def test_a_non_finite_loss_is_recorded_and_scores_zero(base, monkeypatch):
 
         train_slots(stack, tokenizer, take, config, report)
 
-    monkeypatch.setattr(stacked_lora, "train_slots", first_blows_up)
+    monkeypatch.setattr(lanes, "train_slots", first_blows_up)
     adapters = _train(base, [EDIT, None])
     assert adapters[0].path is None and adapters[0].failure.startswith("non-finite loss")
     assert adapters[1].failure is None and Path(adapters[1].path).exists()
@@ -102,13 +102,13 @@ def test_a_non_finite_loss_is_recorded_and_scores_zero(base, monkeypatch):
 
 
 def test_out_of_memory_is_raised_so_the_task_run_fails_and_is_not_cached(base, monkeypatch):
-    from models import stacked_lora
+    from models.stacked_lora import lanes
     from tasks.records import InnerLoopOutOfMemory
 
     def fail(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory")
 
-    monkeypatch.setattr(stacked_lora, "train_slots", fail)
+    monkeypatch.setattr(lanes, "train_slots", fail)
     with pytest.raises(InnerLoopOutOfMemory, match="ctx1: CUDA out of memory"):
         _train(base, [EDIT])
 

@@ -7,8 +7,9 @@ def test_training_flow_tracks_everything_and_reruns_from_cache(prefect_env, monk
     from mlflow import MlflowClient
 
     from flows.training import HELD_OUT_COLUMNS, format_held_out, seal_training
-    from models import inner_loop, self_edit, stacked_lora
+    from models import inner_loop, self_edit
     from models.config import load_config
+    from models.stacked_lora import lanes
 
     config = load_config(TINY, [
         "data.source=squad", f"data.path={_squad(prefect_env / 'squad.json')}",
@@ -58,7 +59,7 @@ def test_training_flow_tracks_everything_and_reruns_from_cache(prefect_env, monk
 
     # Same config, new flow run: no sampling, training or evaluation runs again.
     calls = []
-    for module, name in [(stacked_lora, "train_slots"), (stacked_lora, "evaluate_stacked"),
+    for module, name in [(lanes, "train_slots"), (lanes, "evaluate_stacked"),
                          (inner_loop, "evaluate_contexts"), (self_edit, "sample_self_edits_batch")]:
         real = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
