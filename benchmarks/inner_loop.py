@@ -55,7 +55,8 @@ from benchmarks.baselines import SelfEditTiming, now, run_reference, run_strong 
 from models.base_model import LoadedModel, load_model  # noqa: E402
 from models.config import SealConfig, load_config  # noqa: E402
 from models.demo import peak_memory_mb  # noqa: E402
-from models.inner_loop import NonFiniteLossError, evaluate_adapter  # noqa: E402
+from models.errors import NonFiniteLossError  # noqa: E402
+from models.inner_loop import evaluate_adapter  # noqa: E402
 from models.knowledge_data import load_contexts, select_contexts  # noqa: E402
 from models.self_edit import sample_self_edits, training_documents  # noqa: E402
 from models.stacked_lora import AdapterLanes, length_groups  # noqa: E402

@@ -21,11 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 import fsspec
 
+from models.errors import ConfigError
 from models.fewshot.schema import TTTConfig
-
-
-class ConfigError(ValueError):
-    """A config file or override is invalid; the message lists every problem."""
 
 
 class _Section(BaseModel):

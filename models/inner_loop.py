@@ -25,11 +25,8 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from models.config import EvalConfig, InnerLoopConfig, LoraConfig
+from models.errors import NonFiniteLossError
 from models.self_edit import QUESTION_PROMPT, answer_lines, render_prompt
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN or infinite loss; the self-edit earns no reward."""
 
 
 @dataclass(frozen=True)

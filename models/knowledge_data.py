@@ -26,6 +26,7 @@ from typing import Any, Literal
 import datasets
 
 from models.config import DataConfig
+from models.errors import DatasetError
 
 COLUMNS = ("id", "title", "context", "questions", "answers")
 FEATURES = datasets.Features(
@@ -38,10 +39,6 @@ FEATURES = datasets.Features(
     }
 )
 SPLITS = ("train", "validation")
-
-
-class DatasetError(ValueError):
-    """A data source is missing or malformed; the message names the file, record and field."""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,7 +21,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from models.base_model import resolve_model, save_model
 from models.config import LoraConfig, PolicyUpdateConfig
-from models.inner_loop import NonFiniteLossError, lora_config, pad_batch
+from models.errors import NonFiniteLossError
+from models.inner_loop import lora_config, pad_batch
 from models.self_edit import render_prompt
 
 # One training example: (prompt token ids, self-edit token ids). Only the second part is learned.

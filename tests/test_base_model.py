@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from models import base_model
-from models.base_model import ModelNotFoundError, load_model, resolve_model, select_device
+from models.base_model import load_model, resolve_model, select_device
+from models.errors import ModelNotFoundError
 
 
 def test_tiny_random_is_materialized_once_with_a_stable_digest(tmp_path):

@@ -25,10 +25,10 @@ import peft
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from models.errors import NonFiniteLossError
 from models.fewshot.augment import BASIC, Example, Pair, augment_example, identity, selected_transforms
 from models.fewshot.grids import MAX_SIDE, Grid, GridFormat, MalformedGrid, encode_grid, parse_grid
 from models.fewshot.schema import TTTConfig
-from models.inner_loop import NonFiniteLossError
 from models.self_edit import generate, render_prompt
 
 TASK_INSTRUCTION = (
