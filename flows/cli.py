@@ -16,6 +16,8 @@ import os
 import sys
 from pathlib import Path
 
+from models.process import configure_process
+
 # Offline and quiet by default; a user who wants the hub can export these as 0.
 QUIET_ENV = {
     "DO_NOT_TRACK": "true",
@@ -205,6 +207,7 @@ def doctor(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
+    configure_process()  # before Prefect's threads and the first model: see models/process.py
     args = _parser().parse_args(argv)
     from models.errors import ConfigError, DatasetError, ModelNotFoundError, UnknownTaskError
 

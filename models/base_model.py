@@ -49,15 +49,6 @@ _CHATML = (
 )
 
 
-# oneDNN, PyTorch's CPU path for bf16 matrix multiplies, caches a primitive per shape (1,024 by
-# default), each with its own scratch memory; packed training batches of ever new lengths fill it.
-# 128 keeps resident memory flat at the same speed; no cache is far slower (benchmarks/README.md,
-# "Memory on a CPU"). oneDNN reads this when it creates its first primitive, hence on import; a
-# value set in the environment wins.
-ONEDNN_CACHE_CAPACITY = 128
-os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_CACHE_CAPACITY))
-
-
 @dataclass(frozen=True)
 class ResolvedModel:
     """A model folder and its content digest."""

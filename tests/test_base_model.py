@@ -97,7 +97,8 @@ def test_smollm2_converts_and_answers(tmp_path):
 _ONEDNN_PROBE = """
 import ctypes, gc, sys
 import torch
-import models.base_model  # sets oneDNN's primitive cache capacity unless the environment does
+from models.process import configure_process
+configure_process()  # sets oneDNN's primitive cache capacity unless the environment does
 def anonymous_mb():
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
