@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 from flows.cli import QUIET_ENV, prefect_environment
+from models.process import configure_process
 
 DEFAULT_CONFIG = Path(__file__).parents[1] / "deployments" / "configs" / "continual-smollm2.yaml"
 TARGET_S = 30 * 60  # 8 x 8 on the bundled SmolLM2, 2-core CPU
@@ -65,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
+    configure_process()  # as the seal command does (models/process.py)
     prefect_environment()
 
     from datetime import datetime, timezone

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from flows.cli import QUIET_ENV, prefect_environment
+from models.process import configure_process
 
 ROOT = Path(__file__).parents[1]
 CONFIG = ROOT / "deployments" / "configs" / "fewshot-smollm2.yaml"
@@ -44,6 +45,7 @@ def main() -> int:
     args = parser.parse_args()
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
+    configure_process()  # as the seal command does (models/process.py)
     prefect_environment()
     import psutil
 

@@ -55,8 +55,10 @@ from benchmarks.baselines import SelfEditTiming, now, run_reference, run_strong 
 from models.base_model import LoadedModel, load_model  # noqa: E402
 from models.config import SealConfig, load_config  # noqa: E402
 from models.demo import peak_memory_mb  # noqa: E402
-from models.inner_loop import NonFiniteLossError, evaluate_adapter  # noqa: E402
+from models.errors import NonFiniteLossError  # noqa: E402
+from models.inner_loop import evaluate_adapter  # noqa: E402
 from models.knowledge_data import load_contexts, select_contexts  # noqa: E402
+from models.process import configure_process  # noqa: E402
 from models.self_edit import sample_self_edits, training_documents  # noqa: E402
 from models.stacked_lora import AdapterLanes, length_groups  # noqa: E402
 
@@ -222,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the measurements to this file")
     parser.add_argument("overrides", nargs="*", help="section.key=value config overrides, after issue 8's")
     args = parser.parse_args(argv)
+    configure_process()  # as the seal command does (models/process.py)
 
     config = load_config(args.config, COMPARISON + args.overrides)
     loaded = load_model(config.model.name, device=config.model.device, dtype=config.model.dtype)

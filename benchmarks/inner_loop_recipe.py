@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from flows.cli import QUIET_ENV
+from models.process import configure_process
 
 DEFAULT_CONFIG = Path(__file__).parents[1] / "deployments" / "configs" / "knowledge-smollm2.yaml"
 PROMPTS = ("implications", "rewrite", "self-qa")
@@ -38,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
+    configure_process()  # as the seal command does (models/process.py)
 
     import tempfile
 

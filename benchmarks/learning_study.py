@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from flows.cli import QUIET_ENV, prefect_environment
+from models.process import configure_process
 
 DEFAULT_CONFIG = Path(__file__).parents[1] / "deployments" / "configs" / "knowledge-study.yaml"
 
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
+    configure_process()  # as the seal command does (models/process.py)
     prefect_environment()
 
     from flows.domains import domain_for

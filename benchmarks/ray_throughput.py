@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from flows.cli import QUIET_ENV
+from models.process import configure_process
 
 ROOT = Path(__file__).parents[1]
 DEFAULT_CONFIG = ROOT / "deployments" / "configs" / "knowledge-smollm2.yaml"
@@ -132,6 +133,7 @@ def main() -> int:
     args = parser.parse_args()
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
+    configure_process()  # as the seal command does (models/process.py)
     models = (args.models or Path(os.environ.get("SEAL_HOME", ".seal")) / "models").absolute()
     overrides = [f"data.num_train_contexts={args.contexts}", f"inner_loop.epochs={args.epochs}"]
 

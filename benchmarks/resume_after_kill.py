@@ -31,7 +31,7 @@ FINISHED = re.compile(r"Task run '([^']+)' - Finished in state (\w+)")
 
 
 def fresh_home(parent: Path, name: str) -> dict[str, str]:
-    from models.base_model import seal_home
+    from models.paths import seal_home
 
     home = parent / name
     home.mkdir()

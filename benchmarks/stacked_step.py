@@ -30,8 +30,8 @@ import psutil  # noqa: E402
 from models.base_model import load_model  # noqa: E402
 from models.config import load_config  # noqa: E402
 from models.knowledge_data import load_contexts  # noqa: E402
+from models.process import configure_process, release_freed_memory  # noqa: E402
 from models.stacked_lora import AdapterStack, train_stacked  # noqa: E402
-from tasks.runtime import release_freed_memory  # noqa: E402  (also caps malloc arenas, as in the flow)
 
 DEFAULT_CONFIG = Path(__file__).parents[1] / "deployments" / "configs" / "knowledge-smollm2.yaml"
 
@@ -44,6 +44,7 @@ def main() -> int:
     parser.add_argument("--json", help="also write the measurements to this file")
     parser.add_argument("overrides", nargs="*", help="section.key=value config overrides")
     args = parser.parse_args()
+    configure_process()  # as the seal command does (models/process.py)
 
     config = load_config(args.config, ["inner_loop.epochs=1", *args.overrides])
     adapters = args.adapters or config.inner_loop.group_size

@@ -48,6 +48,7 @@ from models.config import load_config  # noqa: E402
 from models.inner_loop import tokenize_documents  # noqa: E402
 from models.lm_loss import token_losses  # noqa: E402
 from models.packing import PackedBatch, pack_sequences, packed_attention  # noqa: E402
+from models.process import configure_process  # noqa: E402
 from models.stacked_lora import AdapterLanes, model_replicas, run_lanes  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).parents[1] / "deployments" / "configs" / "knowledge-smollm2.yaml"
@@ -121,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the measurements to this file")
     parser.add_argument("overrides", nargs="*", help="section.key=value config overrides, after issue 8's")
     args = parser.parse_args(argv)
+    configure_process()  # as the seal command does (models/process.py)
 
     config = load_config(args.config, COMPARISON + args.overrides)
     loaded = load_model(config.model.name, device=config.model.device, dtype=config.model.dtype)

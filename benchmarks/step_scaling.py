@@ -33,6 +33,7 @@ import torch  # noqa: E402
 from benchmarks.inner_loop import COMPARISON, matmul_peak_gflops  # noqa: E402
 from models.base_model import load_model  # noqa: E402
 from models.config import load_config  # noqa: E402
+from models.process import configure_process  # noqa: E402
 from models.stacked_lora import stacked_adapters, train_stacked  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).parents[1] / "deployments" / "configs" / "knowledge-smollm2.yaml"
@@ -67,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the measurements to this file")
     parser.add_argument("overrides", nargs="*", help="section.key=value config overrides, after the settings above")
     args = parser.parse_args(argv)
+    configure_process()  # as the seal command does (models/process.py)
 
     config = load_config(args.config, SETTINGS + [f"inner_loop.epochs={args.steps}", *args.overrides])
     loaded = load_model(config.model.name, device=config.model.device, dtype=config.model.dtype)

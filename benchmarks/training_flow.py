@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from flows.cli import QUIET_ENV, prefect_environment
+from models.process import configure_process
 
 DEFAULT_CONFIG = Path(__file__).parents[1] / "deployments" / "configs" / "knowledge-smollm2.yaml"
 
@@ -116,6 +117,7 @@ def main() -> int:
     args = parser.parse_args()
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
+    configure_process()  # as the seal command does (models/process.py)
     prefect_environment()
 
     from datetime import datetime, timezone

@@ -16,6 +16,8 @@ import os
 import sys
 from pathlib import Path
 
+from models.process import configure_process
+
 # Offline and quiet by default; a user who wants the hub can export these as 0.
 QUIET_ENV = {
     "DO_NOT_TRACK": "true",
@@ -69,9 +71,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def inner_loop(args: argparse.Namespace) -> int:
-    from models.base_model import load_model, seal_home
+    from models.base_model import load_model
     from models.config import load_config
     from models.demo import format_table, peak_memory_mb, run_inner_loop_demo
+    from models.paths import seal_home
 
     config = load_config(args.config, args.overrides)
     print(f"SEAL home: {seal_home()}")
@@ -100,7 +103,7 @@ def inner_loop(args: argparse.Namespace) -> int:
 
 def prefect_environment() -> None:
     """Keep Prefect's database and persisted results under SEAL_HOME (before importing it)."""
-    from models.base_model import seal_home
+    from models.paths import seal_home
 
     prefect_home = seal_home() / "prefect"
     os.environ.setdefault("PREFECT_HOME", str(prefect_home))
@@ -149,7 +152,8 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def continual(args: argparse.Namespace) -> int:
-    from models.config import ConfigError, load_config
+    from models.config import load_config
+    from models.errors import ConfigError
 
     config = load_config(args.config, args.overrides)
     if config.domain != "knowledge":
@@ -170,7 +174,7 @@ def continual(args: argparse.Namespace) -> int:
 def clean(args: argparse.Namespace) -> int:
     prefect_environment()
     from flows.clean import delete, format_plan, plan_clean, referenced_storage_keys
-    from models.base_model import seal_home
+    from models.paths import seal_home
 
     storage = Path(os.environ["PREFECT_LOCAL_STORAGE_PATH"])
     plan = plan_clean(storage, seal_home(), referenced_storage_keys())
@@ -181,7 +185,7 @@ def clean(args: argparse.Namespace) -> int:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from models.base_model import seal_home
+    from models.paths import seal_home
 
     os.environ["PREFECT_HOME"] = str(seal_home() / "prefect")  # the served server's database
     prefect_environment()
@@ -203,11 +207,9 @@ def doctor(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
+    configure_process()  # before Prefect's threads and the first model: see models/process.py
     args = _parser().parse_args(argv)
-    from models.config import ConfigError
-    from models.base_model import ModelNotFoundError
-    from models.fewshot.data import UnknownTaskError
-    from models.knowledge_data import DatasetError
+    from models.errors import ConfigError, DatasetError, ModelNotFoundError, UnknownTaskError
 
     try:
         return {"run": run, "eval": evaluate, "inner-loop": inner_loop, "continual": continual,

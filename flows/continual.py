@@ -48,11 +48,12 @@ from flows.progress import Progress
 from flows.runner import SERIAL, on_runner, placement, ray_cluster, with_storage
 from flows.tracking import Tracker, default_tracking_uri, flow_run_tracker
 from flows.training import verified_policy
-from models.base_model import ModelNotFoundError, seal_home
 from models.config import SealConfig
 from models.continual import (
     ContinualSummary, accuracy_matrix, format_matrix, remove_checkpoint, summarize,
 )
+from models.errors import ModelNotFoundError
+from models.paths import seal_home
 from tasks import knowledge
 from tasks.continual import ContinualStepRecord, checkpoint_root, continual_step
 from tasks.knowledge import resolve_base_policy

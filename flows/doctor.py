@@ -206,7 +206,8 @@ def check_seal_home(env: Mapping[str, str], ray_cluster: bool, mounts: str | Non
 
 def check_model(name: str, home: Path) -> Check:
     """The config's model resolves to a folder here (bundled, a local folder or the hub cache)."""
-    from models.base_model import ModelNotFoundError, resolve_model
+    from models.base_model import resolve_model
+    from models.errors import ModelNotFoundError
 
     try:
         resolved = resolve_model(name, home)
@@ -217,7 +218,7 @@ def check_model(name: str, home: Path) -> Check:
 
 def run_checks(env: Mapping[str, str], pool: str, config, timeout: float = 5) -> list[Check]:
     from flows.tracking import default_tracking_uri
-    from models.base_model import seal_home
+    from models.paths import seal_home
 
     api_url, auth = env.get("PREFECT_API_URL"), env.get("PREFECT_API_AUTH_STRING")
     checks = check_prefect(api_url, auth, timeout)

@@ -15,8 +15,10 @@ from flows.tracking import MlflowTracker, default_tracking_uri, resolve_policy_u
 from flows.domains import domain_for
 from flows.runner import ray_cluster, with_storage
 from flows.training import HeldOutResult, held_out_metrics, verified_policy
-from models.base_model import ModelNotFoundError, resolve_model, seal_home
+from models.base_model import resolve_model
 from models.config import SealConfig
+from models.errors import ModelNotFoundError
+from models.paths import seal_home
 from tasks.knowledge import resolve_base_policy
 from tasks.records import PolicyRef
 

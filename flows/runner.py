@@ -27,8 +27,8 @@ from prefect import Flow, Task
 from prefect.filesystems import RemoteFileSystem
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from models.base_model import seal_home
 from models.config import RunnerConfig
+from models.paths import seal_home
 
 # The local runner: one thread. Model tasks share the process's one copy of each model and hold
 # its lock while they run (inner loops attach LoRA layers to it in place); more threads would

@@ -56,8 +56,9 @@ from flows.domains import domain_for
 from flows.progress import Progress
 from flows.runner import SERIAL, on_runner, placement, ray_cluster, with_storage
 from flows.tracking import Tracker, default_tracking_uri, flow_run_tracker
-from models.base_model import seal_home, weights_digest
+from models.base_model import weights_digest
 from models.config import SealConfig
+from models.paths import seal_home
 from models.stats import Estimate, accuracy_interval, paired_difference
 from tasks.knowledge import fetch_contexts, resolve_base_policy, update_policy
 from tasks.records import (

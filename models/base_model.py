@@ -32,6 +32,9 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from models.errors import ModelNotFoundError
+from models.paths import seal_home
+
 SMOLLM2 = "smollm2-135m-instruct"
 TINY_RANDOM = "tiny-random"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -44,19 +47,6 @@ _CHATML = (
     "{{ message['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-
-
-# oneDNN, PyTorch's CPU path for bf16 matrix multiplies, caches a primitive per shape (1,024 by
-# default), each with its own scratch memory; packed training batches of ever new lengths fill it.
-# 128 keeps resident memory flat at the same speed; no cache is far slower (benchmarks/README.md,
-# "Memory on a CPU"). oneDNN reads this when it creates its first primitive, hence on import; a
-# value set in the environment wins.
-ONEDNN_CACHE_CAPACITY = 128
-os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_CACHE_CAPACITY))
-
-
-class ModelNotFoundError(FileNotFoundError):
-    """A model spec could not be resolved; the message says how to get the model."""
 
 
 @dataclass(frozen=True)
@@ -81,11 +71,6 @@ class LoadedModel:
     @property
     def device(self) -> torch.device:
         return self.model.device
-
-
-def seal_home() -> Path:
-    """``$SEAL_HOME`` (default ``./.seal``), the folder for everything the project writes."""
-    return Path(os.environ.get("SEAL_HOME", ".seal")).absolute()
 
 
 def native_bf16(device: str) -> bool:

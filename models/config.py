@@ -2,7 +2,8 @@
 
 Every field has a default and a description (Prefect renders them as the parameter form in
 its UI). Values the paper fixes are marked ``# paper``. Validation runs once, when the config
-is loaded, and reports every problem together.
+is loaded, and reports every problem together. It checks shape and values, and one thing in the
+data: that the few-shot domain's ARC task ids exist (see ``SealConfig._check_consistency``).
 
     >>> cfg = load_config("deployments/configs/knowledge-tiny.yaml", ["lora.rank=4"])
 """
@@ -21,11 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 import fsspec
 
+from models.errors import ConfigError
 from models.fewshot.schema import TTTConfig
-
-
-class ConfigError(ValueError):
-    """A config file or override is invalid; the message lists every problem."""
 
 
 class _Section(BaseModel):
@@ -419,11 +417,6 @@ class SealConfig(_Section):
         if fewshot.min_learning_rate > fewshot.max_learning_rate:
             problems.append(f"fewshot.min_learning_rate {fewshot.min_learning_rate:g} is above "
                             f"fewshot.max_learning_rate {fewshot.max_learning_rate:g}")
-        if self.domain == "fewshot":
-            from models.fewshot.data import task_id_problems
-
-            problems += task_id_problems("train", fewshot.train_task_ids, fewshot.max_grid_size)
-            problems += task_id_problems("validation", fewshot.eval_task_ids, fewshot.max_grid_size)
         if self.domain == "fewshot" and self.reward.baseline != "no_adaptation":
             problems.append(f"reward.baseline is {self.reward.baseline!r} but the few-shot domain rewards a "
                             "solved task: use reward.baseline=no_adaptation")
@@ -436,6 +429,14 @@ class SealConfig(_Section):
             if not fewshot.min_learning_rate <= lr <= fewshot.max_learning_rate or not 1 <= epochs <= fewshot.max_epochs:
                 problems.append(f"fewshot.oracle_configs.{n}: learning_rate {lr:g} or num_train_epochs "
                                 f"{epochs} outside the fewshot bounds")
+        if self.domain == "fewshot":
+            # The one check that reads data, kept at load on purpose: a run first reads the train
+            # split's ids at iteration 1, after the base policy's whole held-out evaluation, so a
+            # wrong id would stop it only then. (Imported here: the config alone needs no datasets.)
+            from models.fewshot.data import task_id_problems
+
+            problems += task_id_problems("train", fewshot.train_task_ids, fewshot.max_grid_size)
+            problems += task_id_problems("validation", fewshot.eval_task_ids, fewshot.max_grid_size)
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -39,13 +39,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import peft
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from models.base_model import resolve_model, save_model
 from models.config import EvalConfig, InnerLoopConfig, LoraConfig
-from models.inner_loop import EvalResult, TrainResult, evaluate_contexts, lora_config, train_adapter
+from models.inner_loop import EvalResult, TrainResult, attach_lora, evaluate_contexts, train_adapter
 from models.self_edit import SelfEdit, inner_loop_plan
 
 # Fixed texts far from any passage (recipes, code, weather, arithmetic, ...): the drift probe.
@@ -152,10 +151,7 @@ def merge_self_edit(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
         NonFiniteLossError: if a loss is NaN or infinite; nothing is written.
     """
     torch.manual_seed(config.seed)  # A from the seed, B zero: training starts at the current model
-    try:
-        adapted = peft.get_peft_model(model, lora_config(lora))
-    except ValueError as exc:
-        raise ValueError(f"lora.target_modules {lora.target_modules} matched no layer of the model: {exc}") from exc
+    adapted = attach_lora(model, lora)
     try:
         result = train_adapter(adapted, tokenizer, documents, config)
     except BaseException:

@@ -8,7 +8,6 @@ base weights are never touched.
 
 from __future__ import annotations
 
-import math
 import re
 import shutil
 import string
@@ -25,11 +24,9 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from models.config import EvalConfig, InnerLoopConfig, LoraConfig
+from models.errors import NonFiniteLossError  # noqa: F401  (train_adapter's error, caught by its callers as ours)
 from models.self_edit import QUESTION_PROMPT, answer_lines, render_prompt
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN or infinite loss; the self-edit earns no reward."""
+from models.training import backward_loss, fit
 
 
 @dataclass(frozen=True)
@@ -78,6 +75,21 @@ def lora_config(lora: LoraConfig) -> peft.LoraConfig:
     )
 
 
+def attach_lora(model: PreTrainedModel, lora: LoraConfig) -> peft.PeftModel:
+    """Wrap ``model`` in new LoRA layers (A drawn from torch's global generator, B zero); only
+    they train.
+
+    Raises:
+        ValueError: if none of ``lora.target_modules`` exists in the model.
+    """
+    try:
+        return peft.get_peft_model(model, lora_config(lora))
+    except ValueError as exc:
+        raise ValueError(
+            f"lora.target_modules {lora.target_modules} matched no layer of the model: {exc}"
+        ) from exc
+
+
 @contextmanager
 def fresh_adapter(model: PreTrainedModel, lora: LoraConfig, seed: int) -> Iterator[peft.PeftModel]:
     """Attach a freshly initialized LoRA adapter for the duration of the block.
@@ -89,12 +101,7 @@ def fresh_adapter(model: PreTrainedModel, lora: LoraConfig, seed: int) -> Iterat
         ValueError: if none of ``lora.target_modules`` exists in the model.
     """
     torch.manual_seed(seed)
-    try:
-        adapted = peft.get_peft_model(model, lora_config(lora))
-    except ValueError as exc:
-        raise ValueError(
-            f"lora.target_modules {lora.target_modules} matched no layer of the model: {exc}"
-        ) from exc
+    adapted = attach_lora(model, lora)
     try:
         yield adapted
     finally:
@@ -124,12 +131,7 @@ class AdapterSlot:
 
     def __init__(self, model: PreTrainedModel, lora: LoraConfig) -> None:
         self.lora = lora
-        try:
-            self.peft = peft.get_peft_model(model, lora_config(lora))
-        except ValueError as exc:
-            raise ValueError(
-                f"lora.target_modules {lora.target_modules} matched no layer of the model: {exc}"
-            ) from exc
+        self.peft = attach_lora(model, lora)
         self._layers = [m for m in self.peft.modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
         self.peft.base_model.disable_adapter_layers()
 
@@ -207,7 +209,7 @@ def train_adapter(
 
     AdamW on the LoRA parameters only, learning rate decaying linearly to zero and gradients
     clipped to ``config.max_grad_norm`` (the paper's Hugging Face Trainer's defaults), documents
-    reshuffled every epoch from ``config.seed``.
+    reshuffled every epoch from ``config.seed`` (see :func:`models.training.fit`).
 
     Args:
         model: a model with a trainable adapter attached (see :func:`fresh_adapter`).
@@ -225,44 +227,17 @@ def train_adapter(
     if not documents:
         raise ValueError("train_adapter needs at least one document, got none")
     sequences = tokenize_documents(tokenizer, documents, config.max_length)
-    params = [p for p in model.parameters() if p.requires_grad]
-    # The fused kernel does the update in one pass, saving time every step (benchmarks/README.md).
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0,
-                                  fused=model.device.type in ("cpu", "cuda"))
-    steps_per_epoch = math.ceil(len(sequences) / config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / total_steps)
-    generator = torch.Generator().manual_seed(config.seed)
-
     start = time.perf_counter()
-    losses, tokens = [], 0
-    model.train()
-    try:
-        for epoch in range(config.epochs):
-            order = torch.randperm(len(sequences), generator=generator).tolist()
-            for first in range(0, len(order), config.batch_size):
-                batch = pad_batch([sequences[i] for i in order[first : first + config.batch_size]],
-                                  tokenizer.pad_token_id)
-                batch = {k: v.to(model.device) for k, v in batch.items()}
-                loss = model(**batch).loss
-                if not torch.isfinite(loss):
-                    raise NonFiniteLossError(
-                        f"loss became {loss.item()} at epoch {epoch}, step {len(losses)}; "
-                        f"lower inner_loop.learning_rate (now {config.learning_rate})"
-                    )
-                loss.backward()
-                if config.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-                optimizer.step()
-                schedule.step()
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(loss.item())
-                tokens += int(batch["attention_mask"].sum())
-    finally:
-        model.eval()
+    losses = fit(
+        model, sequences, lambda rows: backward_loss(model, pad_batch(rows, tokenizer.pad_token_id)),
+        learning_rate=config.learning_rate, epochs=config.epochs, batch_size=config.batch_size,
+        seed=config.seed, max_grad_norm=config.max_grad_norm,
+        # The fused kernel does the update in one pass, saving time every step (benchmarks/README.md).
+        fused=model.device.type in ("cpu", "cuda"), learning_rate_setting="inner_loop.learning_rate",
+    )
     return TrainResult(
         steps=len(losses),
-        tokens=tokens,
+        tokens=config.epochs * sum(len(s) for s in sequences),  # each document once per epoch
         mean_loss=sum(losses) / len(losses),
         final_loss=losses[-1],
         seconds=time.perf_counter() - start,

@@ -21,8 +21,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from models.base_model import resolve_model, save_model
 from models.config import LoraConfig, PolicyUpdateConfig
-from models.inner_loop import NonFiniteLossError, lora_config, pad_batch
+from models.inner_loop import attach_lora, pad_batch
 from models.self_edit import render_prompt
+from models.training import backward_loss, fit
 
 # One training example: (prompt token ids, self-edit token ids). Only the second part is learned.
 Example = tuple[list[int], list[int]]
@@ -153,14 +154,15 @@ def update_policy(
     start = time.perf_counter()
     lora = LoraConfig(rank=config.rank, alpha=config.alpha, dropout=0.0, target_modules=list(target_modules))
     torch.manual_seed(config.seed)  # LoRA's A matrices; B is zero, so training starts at the policy
+    adapted = attach_lora(model, lora)
     try:
-        adapted = peft.get_peft_model(model, lora_config(lora))
-    except ValueError as exc:
-        raise ValueError(
-            f"target_modules {list(target_modules)} matched no layer of the model: {exc}"
-        ) from exc
-    try:
-        losses = _train(adapted, examples, config, tokenizer.pad_token_id)
+        losses = fit(
+            adapted, examples, lambda step: accumulate_gradients(adapted, step, tokenizer.pad_token_id),
+            learning_rate=config.learning_rate, epochs=config.epochs, batch_size=config.batch_size,
+            seed=config.seed, max_grad_norm=config.max_grad_norm,
+            # PyTorch's default AdamW kernel, as the update has always used: fused would round differently.
+            fused=None, learning_rate_setting="policy_update.learning_rate",
+        )
     except BaseException:
         adapted.unload()
         raise
@@ -192,42 +194,8 @@ def accumulate_gradients(model: peft.PeftModel, examples: Sequence[Example], pad
     targets = sum(len(self_edit) for _, self_edit in examples)
     total = 0.0
     for example in examples:
-        batch = {k: v.to(model.device) for k, v in collate_pairs([example], pad_id).items()}
-        loss = model(**batch, num_items_in_batch=targets).loss
-        if not torch.isfinite(loss):
-            return loss.item()
-        loss.backward()
-        total += loss.item()
+        loss = backward_loss(model, collate_pairs([example], pad_id), num_items_in_batch=targets)
+        if not math.isfinite(loss):
+            return loss
+        total += loss
     return total
-
-
-def _train(
-    model: peft.PeftModel, examples: list[Example], config: PolicyUpdateConfig, pad_id: int
-) -> list[float]:
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
-    total_steps = math.ceil(len(examples) / config.batch_size) * config.epochs
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / total_steps)
-    generator = torch.Generator().manual_seed(config.seed)
-    losses: list[float] = []
-    model.train()
-    try:
-        for epoch in range(config.epochs):
-            order = torch.randperm(len(examples), generator=generator).tolist()
-            for first in range(0, len(order), config.batch_size):
-                step = [examples[i] for i in order[first : first + config.batch_size]]
-                loss = accumulate_gradients(model, step, pad_id)
-                if not math.isfinite(loss):
-                    raise NonFiniteLossError(
-                        f"policy update loss became {loss} at epoch {epoch}, step {len(losses)}; "
-                        f"lower policy_update.learning_rate (now {config.learning_rate})"
-                    )
-                if config.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-                optimizer.step()
-                schedule.step()
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(loss)
-    finally:
-        model.eval()
-    return losses

@@ -14,8 +14,9 @@ from pathlib import Path
 from prefect import get_run_logger, task
 
 from models import continual, self_edit
-from models.base_model import load_model, seal_home, weights_digest
+from models.base_model import load_model, weights_digest
 from models.config import EvalConfig, InnerLoopConfig, LoraConfig, ModelConfig
+from models.paths import seal_home
 from tasks.faults import maybe_fail
 from tasks.knowledge import CACHED
 from tasks.records import (

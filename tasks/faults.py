@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-from models.base_model import seal_home
+from models.paths import seal_home
 from tasks.records import InnerLoopOutOfMemory
 
 

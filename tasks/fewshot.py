@@ -15,13 +15,14 @@ import torch
 from prefect import task
 
 from models import inner_loop, rest_em
-from models.base_model import seal_home, weights_digest
+from models.base_model import weights_digest
 from models.config import EvalConfig, FewshotConfig, InnerLoopConfig, LoraConfig, ModelConfig, SelfEditConfig
 from models.fewshot import self_edit as fewshot_self_edit
 from models.fewshot import ttt
 from models.fewshot.data import load_arc_tasks, pairs, select_tasks
 from models.fewshot.grids import as_grid, cell_accuracy, choose_format, encode_grid
 from models.fewshot.schema import TTTConfig
+from models.paths import seal_home
 from tasks.faults import maybe_fail
 from tasks.knowledge import CACHED, TRANSIENT_BACKOFF
 from tasks.records import (

@@ -17,11 +17,12 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 from prefect.tasks import exponential_backoff
 
 from models import inner_loop, policy, rest_em, self_edit
-from models.base_model import load_model, resolve_model, seal_home, weights_digest
+from models.base_model import load_model, resolve_model, weights_digest
 from models.config import (
     DataConfig, EvalConfig, InnerLoopConfig, LoraConfig, ModelConfig, PolicyUpdateConfig, RewardConfig, SelfEditConfig,
 )
 from models.knowledge_data import load_contexts, select_contexts
+from models.paths import seal_home
 from tasks.records import (
     AdapterRecord,
     Context,

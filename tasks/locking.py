@@ -17,7 +17,7 @@ import threading
 import time
 from pathlib import Path
 
-from models.base_model import seal_home
+from models.paths import seal_home
 
 _POLL_SECONDS = 0.1
 

@@ -9,13 +9,10 @@ cores anyway.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import gc
 import logging
 import os
 import socket
-import sys
 import threading
 import time
 from collections import OrderedDict
@@ -29,6 +26,7 @@ from prefect.exceptions import MissingContextError
 from models.base_model import LoadedModel, load_model
 from models.config import LoraConfig, ModelConfig
 from models.inner_loop import AdapterSlot
+from models.process import configure_process, release_freed_memory
 from models.stacked_lora import AdapterLanes
 from tasks.records import PolicyRef
 
@@ -50,6 +48,7 @@ def use_model(policy: PolicyRef, model: ModelConfig) -> Iterator[LoadedModel]:
     key = (policy.path, policy.digest, model.device, model.dtype)
     with _registry_lock:
         if key not in _models:
+            configure_process()  # this worker's settings, before its first model (a no-op after)
             _evict(_MAX_LOADED - 1)  # before loading: the old and the new model never both resident
             start = time.perf_counter()
             loaded = load_model(policy.path, device=model.device, dtype=model.dtype)
@@ -103,46 +102,6 @@ def adapter_lanes(loaded: LoadedModel, lora: LoraConfig, slots: int, lanes: int 
             stacks.close()
         stacks = _slots[id(loaded.model)] = AdapterLanes.attach(loaded.model, loaded.tokenizer, lora, slots, lanes)
     return stacks
-
-
-def _glibc():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") else None  # musl has none
-    except OSError:
-        return None
-
-
-_LIBC = _glibc()
-_M_ARENA_MAX = -8  # glibc's mallopt parameter
-
-
-def limit_malloc_arenas(count: int = 2) -> None:
-    """Cap glibc's malloc arenas (as ``MALLOC_ARENA_MAX`` would).
-
-    glibc gives threads their own 64 MB arenas, up to 8 per core, and memory freed in one cannot
-    serve another: a flow run's many Prefect threads hold gigabytes spread over hundreds of
-    mappings (benchmarks/README.md, "Memory on a CPU"). Called when this module is imported,
-    before the model tasks' threads allocate; a no-op off glibc.
-    """
-    if _LIBC is not None and hasattr(_LIBC, "mallopt"):
-        _LIBC.mallopt(_M_ARENA_MAX, count)
-
-
-limit_malloc_arenas()
-
-
-def release_freed_memory() -> None:
-    """Give the heap memory that tensors freed back to the OS.
-
-    glibc keeps freed memory for reuse: after a stacked group of inner loops the process holds
-    far more than it uses, growing from task to task (benchmarks/README.md, "Memory on a CPU").
-    Called after every model task; a no-op off glibc.
-    """
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
 
 
 def worker_id() -> str:

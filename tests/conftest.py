@@ -16,8 +16,10 @@ import pytest
 TINY = Path(__file__).parents[1] / "deployments" / "configs" / "knowledge-tiny.yaml"
 
 from flows.cli import QUIET_ENV  # noqa: E402  (offline and quiet, as the seal command runs)
+from models.process import configure_process  # noqa: E402
 
 os.environ.update(QUIET_ENV)
+configure_process()  # the process settings the seal command applies
 
 
 @pytest.fixture

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from models import base_model
-from models.base_model import ModelNotFoundError, load_model, resolve_model, select_device
+from models.base_model import load_model, resolve_model, select_device
+from models.errors import ModelNotFoundError
 
 
 def test_tiny_random_is_materialized_once_with_a_stable_digest(tmp_path):
@@ -96,7 +97,8 @@ def test_smollm2_converts_and_answers(tmp_path):
 _ONEDNN_PROBE = """
 import ctypes, gc, sys
 import torch
-import models.base_model  # sets oneDNN's primitive cache capacity unless the environment does
+from models.process import configure_process
+configure_process()  # sets oneDNN's primitive cache capacity unless the environment does
 def anonymous_mb():
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)

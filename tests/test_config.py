@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from models.config import ConfigError, SealConfig, load_config, parse_overrides
+from models.config import SealConfig, load_config, parse_overrides
+from models.errors import ConfigError
 
 CONFIGS = sorted((Path(__file__).parents[1] / "deployments" / "configs").glob("*.yaml"))
 

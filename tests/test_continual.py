@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from models import continual
-from models.config import ConfigError, InnerLoopConfig, LoraConfig, load_config
+from models.config import InnerLoopConfig, LoraConfig, load_config
+from models.errors import ConfigError
 from models.self_edit import SelfEdit
 
 NAN = math.nan

@@ -9,7 +9,8 @@ import yaml
 
 from flows.cli import _parser
 from flows.deployment_config import config_parameter
-from models.config import ConfigError, SealConfig, load_config
+from models.config import SealConfig, load_config
+from models.errors import ConfigError
 
 ROOT = Path(__file__).parents[1]
 SPEC = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())

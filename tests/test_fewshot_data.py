@@ -2,8 +2,9 @@
 
 import pytest
 
-from models.config import ConfigError, load_config
-from models.fewshot.data import UnknownTaskError, load_arc_tasks, max_side, pairs, select_tasks
+from models.config import load_config
+from models.errors import ConfigError, UnknownTaskError
+from models.fewshot.data import load_arc_tasks, max_side, pairs, select_tasks
 
 
 def test_tasks_by_id_keep_the_order_and_every_grid():

@@ -10,13 +10,11 @@ import re
 import datasets
 import pytest
 
-from models import knowledge_data
+from models import synthetic_passages
 from models.config import DataConfig
+from models.errors import DatasetError
 from models.knowledge_data import (
     COLUMNS,
-    PASSAGE_STYLES,
-    Cast,
-    DatasetError,
     group_squad_rows,
     load_contexts,
     load_squad,
@@ -24,6 +22,7 @@ from models.knowledge_data import (
     make_synthetic_dataset,
     select_contexts,
 )
+from models.synthetic_passages import PASSAGE_STYLES, Cast
 
 CAST = Cast(
     person="Orvanne Kelthrop",
@@ -92,7 +91,7 @@ def test_every_question_is_answered_verbatim_by_its_passage(synthetic):
 def _invented_words(split: datasets.Dataset) -> set[str]:
     # Words capitalised in the module's own templates ("River", "March", "The") are fixed
     # vocabulary; every other capitalised word in a passage was invented by the generator.
-    fixed = set(re.findall(r"[A-Z][a-z]+", inspect.getsource(knowledge_data)))
+    fixed = set(re.findall(r"[A-Z][a-z]+", inspect.getsource(synthetic_passages)))
     text = " ".join(list(split["title"]) + list(split["context"]))
     return set(re.findall(r"\b[A-Z][a-z]+\b", text)) - fixed
 

@@ -119,7 +119,8 @@ def test_two_ray_workers_give_the_local_runners_rewards_and_share_its_cache(pref
     (["runner.num_workers=0"], "runner.num_workers"),
 ])
 def test_inconsistent_runner_settings_fail_when_the_config_loads(overrides, expected):
-    from models.config import ConfigError, load_config
+    from models.config import load_config
+    from models.errors import ConfigError
 
     with pytest.raises(ConfigError, match=re.escape(expected)):
         load_config(TINY, overrides)

@@ -141,7 +141,7 @@ def test_a_reused_stack_trains_and_loads_like_a_fresh_one(model, tmp_path):
 
 
 def test_an_adapter_whose_loss_blows_up_stops_alone(model):
-    from models.inner_loop import NonFiniteLossError
+    from models.errors import NonFiniteLossError
 
     with stacked_adapters(model.model, LORA, SEEDS[:2]) as stack:
         # a learning rate that only the rows of adapter 0 see would need per-adapter configs;

