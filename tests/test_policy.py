@@ -5,7 +5,7 @@ import torch
 
 from models.base_model import build_tiny_tokenizer, load_model
 from models.config import LoraConfig, PolicyUpdateConfig
-from models.inner_loop import NonFiniteLossError
+from models.errors import NonFiniteLossError
 from models.policy import collate_pairs, format_pair, tokenize_pairs, update_policy
 from models.self_edit import render_prompt, self_edit_prompt
 

@@ -30,7 +30,7 @@ One module per concept:
 - :mod:`.layers`: the stacked LoRA layer and its autograd functions
 - :mod:`.optimizer`: :class:`StackedAdamW`, AdamW per adapter
 - :mod:`.stack`: :class:`AdapterStack`, the adapters on one model, routed, saved and loaded
-- :mod:`.training`: :func:`train_slots`, the slots kept busy; :func:`train_stacked`, one group
+- :mod:`.scheduler`: :func:`train_slots`, the slots kept busy; :func:`train_stacked`, one group
 - :mod:`.evaluation`: :func:`evaluate_stacked`, closed-book answers in shared generations
 - :mod:`.lanes`: threads sharing a model's weights; :class:`AdapterLanes`, a stack in each
 
@@ -44,7 +44,7 @@ from models.stacked_lora.lanes import AdapterLanes, balance, model_replicas, run
 from models.stacked_lora.layers import StackedLoraLinear
 from models.stacked_lora.optimizer import StackedAdamW
 from models.stacked_lora.stack import AdapterStack, adapter_spans, stacked_adapters
-from models.stacked_lora.training import TrainJob, length_groups, token_budget_parts, train_slots, train_stacked
+from models.stacked_lora.scheduler import TrainJob, length_groups, token_budget_parts, train_slots, train_stacked
 
 __all__ = [
     "AdapterLanes",

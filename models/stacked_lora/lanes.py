@@ -33,10 +33,11 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from models.config import EvalConfig, InnerLoopConfig, LoraConfig
-from models.inner_loop import EvalResult, NonFiniteLossError, TrainResult
+from models.errors import NonFiniteLossError
+from models.inner_loop import EvalResult, TrainResult
 from models.stacked_lora.evaluation import adapter_chunks, evaluate_stacked
 from models.stacked_lora.stack import AdapterStack
-from models.stacked_lora.training import TrainJob, train_slots
+from models.stacked_lora.scheduler import TrainJob, train_slots
 
 T = TypeVar("T")
 

@@ -17,7 +17,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from models.config import InnerLoopConfig
-from models.inner_loop import NonFiniteLossError, TrainResult, tokenize_documents
+from models.errors import NonFiniteLossError
+from models.inner_loop import TrainResult, tokenize_documents
 from models.lm_loss import token_losses
 from models.packing import pack_sequences, packed_attention
 from models.stacked_lora.optimizer import StackedAdamW
