@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from flows.inner_loop import InnerLoop, InnerLoopGroup, SeedMean
 from flows.runner import on_runner
 from models.config import SealConfig
 from models.edit_metrics import describe_self_edit
@@ -97,9 +98,7 @@ class KnowledgeDomain:
     def inner_loops(self, policy, config, items, tag=""):
         """Groups of ``inner_loop.group_size`` inner loops, each trained and evaluated together
         through stacked adapters (two tasks per group). With ``inner_loop.seeds`` > 1 each item
-        trains once per seed and its result pools theirs (:class:`flows.training.SeedMean`)."""
-        from flows.training import InnerLoopGroup, SeedMean
-
+        trains once per seed and its result pools theirs (:class:`flows.inner_loop.SeedMean`)."""
         def submitter(inner):
             def submit(group, label, refresh):
                 train, evaluate = knowledge.train_adapters, knowledge.evaluate_adapters
@@ -179,9 +178,14 @@ class FewshotDomain:
 
     def inner_loops(self, policy, config, items, tag=""):
         """One inner loop per self-edit: each config trains on its own augmented task."""
-        from flows.training import InnerLoop
+        def submitter(arc, edit, label):
+            def submit(refresh):
+                adapter = self.train_adapter(policy, config, arc, edit, label, refresh=refresh)
+                return adapter, self.evaluate_adapter(policy, config, arc, adapter, label, refresh=refresh)
+            return submit
 
-        return [InnerLoop(policy, config, c, edit, f"{tag}-{label}" if tag else label) for c, edit, label in items]
+        return [InnerLoop(submitter(arc, edit, f"{tag}-{label}" if tag else label), arc.num_targets)
+                for arc, edit, label in items]
 
     def select_self_edits(self, config, context_id, baseline, scores, edits):
         return fewshot.select_self_edits(context_id, baseline, scores)

@@ -1,6 +1,6 @@
 """Held-out evaluation of the few-shot domain: the paper's Table 1 as a Prefect flow.
 
-Per held-out ARC task, with the same inner loops as training (``flows.training.InnerLoop``):
+Per held-out ARC task, with the same inner loops as training (``FEWSHOT.inner_loops``):
 
 - ``in_context``: the base model answers with the demonstrations in its prompt, no adaptation;
 - ``ttt_self_edits``: test-time training with each of K configs the base model wrote (before RL);
@@ -24,7 +24,7 @@ from prefect import flow
 from flows.domains import FEWSHOT
 from flows.progress import Progress
 from flows.runner import SERIAL, placement
-from flows.training import HeldOutResult, InnerLoop
+from flows.training import HeldOutResult
 from models.config import SealConfig
 from tasks.records import EvalRecord, PolicyRef, stable_seed
 
@@ -52,15 +52,16 @@ def _evaluate_fewshot_policy(config: SealConfig, policy: PolicyRef, base: Policy
         seed = stable_seed(config.seed, "held-out", arc.id)
         in_context = FEWSHOT.evaluate_adapter(base, config, arc, None, "baseline")
         base_edits = FEWSHOT.sample_self_edits(base, config, [arc], [seed], k, f"held-out-{base.name}")[0].result()
-        ttt = [InnerLoop(base, config, arc, e, f"base-edit{e.index}") for e in base_edits]
+        ttt = FEWSHOT.inner_loops(base, config, [(arc, e, f"base-edit{e.index}") for e in base_edits])
         if policy.digest == base.digest:  # before any update both rows are the same work
             seal = ttt
         else:
             policy_edits = FEWSHOT.sample_self_edits(
                 policy, config, [arc], [seed], k, f"held-out-{policy.name}")[0].result()
             adapted = policy if config.fewshot.seal_adapts == "policy" else base
-            seal = [InnerLoop(adapted, config, arc, e, f"policy-edit{e.index}") for e in policy_edits]
-        oracle = [InnerLoop(base, config, arc, e, f"oracle{e.index}") for e in FEWSHOT.oracle_self_edits(config, arc)]
+            seal = FEWSHOT.inner_loops(adapted, config, [(arc, e, f"policy-edit{e.index}") for e in policy_edits])
+        oracle = FEWSHOT.inner_loops(base, config, [(arc, e, f"oracle{e.index}")
+                                                    for e in FEWSHOT.oracle_self_edits(config, arc)])
         submitted.append((arc, in_context, ttt, seal, oracle))
     counts: dict[str, list[tuple[float, int]]] = {column: [] for column in TABLE_1}
     per_context = []
