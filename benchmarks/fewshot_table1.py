@@ -48,7 +48,8 @@ def main() -> int:
     import psutil
 
     from flows.domains import FEWSHOT
-    from flows.training import format_held_out, seal_training
+    from flows.held_out import format_held_out
+    from flows.training import seal_training
     from models.config import load_config
 
     overrides = OVERRIDES + args.overrides

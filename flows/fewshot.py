@@ -22,9 +22,9 @@ import time
 from prefect import flow
 
 from flows.domains import FEWSHOT
+from flows.held_out import HeldOutResult
 from flows.progress import Progress
 from flows.runner import SERIAL, placement
-from flows.training import HeldOutResult
 from models.config import SealConfig
 from tasks.records import EvalRecord, PolicyRef, stable_seed
 

@@ -27,9 +27,10 @@ from prefect.runtime import flow_run
 
 from flows.domains import domain_for
 from flows.evaluation import resolve_policy
+from flows.held_out import HeldOutResult, held_out_metrics
 from flows.runner import on_runner, ray_cluster, with_storage
 from flows.tracking import Tracker, default_tracking_uri, flow_run_tracker
-from flows.training import HeldOutResult, IterationResult, held_out_metrics, run_iteration, verified_policy
+from flows.training import IterationResult, run_iteration, verified_policy
 from models.base_model import ModelNotFoundError, seal_home
 from models.config import SealConfig
 from models.stats import Estimate, paired_difference

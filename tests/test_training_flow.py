@@ -6,7 +6,8 @@ from conftest import TINY, squad_file as _squad
 def test_training_flow_tracks_everything_and_reruns_from_cache(prefect_env, monkeypatch):
     from mlflow import MlflowClient
 
-    from flows.training import HELD_OUT_COLUMNS, format_held_out, seal_training
+    from flows.held_out import format_held_out
+    from flows.training import HELD_OUT_COLUMNS, seal_training
     from models import inner_loop, self_edit, stacked_lora
     from models.config import load_config
 
