@@ -32,8 +32,9 @@ Departures from the paper, on purpose:
 The same loop serves the paper's few-shot setting (§4.1, ARC): contexts are ARC tasks, a
 self-edit is a JSON test-time-training config, reward 1 when the adapted model solves the task,
 and every solving config is kept. Whatever differs between the two settings goes through the
-config's ``domain`` (``flows/domains.py``); this module never names a domain's tasks except in
-the knowledge held-out flow below.
+config's ``domain`` (``flows/domains.py``); this module never names a domain's tasks. Each
+domain's held-out flow lives beside it (``flows/knowledge.py``: Table 2, ``flows/fewshot.py``:
+Table 1).
 
 Where the tasks run is the config's ``runner`` (``flows/runner.py``): one at a time in this
 process, or spread over Ray workers (a local instance or a cluster), with the same results.
@@ -59,11 +60,8 @@ from flows.runner import SERIAL, on_runner, placement, ray_cluster, with_storage
 from flows.tracking import Tracker, default_tracking_uri, flow_run_tracker
 from models.base_model import seal_home, weights_digest
 from models.config import SealConfig
-from tasks.knowledge import fetch_contexts, resolve_base_policy, update_policy
+from tasks.knowledge import resolve_base_policy, update_policy
 from tasks.records import PolicyRef, SelectionRecord, stable_seed
-
-HELD_OUT_COLUMNS = ("no_adaptation", "passage_only", "base_self_edits", "policy_self_edits")
-
 
 @dataclass
 class IterationResult:
@@ -219,86 +217,6 @@ def edit_measures(rows: list[dict], measures: tuple[str, ...]) -> dict[str, floa
             if chosen:
                 metrics[f"self_edit/{prefix}{measure}"] = sum(float(r[measure]) for r in chosen) / len(chosen)
     return metrics
-
-
-@flow(flow_run_name="held-out-{policy.name}", task_runner=SERIAL)
-def evaluate_policy(config: SealConfig, policy: PolicyRef, base: PolicyRef) -> HeldOutResult:
-    """The paper's columns (Table 2) on held-out contexts.
-
-    The first three columns are the base model's: no adaptation, adapted on the passage, adapted
-    on the passage plus a self-edit it wrote itself. Their tasks depend on the base model only, so
-    every evaluation after the first finds them cached. The last column is SEAL's: ``policy``
-    writes the self-edit and ``policy`` is adapted on it (the base model before any update).
-    """
-    with placement(config.runner):
-        return _evaluate_policy(config, policy, base)
-
-
-def _evaluate_policy(config: SealConfig, policy: PolicyRef, base: PolicyRef) -> HeldOutResult:
-    start = time.perf_counter()
-    contexts = fetch_contexts(config.data, "validation", config.data.num_eval_contexts, seed=config.data.seed)
-    progress = Progress(f"held-out-{policy.name}", {"contexts": len(contexts)})
-    domain = domain_for(config)
-    # eval.num_self_edits self-edits per context and column, all contexts sampled in one batched call.
-    m = config.eval.num_self_edits
-    seeds = [stable_seed(config.seed, "held-out", c.id) for c in contexts]
-    base_edits = domain.sample_self_edits(base, config, contexts, seeds, m, f"held-out-{base.name}")
-    same = policy.digest == base.digest  # before any update both columns are the same work
-    policy_edits = base_edits if same else domain.sample_self_edits(
-        policy, config, contexts, seeds, m, f"held-out-{policy.name}")
-    baselines = domain.evaluate_baselines(base, config, contexts, f"held-out-{base.name}")
-    # Per context: the passage alone, then its m base self-edits.
-    base_loops = domain.inner_loops(base, config, [
-        item for c, edits in zip(contexts, base_edits)
-        for item in [(c, None, "passage")] + [(c, e, f"base-edit{e.index}") for e in edits.result()]
-    ], tag="base")
-    per_base = [base_loops[i * (m + 1) : (i + 1) * (m + 1)] for i in range(len(contexts))]
-    if same:
-        per_policy = [loops[1:] for loops in per_base]
-    else:
-        policy_loops = domain.inner_loops(policy, config, [
-            (c, e, f"policy-edit{e.index}") for c, edits in zip(contexts, policy_edits) for e in edits.result()
-        ], tag="policy")
-        per_policy = [policy_loops[i * m : (i + 1) * m] for i in range(len(contexts))]
-    futures = [
-        {"no_adaptation": [baseline], "passage_only": loops[:1], "base_self_edits": loops[1:],
-         "policy_self_edits": policy}
-        for baseline, loops, policy in zip(baselines, per_base, per_policy)
-    ]
-    for i in range(len(contexts)):
-        _advance_finished(futures[: i + 1], progress)
-        for column in futures[i].values():
-            for future in column:
-                _wait(future)
-    counts: dict[str, list[tuple[float, int]]] = {name: [] for name in HELD_OUT_COLUMNS}
-    per_context = []
-    for c, columns in zip(contexts, futures):
-        # A column's score on a context: correct answers, averaged over its self-edits and seeds.
-        scores = {name: [f.result()[1] if hasattr(f, "adapter") else f.result() for f in column]
-                  for name, column in columns.items()}
-        means = {name: sum(s.mean_correct for s in records) / len(records) for name, records in scores.items()}
-        for name, mean in means.items():
-            counts[name].append((mean, len(c.questions)))
-        per_context.append({"context_id": c.id, "questions": len(c.questions), **means})
-    progress.advance("contexts", len(contexts) - progress.done["contexts"])
-    progress.close()
-    return HeldOutResult(policy, counts, time.perf_counter() - start, ("policy_self_edits", "passage_only"),
-                         per_context)
-
-
-def _wait(column) -> None:
-    for future in (column.adapter, column.score) if hasattr(column, "adapter") else (column,):
-        future.wait()
-
-
-def _advance_finished(submitted: list[dict], progress: Progress) -> None:
-    """Count the held-out contexts whose every column has finished since the last call."""
-    def finished(column) -> bool:
-        futures = (column.adapter, column.score) if hasattr(column, "adapter") else (column,)
-        return all(f.state.is_final() for f in futures)
-
-    done = sum(1 for columns in submitted if all(finished(f) for c in columns.values() for f in c))
-    progress.advance("contexts", done - progress.done["contexts"])
 
 
 def _log_held_out(tracker: Tracker, result: HeldOutResult, step: int) -> None:

@@ -7,7 +7,8 @@ def test_training_flow_tracks_everything_and_reruns_from_cache(prefect_env, monk
     from mlflow import MlflowClient
 
     from flows.held_out import format_held_out
-    from flows.training import HELD_OUT_COLUMNS, seal_training
+    from flows.knowledge import HELD_OUT_COLUMNS
+    from flows.training import seal_training
     from models import inner_loop, self_edit, stacked_lora
     from models.config import load_config
 
