@@ -55,7 +55,7 @@ from models.continual import (
 )
 from tasks import knowledge
 from tasks.continual import ContinualStepRecord, checkpoint_root, continual_step
-from tasks.knowledge import resolve_base_policy
+from tasks.policy import resolve_base_policy
 from tasks.records import Context, EvalRecord, PolicyRef, SelfEditRecord, StaleArtifact, stable_seed
 
 

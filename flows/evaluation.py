@@ -18,7 +18,7 @@ from flows.runner import ray_cluster, with_storage
 from flows.training import verified_policy
 from models.base_model import ModelNotFoundError, resolve_model, seal_home
 from models.config import SealConfig
-from tasks.knowledge import resolve_base_policy
+from tasks.policy import resolve_base_policy
 from tasks.records import PolicyRef
 
 

@@ -34,7 +34,7 @@ from flows.training import IterationResult, run_iteration, verified_policy
 from models.base_model import ModelNotFoundError, seal_home
 from models.config import SealConfig
 from models.stats import Estimate, paired_difference
-from tasks.knowledge import resolve_base_policy
+from tasks.policy import resolve_base_policy
 from tasks.records import PolicyRef
 
 SEEN_CONTEXTS = "seal-seen-contexts.json"

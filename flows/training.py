@@ -60,7 +60,7 @@ from flows.runner import SERIAL, on_runner, placement, ray_cluster, with_storage
 from flows.tracking import Tracker, default_tracking_uri, flow_run_tracker
 from models.base_model import seal_home, weights_digest
 from models.config import SealConfig
-from tasks.knowledge import resolve_base_policy, update_policy
+from tasks.policy import resolve_base_policy, update_policy
 from tasks.records import PolicyRef, SelectionRecord, stable_seed
 
 @dataclass

@@ -17,11 +17,11 @@ from models import continual, self_edit
 from models.base_model import load_model, seal_home, weights_digest
 from models.config import EvalConfig, InnerLoopConfig, LoraConfig, ModelConfig
 from tasks.faults import maybe_fail
-from tasks.knowledge import CACHED
 from tasks.records import (
     Context, ContinualStepRecord, EvalRecord, PolicyRef, SelfEditRecord, StaleArtifact,
 )
 from tasks.runtime import clear_models, release_freed_memory, use_model
+from tasks.settings import CACHED
 
 
 def checkpoint_root() -> Path:
