@@ -49,8 +49,9 @@ def main() -> int:
     prefect_environment()
     import psutil
 
-    from flows.domains import FEWSHOT
-    from flows.training import format_held_out, seal_training
+    from flows.fewshot import FEWSHOT
+    from flows.held_out import format_held_out
+    from flows.training import seal_training
     from models.config import load_config
 
     overrides = OVERRIDES + args.overrides

@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     prefect_environment()
 
     from flows.domains import domain_for
-    from flows.training import curves, format_held_out, seal_training
+    from flows.held_out import format_held_out
+    from flows.training import curves, seal_training
     from models.config import load_config
 
     config = load_config(args.config, [*args.overrides, "rl.eval_every=1"])

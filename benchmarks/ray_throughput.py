@@ -78,7 +78,7 @@ def measure(config_path: Path, overrides: list[str], workers: int, models: Path,
     from flows.runner import on_runner, ray_cluster, worker_threads
     from flows.training import run_iteration, verified_policy
     from models.config import load_config
-    from tasks.knowledge import resolve_base_policy
+    from tasks.policy import resolve_base_policy
 
     home = scratch / f"home-{workers}"
     home.mkdir(parents=True)

@@ -122,7 +122,8 @@ def main() -> int:
 
     from datetime import datetime, timezone
 
-    from flows.training import format_held_out, seal_training
+    from flows.held_out import format_held_out
+    from flows.training import seal_training
     from models.config import load_config
     from models.demo import peak_memory_mb
 

@@ -121,7 +121,8 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     prefect_environment()
     from flows.domains import domain_for
-    from flows.training import format_held_out, seal_training
+    from flows.held_out import format_held_out
+    from flows.training import seal_training
 
     result = seal_training(config)
     print()
@@ -143,7 +144,7 @@ def evaluate(args: argparse.Namespace) -> int:
     prefect_environment()
     from flows.domains import domain_for
     from flows.evaluation import seal_evaluation
-    from flows.training import format_held_out
+    from flows.held_out import format_held_out
 
     result = seal_evaluation(config, args.policy)
     print(domain_for(config).held_out_title)

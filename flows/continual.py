@@ -56,7 +56,7 @@ from models.errors import ModelNotFoundError
 from models.paths import seal_home
 from tasks import knowledge
 from tasks.continual import ContinualStepRecord, checkpoint_root, continual_step
-from tasks.knowledge import resolve_base_policy
+from tasks.policy import resolve_base_policy
 from tasks.records import Context, EvalRecord, PolicyRef, SelfEditRecord, StaleArtifact, stable_seed
 
 

@@ -13,13 +13,14 @@ from prefect.runtime import flow_run
 
 from flows.tracking import MlflowTracker, default_tracking_uri, resolve_policy_uri
 from flows.domains import domain_for
+from flows.held_out import HeldOutResult, held_out_metrics
 from flows.runner import ray_cluster, with_storage
-from flows.training import HeldOutResult, held_out_metrics, verified_policy
+from flows.training import verified_policy
 from models.base_model import resolve_model
 from models.config import SealConfig
 from models.errors import ModelNotFoundError
 from models.paths import seal_home
-from tasks.knowledge import resolve_base_policy
+from tasks.policy import resolve_base_policy
 from tasks.records import PolicyRef
 
 

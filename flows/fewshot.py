@@ -1,6 +1,11 @@
-"""Held-out evaluation of the few-shot domain: the paper's Table 1 as a Prefect flow.
+"""The few-shot domain (§4.1, ARC): its tasks behind the ``Domain`` seam, and its held-out
+flow, the paper's Table 1.
 
-Per held-out ARC task, with the same inner loops as training (``flows.training.InnerLoop``):
+A context is an ARC task; a self-edit is a JSON test-time-training config the policy writes;
+an inner loop trains a LoRA on the task's augmented leave-one-out demonstrations as configured
+and predicts the test grids (``tasks/fewshot.py``), one inner loop per config.
+
+Table 1, per held-out ARC task, with the same inner loops as training (``FEWSHOT.inner_loops``):
 
 - ``in_context``: the base model answers with the demonstrations in its prompt, no adaptation;
 - ``ttt_self_edits``: test-time training with each of K configs the base model wrote (before RL);
@@ -21,12 +26,81 @@ import time
 
 from prefect import flow
 
-from flows.domains import FEWSHOT
+from flows.held_out import HeldOutResult
+from flows.inner_loop import InnerLoop
 from flows.progress import Progress
-from flows.runner import SERIAL, placement
-from flows.training import HeldOutResult, InnerLoop
+from flows.runner import SERIAL, on_runner, placement
 from models.config import SealConfig
-from tasks.records import EvalRecord, PolicyRef, stable_seed
+from models.fewshot.self_edit import check_bounds
+from tasks import fewshot
+from tasks.records import ConfigSelfEditRecord, EvalRecord, PolicyRef, stable_seed
+
+
+class FewshotDomain:
+    """Few-shot learning on ARC: the tasks of ``tasks/fewshot.py``."""
+
+    name = "fewshot"
+    held_out_title = ("held-out ARC tasks, the paper's Table 1 (solved/tasks; for the self-edit "
+                      "rows solved/self-edits):")
+    policy_column = "seal"
+    edit_measures = ("attempts",)
+
+    def fetch_contexts(self, config, split, count, seed):
+        return fewshot.fetch_arc_tasks(config.fewshot, split, count, seed=seed)
+
+    def sample_self_edits(self, policy, config, contexts, seeds, num_samples, label):
+        """A task per ARC task: each redraws its own invalid configs."""
+        return [fewshot.sample_self_edits.submit(policy, config.model, arc, config.self_edit, config.fewshot,
+                                                 config.inner_loop.batch_size, seed=seed, num_samples=num_samples)
+                for arc, seed in zip(contexts, seeds, strict=True)]
+
+    def train_adapter(self, policy, config, context, edit, label, refresh=False):
+        train = fewshot.train_adapter.with_options(refresh_cache=True) if refresh else fewshot.train_adapter
+        # The parsed config, not the text, is the input: equal configs share one adapter.
+        return train.submit(policy, config.model, context, edit.config, edit.failure, label, config.lora,
+                            config.inner_loop)
+
+    def evaluate_adapter(self, policy, config, context, adapter, label, refresh=False):
+        evaluate = fewshot.evaluate_adapter.with_options(refresh_cache=True) if refresh else fewshot.evaluate_adapter
+        return evaluate.submit(policy, config.model, context, adapter, label, config.eval, config.fewshot.voting)
+
+    def evaluate_baselines(self, policy, config, contexts, label):
+        return [self.evaluate_adapter(policy, config, arc, None, "baseline") for arc in contexts]
+
+    def inner_loops(self, policy, config, items, tag=""):
+        """One inner loop per self-edit: each config trains on its own augmented task."""
+        def submitter(arc, edit, label):
+            def submit(refresh):
+                adapter = self.train_adapter(policy, config, arc, edit, label, refresh=refresh)
+                return adapter, self.evaluate_adapter(policy, config, arc, adapter, label, refresh=refresh)
+            return submit
+
+        return [InnerLoop(submitter(arc, edit, f"{tag}-{label}" if tag else label), arc.num_targets)
+                for arc, edit, label in items]
+
+    def select_self_edits(self, config, context_id, baseline, scores, edits):
+        return fewshot.select_self_edits(context_id, baseline, scores)
+
+    def describe(self, context, edit):
+        return {"config": edit.config.canonical() if edit.config else None, "attempts": edit.attempts}
+
+    def oracle_self_edits(self, config: SealConfig, arc) -> list[ConfigSelfEditRecord]:
+        """The oracle's grid search as self-edits (over ``fewshot.max_steps`` for this task: rejected)."""
+        records = []
+        for index, oracle in enumerate(config.fewshot.oracle_configs):
+            problems = check_bounds(oracle, config.fewshot, len(arc.train_inputs), config.inner_loop.batch_size)
+            records.append(ConfigSelfEditRecord(
+                index=index, text=oracle.canonical(), prompt="", config=None if problems else oracle,
+                failure=("out of bounds: " + "; ".join(problems)) if problems else None,
+            ))
+        return records
+
+    def evaluate_policy(self, config, policy, base):
+        return on_runner(evaluate_fewshot_policy, config.runner)(config, policy, base)
+
+
+FEWSHOT = FewshotDomain()
+
 
 TABLE_1 = ("in_context", "ttt_self_edits", "seal", "oracle_ttt")
 
@@ -52,15 +126,16 @@ def _evaluate_fewshot_policy(config: SealConfig, policy: PolicyRef, base: Policy
         seed = stable_seed(config.seed, "held-out", arc.id)
         in_context = FEWSHOT.evaluate_adapter(base, config, arc, None, "baseline")
         base_edits = FEWSHOT.sample_self_edits(base, config, [arc], [seed], k, f"held-out-{base.name}")[0].result()
-        ttt = [InnerLoop(base, config, arc, e, f"base-edit{e.index}") for e in base_edits]
+        ttt = FEWSHOT.inner_loops(base, config, [(arc, e, f"base-edit{e.index}") for e in base_edits])
         if policy.digest == base.digest:  # before any update both rows are the same work
             seal = ttt
         else:
             policy_edits = FEWSHOT.sample_self_edits(
                 policy, config, [arc], [seed], k, f"held-out-{policy.name}")[0].result()
             adapted = policy if config.fewshot.seal_adapts == "policy" else base
-            seal = [InnerLoop(adapted, config, arc, e, f"policy-edit{e.index}") for e in policy_edits]
-        oracle = [InnerLoop(base, config, arc, e, f"oracle{e.index}") for e in FEWSHOT.oracle_self_edits(config, arc)]
+            seal = FEWSHOT.inner_loops(adapted, config, [(arc, e, f"policy-edit{e.index}") for e in policy_edits])
+        oracle = FEWSHOT.inner_loops(base, config, [(arc, e, f"oracle{e.index}")
+                                                    for e in FEWSHOT.oracle_self_edits(config, arc)])
         submitted.append((arc, in_context, ttt, seal, oracle))
     counts: dict[str, list[tuple[float, int]]] = {column: [] for column in TABLE_1}
     per_context = []

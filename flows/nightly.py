@@ -27,14 +27,16 @@ from prefect.runtime import flow_run
 
 from flows.domains import domain_for
 from flows.evaluation import resolve_policy
+from flows.held_out import HeldOutResult, held_out_metrics
 from flows.runner import on_runner, ray_cluster, with_storage
 from flows.tracking import Tracker, default_tracking_uri, flow_run_tracker
-from flows.training import HeldOutResult, IterationResult, held_out_metrics, run_iteration, verified_policy
+from flows.training import IterationResult, run_iteration, verified_policy
+
 from models.config import SealConfig
 from models.errors import ModelNotFoundError
 from models.paths import seal_home
 from models.stats import Estimate, paired_difference
-from tasks.knowledge import resolve_base_policy
+from tasks.policy import resolve_base_policy
 from tasks.records import PolicyRef
 
 SEEN_CONTEXTS = "seal-seen-contexts.json"

@@ -32,8 +32,9 @@ Departures from the paper, on purpose:
 The same loop serves the paper's few-shot setting (§4.1, ARC): contexts are ARC tasks, a
 self-edit is a JSON test-time-training config, reward 1 when the adapted model solves the task,
 and every solving config is kept. Whatever differs between the two settings goes through the
-config's ``domain`` (``flows/domains.py``); this module never names a domain's tasks except in
-the knowledge held-out flow below.
+config's ``domain`` (``flows/domains.py``); this module never names a domain's tasks. Each
+domain's held-out flow lives beside it (``flows/knowledge.py``: Table 2, ``flows/fewshot.py``:
+Table 1).
 
 Where the tasks run is the config's ``runner`` (``flows/runner.py``): one at a time in this
 process, or spread over Ray workers (a local instance or a cluster), with the same results.
@@ -43,38 +44,25 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from pathlib import Path
 
-import torch
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
 from flows.domains import domain_for
+from flows.held_out import HeldOutResult, format_held_out, held_out_metrics
+from flows.inner_loop import OUT_OF_MEMORY
 from flows.progress import Progress
 from flows.runner import SERIAL, on_runner, placement, ray_cluster, with_storage
 from flows.tracking import Tracker, default_tracking_uri, flow_run_tracker
 from models.base_model import weights_digest
 from models.config import SealConfig
 from models.paths import seal_home
-from models.stats import Estimate, accuracy_interval, paired_difference
-from tasks.knowledge import fetch_contexts, resolve_base_policy, update_policy
-from tasks.records import (
-    AdapterRecord,
-    Context,
-    EvalRecord,
-    InnerLoopOutOfMemory,
-    PolicyRef,
-    StaleArtifact,
-    SelectionRecord,
-    SelfEditRecord,
-    stable_seed,
-)
-
-HELD_OUT_COLUMNS = ("no_adaptation", "passage_only", "base_self_edits", "policy_self_edits")
-
+from tasks.policy import resolve_base_policy, update_policy
+from tasks.records import PolicyRef, SelectionRecord, stable_seed
 
 @dataclass
 class IterationResult:
@@ -85,176 +73,8 @@ class IterationResult:
     metrics: dict[str, float]
 
 
-@dataclass
-class HeldOutResult:
-    """A held-out table. Everything it prints is derived from ``counts``: per column (in table
-    order), per context, (correct, total), where correct may be a mean over self-edits and seeds."""
-
-    policy: PolicyRef
-    counts: dict[str, list[tuple[float, int]]]
-    seconds: float
-    comparison: tuple[str, str]  # the paired difference reported: (SEAL's column, the one it must beat)
-    per_context: list[dict] = field(default_factory=list)
-
-    @property
-    def correct(self) -> dict[str, float]:
-        return {column: sum(n for n, _ in counts) for column, counts in self.counts.items()}
-
-    @property
-    def total(self) -> int:
-        """The contexts' targets: what the first column (no adaptation, in-context) counts."""
-        return self.total_of(next(iter(self.counts)))
-
-    def total_of(self, column: str) -> int:
-        """The column's denominator (few-shot: the self-edit rows count self-edits, not tasks)."""
-        return sum(t for _, t in self.counts[column])
-
-    def accuracy(self, column: str) -> float:
-        return self.correct[column] / self.total_of(column) if self.total_of(column) else 0.0
-
-    def interval(self, column: str) -> Estimate:
-        """The column's accuracy with a 95 % interval from a bootstrap over contexts."""
-        return accuracy_interval(self.counts[column])
-
-    def difference(self) -> Estimate:
-        """``comparison[0]`` minus ``comparison[1]`` on the same contexts, with its 95 % interval."""
-        return paired_difference(self.counts[self.comparison[0]], self.counts[self.comparison[1]])
-
-
-OUT_OF_MEMORY = "out of memory"
-
-
 class IterationFailed(RuntimeError):
     """Too few inner loops of an iteration ran to the end to trust its selection."""
-
-
-class InnerLoop:
-    """The futures of one submitted inner loop: train an adapter, then evaluate it."""
-
-    def __init__(self, policy: PolicyRef, config: SealConfig, context: Context,
-                 edit: SelfEditRecord | None, label: str) -> None:
-        self.questions = context.num_targets
-        self._inputs = (policy, config, context, edit, label)
-        self._submit(refresh=False)
-
-    def _submit(self, refresh: bool) -> None:
-        policy, config, context, edit, label = self._inputs
-        domain = domain_for(config)
-        self.adapter = domain.train_adapter(policy, config, context, edit, label, refresh=refresh)
-        self.score = domain.evaluate_adapter(policy, config, context, self.adapter, label, refresh=refresh)
-
-    def result(self) -> tuple[AdapterRecord, EvalRecord]:
-        """The adapter and its score.
-
-        A cached adapter whose folder is gone or altered is trained again. An inner loop that
-        ran out of memory scores zero, with the reason (its task run stays Failed, so a rerun
-        tries it again).
-        """
-        try:
-            try:
-                return self._resolve()
-            except StaleArtifact as exc:
-                get_run_logger().warning("%s; training that adapter again", exc)
-                self._submit(refresh=True)
-                return self._resolve()
-        except (InnerLoopOutOfMemory, torch.OutOfMemoryError, MemoryError) as exc:
-            failure = f"{OUT_OF_MEMORY}: {str(exc)[:200]}"
-            return AdapterRecord(path=None, failure=failure), EvalRecord.failed(self.questions, failure)
-
-    def _resolve(self) -> tuple[AdapterRecord, EvalRecord]:
-        # The adapter first: if training raised, that is the error to report, not the
-        # evaluation left pending behind it.
-        return self.adapter.result(), self.score.result()
-
-
-class InnerLoopGroup:
-    """Inner loops trained together and evaluated together: one train task and one evaluate
-    task for the group (the knowledge domain's stacked adapters), a result per member.
-
-    ``members`` behave like :class:`InnerLoop` (``adapter``/``score`` futures, ``result()``), so
-    the flows treat grouped and single inner loops alike.
-    """
-
-    def __init__(self, submit, items: list[tuple[Context, SelfEditRecord | None, str]], label: str) -> None:
-        self._submit_group, self.items, self.label = submit, items, label
-        self._results: list[tuple[AdapterRecord, EvalRecord]] | None = None
-        self._submit(refresh=False)
-        self.members = [_GroupMember(self, i) for i in range(len(items))]
-
-    def _submit(self, refresh: bool) -> None:
-        self.adapter, self.score = self._submit_group(self.items, self.label, refresh)
-
-    def results(self) -> list[tuple[AdapterRecord, EvalRecord]]:
-        """Each member's adapter and score; as :meth:`InnerLoop.result`, a stale cached adapter
-        is trained again and running out of memory scores every member zero, with the reason."""
-        if self._results is None:
-            try:
-                try:
-                    self._results = list(zip(self.adapter.result(), self.score.result()))
-                except StaleArtifact as exc:
-                    get_run_logger().warning("%s; training group %s again", exc, self.label)
-                    self._submit(refresh=True)
-                    self._results = list(zip(self.adapter.result(), self.score.result()))
-            except (InnerLoopOutOfMemory, torch.OutOfMemoryError, MemoryError) as exc:
-                failure = f"{OUT_OF_MEMORY}: {str(exc)[:200]}"
-                self._results = [(AdapterRecord(path=None, failure=failure),
-                                  EvalRecord.failed(context.num_targets, failure)) for context, _, _ in self.items]
-        return self._results
-
-
-class _GroupMember:
-    def __init__(self, group: InnerLoopGroup, index: int) -> None:
-        self.group, self.index = group, index
-
-    @property
-    def adapter(self):
-        return self.group.adapter
-
-    @property
-    def score(self):
-        return self.group.score
-
-    def result(self) -> tuple[AdapterRecord, EvalRecord]:
-        return self.group.results()[self.index]
-
-
-class SeedMean:
-    """The inner loops of one self-edit under several training seeds (``inner_loop.seeds``),
-    seen by the flows as one inner loop: ``adapter``/``score`` wait for all of them, and
-    ``result()`` pools their scores (accuracy is the mean over seeds)."""
-
-    def __init__(self, members: list) -> None:
-        self.members = members
-
-    @property
-    def adapter(self) -> AllOf:
-        return AllOf([m.adapter for m in self.members])
-
-    @property
-    def score(self) -> AllOf:
-        return AllOf([m.score for m in self.members])
-
-    def result(self) -> tuple[AdapterRecord, EvalRecord]:
-        """The first seed's adapter (with every seed's training time) and the pooled score."""
-        results = [m.result() for m in self.members]
-        adapter = results[0][0].model_copy(update={"seconds": sum(a.seconds for a, _ in results)})
-        return adapter, EvalRecord.pooled([score for _, score in results])
-
-
-class AllOf:
-    """Futures waited on as one: final when all are."""
-
-    def __init__(self, futures: list) -> None:
-        self.futures = futures
-
-    def wait(self, timeout: float | None = None) -> None:
-        for future in self.futures:
-            future.wait(timeout)
-
-    @property
-    def state(self):
-        states = [f.state for f in self.futures]
-        return next((state for state in states if not state.is_final()), states[-1])
 
 
 def verified_policy(make, *args) -> PolicyRef:
@@ -398,125 +218,6 @@ def edit_measures(rows: list[dict], measures: tuple[str, ...]) -> dict[str, floa
             if chosen:
                 metrics[f"self_edit/{prefix}{measure}"] = sum(float(r[measure]) for r in chosen) / len(chosen)
     return metrics
-
-
-@flow(flow_run_name="held-out-{policy.name}", task_runner=SERIAL)
-def evaluate_policy(config: SealConfig, policy: PolicyRef, base: PolicyRef) -> HeldOutResult:
-    """The paper's columns (Table 2) on held-out contexts.
-
-    The first three columns are the base model's: no adaptation, adapted on the passage, adapted
-    on the passage plus a self-edit it wrote itself. Their tasks depend on the base model only, so
-    every evaluation after the first finds them cached. The last column is SEAL's: ``policy``
-    writes the self-edit and ``policy`` is adapted on it (the base model before any update).
-    """
-    with placement(config.runner):
-        return _evaluate_policy(config, policy, base)
-
-
-def _evaluate_policy(config: SealConfig, policy: PolicyRef, base: PolicyRef) -> HeldOutResult:
-    start = time.perf_counter()
-    contexts = fetch_contexts(config.data, "validation", config.data.num_eval_contexts, seed=config.data.seed)
-    progress = Progress(f"held-out-{policy.name}", {"contexts": len(contexts)})
-    domain = domain_for(config)
-    # eval.num_self_edits self-edits per context and column, all contexts sampled in one batched call.
-    m = config.eval.num_self_edits
-    seeds = [stable_seed(config.seed, "held-out", c.id) for c in contexts]
-    base_edits = domain.sample_self_edits(base, config, contexts, seeds, m, f"held-out-{base.name}")
-    same = policy.digest == base.digest  # before any update both columns are the same work
-    policy_edits = base_edits if same else domain.sample_self_edits(
-        policy, config, contexts, seeds, m, f"held-out-{policy.name}")
-    baselines = domain.evaluate_baselines(base, config, contexts, f"held-out-{base.name}")
-    # Per context: the passage alone, then its m base self-edits.
-    base_loops = domain.inner_loops(base, config, [
-        item for c, edits in zip(contexts, base_edits)
-        for item in [(c, None, "passage")] + [(c, e, f"base-edit{e.index}") for e in edits.result()]
-    ], tag="base")
-    per_base = [base_loops[i * (m + 1) : (i + 1) * (m + 1)] for i in range(len(contexts))]
-    if same:
-        per_policy = [loops[1:] for loops in per_base]
-    else:
-        policy_loops = domain.inner_loops(policy, config, [
-            (c, e, f"policy-edit{e.index}") for c, edits in zip(contexts, policy_edits) for e in edits.result()
-        ], tag="policy")
-        per_policy = [policy_loops[i * m : (i + 1) * m] for i in range(len(contexts))]
-    futures = [
-        {"no_adaptation": [baseline], "passage_only": loops[:1], "base_self_edits": loops[1:],
-         "policy_self_edits": policy}
-        for baseline, loops, policy in zip(baselines, per_base, per_policy)
-    ]
-    for i in range(len(contexts)):
-        _advance_finished(futures[: i + 1], progress)
-        for column in futures[i].values():
-            for future in column:
-                _wait(future)
-    counts: dict[str, list[tuple[float, int]]] = {name: [] for name in HELD_OUT_COLUMNS}
-    per_context = []
-    for c, columns in zip(contexts, futures):
-        # A column's score on a context: correct answers, averaged over its self-edits and seeds.
-        scores = {name: [f.result()[1] if hasattr(f, "adapter") else f.result() for f in column]
-                  for name, column in columns.items()}
-        means = {name: sum(s.mean_correct for s in records) / len(records) for name, records in scores.items()}
-        for name, mean in means.items():
-            counts[name].append((mean, len(c.questions)))
-        per_context.append({"context_id": c.id, "questions": len(c.questions), **means})
-    progress.advance("contexts", len(contexts) - progress.done["contexts"])
-    progress.close()
-    return HeldOutResult(policy, counts, time.perf_counter() - start, ("policy_self_edits", "passage_only"),
-                         per_context)
-
-
-def _wait(column) -> None:
-    for future in (column.adapter, column.score) if hasattr(column, "adapter") else (column,):
-        future.wait()
-
-
-def _advance_finished(submitted: list[dict], progress: Progress) -> None:
-    """Count the held-out contexts whose every column has finished since the last call."""
-    def finished(column) -> bool:
-        futures = (column.adapter, column.score) if hasattr(column, "adapter") else (column,)
-        return all(f.state.is_final() for f in futures)
-
-    done = sum(1 for columns in submitted if all(finished(f) for c in columns.values() for f in c))
-    progress.advance("contexts", done - progress.done["contexts"])
-
-
-def format_held_out(results: list[tuple[str, HeldOutResult]]) -> str:
-    """The held-out table: one row per evaluation, correct/total per column with its 95 %
-    interval (a bootstrap over contexts), then the paired difference the domain reports."""
-    columns = list(results[0][1].correct)
-    width = 26
-    header = f"{'policy':<16}" + "".join(f"{c.replace('_', ' '):>{width}}" for c in columns)
-    lines = [header, "-" * len(header)]
-    for label, result in results:
-        cells = ""
-        for c in columns:
-            estimate = result.interval(c)
-            cell = (f"{result.correct[c]:g}/{result.total_of(c)} ({result.accuracy(c):.0%})"
-                    f" [{estimate.low:.0%},{estimate.high:.0%}]")
-            cells += f"{cell:>{width}}"
-        lines.append(f"{label:<16}{cells}")
-    lines.append("(95 % intervals: a bootstrap over held-out contexts)")
-    for label, result in results:
-        difference = result.difference()
-        first, second = (c.replace("_", " ") for c in result.comparison)
-        lines.append(f"{label}: {first} - {second} = {100 * difference.value:+.1f} points "
-                     f"[{100 * difference.low:+.1f}, {100 * difference.high:+.1f}]"
-                     + ("" if difference.excludes_zero() else " (interval includes 0)"))
-    return "\n".join(lines)
-
-
-def held_out_metrics(result: HeldOutResult) -> dict[str, float]:
-    """A held-out result as MLflow metrics: per column its accuracy, counts and interval, and the
-    paired difference (``held_out/difference``) with its interval."""
-    metrics = {}
-    for c, correct in result.correct.items():
-        estimate = result.interval(c)
-        metrics |= {f"held_out/{c}": result.accuracy(c), f"held_out/{c}_correct": correct,
-                    f"held_out/{c}_total": result.total_of(c), f"held_out/{c}_low": estimate.low,
-                    f"held_out/{c}_high": estimate.high}
-    difference = result.difference()
-    return metrics | {"held_out/difference": difference.value, "held_out/difference_low": difference.low,
-                      "held_out/difference_high": difference.high}
 
 
 def _log_held_out(tracker: Tracker, result: HeldOutResult, step: int) -> None:

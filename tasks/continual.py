@@ -18,11 +18,11 @@ from models.base_model import load_model, weights_digest
 from models.config import EvalConfig, InnerLoopConfig, LoraConfig, ModelConfig
 from models.paths import seal_home
 from tasks.faults import maybe_fail
-from tasks.knowledge import CACHED
 from tasks.records import (
     Context, ContinualStepRecord, EvalRecord, PolicyRef, SelfEditRecord, StaleArtifact,
 )
 from tasks.runtime import clear_models, release_freed_memory, use_model
+from tasks.settings import CACHED
 
 
 def checkpoint_root() -> Path:

@@ -1,9 +1,9 @@
 """Prefect tasks of the few-shot (ARC) loop, one per ``models/fewshot`` function.
 
-Cached like the knowledge tasks (``tasks.knowledge.CACHED``: inputs and source, never the run
-id). Training is keyed by the parsed config, not the generated text, so self-edits that say the
-same thing in different words train one adapter. The policy update and the base policy are the
-knowledge domain's tasks: they do not depend on the domain.
+Cached as every task is (``tasks/settings.py``: inputs and source, never the run id). Training
+is keyed by the parsed config, not the generated text, so self-edits that say the same thing in
+different words train one adapter. The policy update and the base policy do not depend on the
+domain: they are the tasks of ``tasks/policy.py``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from models.fewshot.grids import as_grid, cell_accuracy, choose_format, encode_g
 from models.fewshot.schema import TTTConfig
 from models.paths import seal_home
 from tasks.faults import maybe_fail
-from tasks.knowledge import CACHED, TRANSIENT_BACKOFF
 from tasks.records import (
     AdapterRecord,
     ArcTask,
@@ -38,6 +37,7 @@ from tasks.records import (
     stable_seed,
 )
 from tasks.runtime import adapter_slot, use_model
+from tasks.settings import CACHED, TRANSIENT_BACKOFF
 
 
 @task(cache_policy=CACHED, persist_result=True, retries=3, retry_delay_seconds=TRANSIENT_BACKOFF,

@@ -1,8 +1,8 @@
 """Prefect tasks of the knowledge-incorporation loop, one per ``models/`` function.
 
-Inputs are config sections, records and seeds; results are persisted and keyed by their
-inputs and the task's source (not the run id), so a new run of the same config reuses every
-finished task and a changed setting recomputes only what depends on it.
+Inputs are config sections, records and seeds; results are cached as every task's are
+(``tasks/settings.py``). The base policy and the policy update are the same in every domain:
+``tasks/policy.py``.
 """
 
 from __future__ import annotations
@@ -12,15 +12,11 @@ from pathlib import Path
 
 import torch
 
-from prefect import get_run_logger, task
-from prefect.cache_policies import INPUTS, TASK_SOURCE
-from prefect.tasks import exponential_backoff
+from prefect import task
 
-from models import inner_loop, policy, rest_em, self_edit
-from models.base_model import load_model, resolve_model, weights_digest
-from models.config import (
-    DataConfig, EvalConfig, InnerLoopConfig, LoraConfig, ModelConfig, PolicyUpdateConfig, RewardConfig, SelfEditConfig,
-)
+from models import inner_loop, rest_em, self_edit
+from models.base_model import weights_digest
+from models.config import DataConfig, EvalConfig, InnerLoopConfig, LoraConfig, ModelConfig, RewardConfig, SelfEditConfig
 from models.knowledge_data import load_contexts, select_contexts
 from models.paths import seal_home
 from tasks.records import (
@@ -36,25 +32,8 @@ from tasks.records import (
     stable_seed,
 )
 from tasks.faults import maybe_fail
-from tasks.locking import FlockLockManager
-from tasks.runtime import adapter_lanes, clear_models, release_freed_memory, use_model
-
-# Keys from content and code, not the run id; "label(s)" only name task runs in the UI.
-# Serializable: when two runs on one SEAL_HOME reach the same key, the second waits for the
-# first's result instead of computing and writing the same files at the same time.
-CACHED = (TASK_SOURCE + (INPUTS - "label" - "labels")).configure(
-    isolation_level="SERIALIZABLE", lock_manager=FlockLockManager()
-)
-# Tasks that only read (files, the model hub) retry with backoff: 2, 4, 8 s. Training and
-# evaluation do not retry: their failures are recorded, or mean a bug or a lack of memory.
-TRANSIENT_BACKOFF = exponential_backoff(backoff_factor=2)
-
-
-@task(cache_policy=CACHED, persist_result=True, retries=3, retry_delay_seconds=TRANSIENT_BACKOFF)
-def resolve_base_policy(model: ModelConfig) -> PolicyRef:
-    """The base model as a policy checkpoint (converted or built on first use)."""
-    resolved = resolve_model(model.name)
-    return PolicyRef(name="base", path=str(resolved.path), digest=resolved.digest)
+from tasks.runtime import adapter_lanes, use_model
+from tasks.settings import CACHED, TRANSIENT_BACKOFF
 
 
 @task(cache_policy=CACHED, persist_result=True, retries=3, retry_delay_seconds=TRANSIENT_BACKOFF,
@@ -214,30 +193,3 @@ def select_self_edits(context_id: str, baseline: EvalRecord, scores: list[EvalRe
         failures=[c.failure for c in candidates], kept=selection.kept, outcome=selection.outcome,
         tie=selection.tie,
     )
-
-
-@task(cache_policy=CACHED, persist_result=True, tags=["gpu"], task_run_name="update-policy-{name}")
-def update_policy(
-    policy_ref: PolicyRef, model: ModelConfig, pairs: list[tuple[str, str]], name: str,
-    config: PolicyUpdateConfig, target_modules: list[str],
-) -> PolicyRef:
-    """The M-step: SFT of the policy on kept (prompt, self-edit) pairs, merged, saved."""
-    maybe_fail("update_policy", name)
-    start = time.perf_counter()
-    # The models cached for the E-step are not needed during the update (and reload in ~0.1 s):
-    # free them first. Then a private copy, since the update merges LoRA into its weights.
-    clear_models()
-    loaded = load_model(policy_ref.path, device=model.device, dtype=model.dtype)
-    key = stable_seed(policy_ref.digest, pairs, config, target_modules)
-    folder = seal_home() / "policies" / f"{name}-{key:08x}"
-    result = policy.update_policy(
-        loaded.model, loaded.tokenizer, pairs, config, target_modules, folder,
-        source=f"{policy_ref.name}+{name}",
-    )
-    del loaded
-    release_freed_memory()
-    get_run_logger().info(
-        "policy %s: %d pairs, %d steps, loss %.3f, %.1fs",
-        name, result.pairs, result.steps, result.mean_loss, time.perf_counter() - start,
-    )
-    return PolicyRef(name=name, path=str(result.path), digest=result.digest)

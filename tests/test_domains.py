@@ -2,7 +2,9 @@
 
 import pytest
 
-from flows.domains import FEWSHOT, KNOWLEDGE, Domain, domain_for
+from flows.domains import Domain, domain_for
+from flows.fewshot import FEWSHOT
+from flows.knowledge import KNOWLEDGE
 from models.config import load_config
 from tasks.records import ConfigSelfEditRecord, SelfEditRecord, SelectionRecord, SolvedSelectionRecord
 

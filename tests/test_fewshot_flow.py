@@ -42,7 +42,8 @@ def test_fewshot_flow_rewards_solving_configs_updates_the_policy_and_reruns_from
 
     import tasks.fewshot
     from flows.cli import main
-    from flows.training import format_held_out, seal_training
+    from flows.held_out import format_held_out
+    from flows.training import seal_training
     from models.config import load_config
     from models.fewshot import self_edit, ttt
 

@@ -15,8 +15,8 @@ from conftest import TINY, squad_file as _squad
     ([(1, 2), (1, 2)], [(1, 2), (1, 2)], 0.0),
 ])
 def test_held_out_change_is_after_minus_before_on_the_same_contexts(before, after, expected):
+    from flows.held_out import HeldOutResult
     from flows.nightly import held_out_change
-    from flows.training import HeldOutResult
     from tasks.records import PolicyRef
 
     ref = PolicyRef(name="p", path="/p", digest="d")

@@ -8,6 +8,7 @@ import torch
 from models import inner_loop
 from models.config import EvalConfig, InnerLoopConfig, LoraConfig, ModelConfig, RewardConfig
 from tasks import knowledge
+from tasks.policy import resolve_base_policy
 from tasks.records import Context, SelfEditRecord
 
 MODEL = ModelConfig(name="tiny-random", device="cpu")
@@ -20,7 +21,7 @@ LORA, TRAIN, EVAL = LoraConfig(rank=4, alpha=8), InnerLoopConfig(epochs=1, max_l
 
 @pytest.fixture
 def base(seal_home):
-    return knowledge.resolve_base_policy.fn(MODEL)
+    return resolve_base_policy.fn(MODEL)
 
 
 def _train(base, edits, labels=None, lora=LORA, config=TRAIN):

@@ -6,7 +6,9 @@ from conftest import TINY, squad_file as _squad
 def test_training_flow_tracks_everything_and_reruns_from_cache(prefect_env, monkeypatch):
     from mlflow import MlflowClient
 
-    from flows.training import HELD_OUT_COLUMNS, format_held_out, seal_training
+    from flows.held_out import format_held_out
+    from flows.knowledge import HELD_OUT_COLUMNS
+    from flows.training import seal_training
     from models import inner_loop, self_edit
     from models.config import load_config
     from models.stacked_lora import lanes

@@ -1,0 +1,63 @@
+"""The flows/ modules import each other in one direction: no loop, not even one hidden inside a function.
+
+A loop between flows modules worked only while the import that closed it sat inside a function
+(``flows/domains.py`` importing ``flows/training.py`` at call time); these tests fail if one
+comes back.
+"""
+
+import ast
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).parents[1]
+MODULES = sorted(f"flows.{path.stem}" for path in (ROOT / "flows").glob("*.py") if path.stem != "__init__")
+
+
+def flows_imports(module: str) -> set[str]:
+    """The flows modules ``module`` imports, at the top or inside a function."""
+    tree = ast.parse((ROOT / (module.replace(".", "/") + ".py")).read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+        elif isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+    return {name for name in names if name in MODULES and name != module}
+
+
+def test_the_flows_import_graph_has_no_loop():
+    graph = {module: flows_imports(module) for module in MODULES}
+    visiting, done = [], set()
+
+    def visit(module: str) -> None:
+        if module in visiting:
+            loop = visiting[visiting.index(module):] + [module]
+            raise AssertionError(f"import loop between flows modules: {' -> '.join(loop)}")
+        if module in done:
+            return
+        visiting.append(module)
+        for imported in sorted(graph[module]):
+            visit(imported)
+        visiting.pop()
+        done.add(module)
+
+    for module in MODULES:
+        visit(module)
+
+
+def test_every_flows_module_imports_first_in_a_fresh_interpreter():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+
+    def import_alone(module: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", f"import {module}"], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        results = dict(zip(MODULES, pool.map(import_alone, MODULES)))
+    failed = {module: (r.stderr.strip().splitlines() or ["no output"])[-1]
+              for module, r in results.items() if r.returncode != 0}
+    assert not failed, f"modules that fail to import on their own: {failed}"
+    assert {"flows.domains", "flows.inner_loop", "flows.knowledge", "flows.training"} <= set(MODULES)
