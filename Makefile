@@ -14,7 +14,7 @@ export HF_DATASETS_OFFLINE=1
 # glibc: few malloc arenas, so memory freed by one thread serves the next (tasks/runtime.py)
 export MALLOC_ARENA_MAX=2
 
-.PHONY: install run serve test test-slow test-stack bench clean-venv
+.PHONY: install run serve test test-fast test-slow test-stack bench clean-venv
 
 install: $(STAMP)
 
@@ -36,11 +36,14 @@ serve: install  ## Prefect UI :4200 and MLflow UI :5000 with the flows as deploy
 test: install
 	$(BIN)/python -m pytest -q
 
+test-fast: install  ## the unit tests only: tests/{models,tasks,flows,...} without tests/integration/
+	$(BIN)/python -m pytest -q -m 'not slow and not integration'
+
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow
 
 test-stack: install  ## only the compose stack on real Postgres, Prefect and MLflow (also in make test)
-	$(BIN)/python -m pytest -q -m integration
+	$(BIN)/python -m pytest -q tests/integration/test_stack.py
 
 bench: install
 	$(BIN)/python benchmarks/inner_loop.py

@@ -71,6 +71,12 @@ def squad_file(path: Path) -> Path:
     return path
 
 
+def continual_overrides(path: Path, *extra: str) -> list[str]:
+    """The tiny continual flow on ``squad_file``'s articles, learnable in a few steps."""
+    return [f"data.path={path}", "data.source=squad", "inner_loop.epochs=8", "inner_loop.learning_rate=3e-2",
+            "data.validation_fraction=0.95", "continual.probe_prompts=2", *extra]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -108,3 +114,11 @@ def served(tmp_path):
     for child in served_children:  # never leave a server behind, whatever the test did
         if child.is_running():
             child.kill()
+
+
+def pytest_collection_modifyitems(items):
+    """Everything under tests/integration/ starts servers, clusters or whole-flow subprocesses."""
+    integration = Path(__file__).parent / "integration"
+    for item in items:
+        if integration in item.path.parents:
+            item.add_marker(pytest.mark.integration)

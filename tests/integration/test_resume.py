@@ -11,7 +11,7 @@ import pytest
 
 from conftest import TINY, squad_file as _squad
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 
 
 def _overrides(path: Path, seed: int) -> list[str]:

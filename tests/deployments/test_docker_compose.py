@@ -1,5 +1,5 @@
 """docker-compose.yml is wired: URLs name real services, shared state is shared, ports stay local,
-and it will not start without its secrets. (tests/test_stack.py runs the stack's components.)"""
+and it will not start without its secrets. (tests/integration/test_stack.py runs the stack's components.)"""
 
 import configparser
 import re
@@ -9,7 +9,7 @@ import pytest
 
 from compose import MissingVariable, interpolate, load_compose
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 SECRETS = {"POSTGRES_PASSWORD": "pg-secret", "PREFECT_API_AUTH_STRING": "team:prefect-secret",
            "MLFLOW_AUTH_ADMIN_USERNAME": "boss", "MLFLOW_AUTH_ADMIN_PASSWORD": "mlflow-secret",
            "MLFLOW_FLASK_SERVER_SECRET_KEY": "flask-secret"}

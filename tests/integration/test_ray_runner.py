@@ -163,7 +163,7 @@ def ray_cluster_address():
     from conftest import free_port
 
     gcs, client = free_port(), free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(Path(__file__).parents[1])}
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(Path(__file__).parents[2])}
     before = {p.pid for p in psutil.process_iter()}
     temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's socket paths must stay under 108 bytes
     subprocess.run([str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={gcs}",

@@ -120,7 +120,7 @@ print(anonymous_mb() - before)
 def test_bf16_matmuls_of_many_shapes_keep_onednn_cache_bounded():
     def growth(env: dict[str, str]) -> float:
         out = subprocess.run([sys.executable, "-c", _ONEDNN_PROBE], env=env, check=True,
-                             capture_output=True, text=True, cwd=Path(__file__).parents[1])
+                             capture_output=True, text=True, cwd=Path(__file__).parents[2])
         return float(out.stdout.split()[-1])
 
     environ = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}

@@ -12,7 +12,7 @@ from flows.deployment_config import config_parameter
 from models.config import SealConfig, load_config
 from models.errors import ConfigError
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 SPEC = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
 STEP = "flows.deployment_config.config_parameter"
 

@@ -5,7 +5,7 @@ import pytest
 from models.config import SealConfig, load_config, parse_overrides
 from models.errors import ConfigError
 
-CONFIGS = sorted((Path(__file__).parents[1] / "deployments" / "configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).parents[2] / "deployments" / "configs").glob("*.yaml"))
 
 
 def test_defaults_are_valid():

@@ -1,5 +1,5 @@
 """`seal doctor`: each failure gives its message and fix. The servers' answers come from a small
-HTTP server replaying what Prefect and MLflow answer (status codes and JSON); tests/test_stack.py
+HTTP server replaying what Prefect and MLflow answer (status codes and JSON); tests/integration/test_stack.py
 runs the doctor against the real servers."""
 
 import json

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import datasets
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 FEWSHOT_TINY = ROOT / "deployments" / "configs" / "fewshot-tiny.yaml"
 # What the stand-in policy writes: a valid config the tiny model can learn from, or no config.
 CONFIG_TEXT = json.dumps({

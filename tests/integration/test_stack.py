@@ -45,7 +45,7 @@ from conftest import free_port, squad_file
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 BIN = Path(sys.executable).parent
 SECRETS = {"POSTGRES_PASSWORD": "pg4stack", "PREFECT_API_AUTH_STRING": "team:prefect-4-stack",
            "MLFLOW_AUTH_ADMIN_USERNAME": "boss", "MLFLOW_AUTH_ADMIN_PASSWORD": "Mlflow-4-stack-test",

@@ -12,7 +12,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 MODULES = sorted(f"flows.{path.stem}" for path in (ROOT / "flows").glob("*.py") if path.stem != "__init__")
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from conftest import TINY, squad_file
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 
 
 def test_two_runs_at_once_share_results_without_corrupting_them(prefect_env, tmp_path):

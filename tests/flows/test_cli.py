@@ -2,7 +2,7 @@ from pathlib import Path
 
 from flows.cli import main
 
-TINY = str(Path(__file__).parents[1] / "deployments" / "configs" / "knowledge-tiny.yaml")
+TINY = str(Path(__file__).parents[2] / "deployments" / "configs" / "knowledge-tiny.yaml")
 
 
 def test_inner_loop_demo_prints_the_three_columns_with_counts(seal_home, capsys):

@@ -1,22 +1,12 @@
 """The continual flow at tiny size: the matrix and what it logs, a cached rerun, the comparison
-row, replay, and a SIGKILL at step 5 that the rerun resumes from."""
+row and replay (the SIGKILL at step 5: tests/integration/test_continual_resume.py)."""
 
 import os
-import re
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-from conftest import TINY, squad_file as _squad
+from conftest import TINY, continual_overrides, squad_file as _squad
 
-ROOT = Path(__file__).parents[1]
-
-
-def _overrides(path: Path, *extra: str) -> list[str]:
-    return [f"data.path={path}", "data.source=squad", "inner_loop.epochs=8", "inner_loop.learning_rate=3e-2",
-            "data.validation_fraction=0.95", "continual.probe_prompts=2", *extra]
+ROOT = Path(__file__).parents[2]
 
 
 def _model_folders(root: Path) -> list[Path]:
@@ -31,7 +21,7 @@ def test_continual_flow_logs_the_matrix_and_reruns_from_cache(prefect_env, monke
     from models import continual, inner_loop, self_edit
     from models.config import load_config
 
-    config = load_config(TINY, _overrides(_squad(prefect_env / "squad-continual.json"),
+    config = load_config(TINY, continual_overrides(_squad(prefect_env / "squad-continual.json"),
                                           "continual.sequences=2", "continual.passages=3",
                                           "tracking.experiment=continual"))
     first = seal_continual(config)
@@ -96,53 +86,15 @@ def test_passage_only_row_and_replay(prefect_env, monkeypatch):
     sampled = []
     real = self_edit.sample_self_edits_batch
     monkeypatch.setattr(self_edit, "sample_self_edits_batch", lambda *a, **k: sampled.append(1) or real(*a, **k))
-    passage_only = seal_continual(load_config(TINY, _overrides(
+    passage_only = seal_continual(load_config(TINY, continual_overrides(
         squad, "continual.sequences=1", "continual.passages=2", "continual.training=passage_only",
         "tracking.experiment=continual-variants")))
     (sequence,) = passage_only.sequences
     assert sampled == [] and sequence.edits == [None, None]
     assert all(len(step.documents) == 1 for step in sequence.steps)  # the passage alone
 
-    replay = seal_continual(load_config(TINY, _overrides(
+    replay = seal_continual(load_config(TINY, continual_overrides(
         squad, "continual.sequences=1", "continual.passages=3", "continual.replay=2",
         "tracking.experiment=continual-variants")))
     steps = replay.sequences[0].steps
     assert [s.replayed for s in steps][0] == 0 and all(s.replayed == 2 for s in steps[1:])
-
-
-def test_sigkill_at_step_5_then_rerun_recomputes_only_from_step_5(tmp_path):
-    squad = _squad(tmp_path / "squad.json")
-    home = tmp_path / "home"
-    env = {**os.environ, "SEAL_HOME": str(home), "PREFECT_HOME": str(home / "prefect"),
-           "PREFECT_LOCAL_STORAGE_PATH": str(home / "prefect" / "storage"),
-           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "PREFECT_LOGGING_LEVEL": "INFO"}
-    command = [sys.executable, "-m", "flows.cli", "continual", str(TINY),
-               *_overrides(squad, "continual.sequences=1", "continual.passages=7", "tracking.experiment=kill")]
-    # Its own session, so the kill takes the run's temporary Prefect server with it (tests/test_resume.py).
-    process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
-    checkpoints = home / "continual"
-    deadline = time.monotonic() + 300
-    # Step 5 has merged its checkpoint: steps 0..4 are finished and persisted, step 5 is running.
-    while time.monotonic() < deadline and process.poll() is None:
-        if checkpoints.exists() and any(not p.name.startswith(".") for p in checkpoints.glob("*/seq0-step5/*")):
-            break
-        time.sleep(0.02)
-    assert process.poll() is None, "the run ended before it could be killed"
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-
-    rerun = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    logs = rerun.stdout + rerun.stderr
-    states = dict(re.findall(r"Task run 'continual-step-seq0-step(\d)' - Finished in state (\w+)", logs))
-    assert {k for k, state in states.items() if state == "Cached"} >= {"0", "1", "2", "3", "4"}, states
-    assert all(states[k] == "Cached" for k in "01234"), states
-    assert states["6"] == "Completed", states  # the step after the one killed ran for the first time
-    assert "accuracy on passage j" in rerun.stdout
-
-    from mlflow import MlflowClient
-
-    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    runs = client.search_runs([client.get_experiment_by_name("kill").experiment_id])
-    assert [r.info.status for r in runs] == ["FINISHED"]  # the killed run was continued, not duplicated
