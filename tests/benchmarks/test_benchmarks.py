@@ -319,7 +319,8 @@ def test_continual_benchmark_writes_each_variant_with_its_matrix(prefect_env, tm
         assert len(variant["mean"]) == 3 and variant["mean"][1][1] is None
         assert {"forgetting", "backward_transfer", "newest_accuracy"} <= set(variant["metrics"])
         assert (tmp_path / f"continual-{name}.png").stat().st_size > 0
-        assert variant["peak_tree_memory_mb"] > 0 and variant["rerun_wall_s"] > 0  # timed, not compared: a loaded CPU reorders them
+        # the rerun is timed, not compared: on a loaded CPU a mostly cached first run can be faster
+        assert variant["peak_tree_memory_mb"] > 0 and variant["rerun_wall_s"] > 0
         assert any(task.startswith("continual_step") for task in variant["task_s_by_task"])
     assert report["variants"]["replay"]["continual"]["replay"] == 1
     assert report["machine"]["cpus"] and "== replay" in capsys.readouterr().out
