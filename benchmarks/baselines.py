@@ -92,15 +92,18 @@ def reference_rows(tokenizer: PreTrainedTokenizerBase, documents: Sequence[str],
     for ids in tokenize_documents(tokenizer, documents, max_length):
         padding = REFERENCE_MAX_LENGTH - len(ids)
         input_ids = ids + [tokenizer.pad_token_id] * padding
-        rows.append({"input_ids": input_ids, "attention_mask": [1] * len(ids) + [0] * padding,
-                     "labels": list(input_ids)})
+        rows.append(
+            {"input_ids": input_ids, "attention_mask": [1] * len(ids) + [0] * padding, "labels": list(input_ids)}
+        )
     return rows
 
 
 def strong_rows(tokenizer: PreTrainedTokenizerBase, documents: Sequence[str], max_length: int) -> list[dict]:
     """Unpadded rows; :func:`strong_collator` pads each batch to its longest row."""
-    return [{"input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(ids)}
-            for ids in tokenize_documents(tokenizer, documents, max_length)]
+    return [
+        {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(ids)}
+        for ids in tokenize_documents(tokenizer, documents, max_length)
+    ]
 
 
 def strong_collator(tokenizer: PreTrainedTokenizerBase) -> DataCollatorForSeq2Seq:
@@ -149,8 +152,17 @@ def extrapolate(train_s: float, step_seconds: Sequence[float], steps: int) -> fl
     return train_s - sum(later) + per_step * (steps - 1)
 
 
-def _trainer(model, rows, collator, config: InnerLoopConfig, output_dir: Path, *, max_steps: int,
-             logging_steps: int, timer: StepTimer) -> Trainer:
+def _trainer(
+    model,
+    rows,
+    collator,
+    config: InnerLoopConfig,
+    output_dir: Path,
+    *,
+    max_steps: int,
+    logging_steps: int,
+    timer: StepTimer,
+) -> Trainer:
     args = TrainingArguments(
         output_dir=str(output_dir),
         per_device_train_batch_size=config.batch_size,
@@ -169,8 +181,9 @@ def _trainer(model, rows, collator, config: InnerLoopConfig, output_dir: Path, *
         label_names=["labels"],
         use_cpu=model.device.type == "cpu",
     )
-    trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                      data_collator=collator, callbacks=[timer])
+    trainer = Trainer(
+        model=model, args=args, train_dataset=Dataset.from_list(rows), data_collator=collator, callbacks=[timer]
+    )
     trainer.remove_callback(PrinterCallback)  # the logs are still made, just not printed
     return trainer
 
@@ -181,8 +194,13 @@ def training_steps(documents: int, config: InnerLoopConfig) -> int:
 
 
 @torch.no_grad()
-def answer_questions(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, questions: Sequence[str],
-                     max_new_tokens: int, batch_size: int) -> list[str]:
+def answer_questions(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    questions: Sequence[str],
+    max_new_tokens: int,
+    batch_size: int,
+) -> list[str]:
     """Greedy closed-book answers, ``batch_size`` questions per ``generate`` call (left padded);
     the first line of each, generation stopped at a newline."""
     prompts = [render_prompt(tokenizer, QUESTION_PROMPT.format(question=q)) for q in questions]
@@ -190,12 +208,20 @@ def answer_questions(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     try:
         for first in range(0, len(prompts), batch_size):
-            batch = tokenizer(prompts[first : first + batch_size], return_tensors="pt", padding=True,
-                              add_special_tokens=False).to(model.device)
+            batch = tokenizer(
+                prompts[first : first + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
+            ).to(model.device)
             output = model.generate(
-                **batch, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
-                top_k=None, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                stop_strings=["\n"], tokenizer=tokenizer,
+                **batch,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                stop_strings=["\n"],
+                tokenizer=tokenizer,
             )
             # (rows, prompt + new) -> (rows, new)
             texts = tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
@@ -249,8 +275,16 @@ def run_reference(
         torch.manual_seed(train.seed)
         adapted = peft.get_peft_model(model, lora_config(lora))
         timer = StepTimer(device)
-        trainer = _trainer(adapted, rows, DataCollatorWithPadding(tokenizer), train, workdir,
-                           max_steps=run_steps, logging_steps=1, timer=timer)
+        trainer = _trainer(
+            adapted,
+            rows,
+            DataCollatorWithPadding(tokenizer),
+            train,
+            workdir,
+            max_steps=run_steps,
+            logging_steps=1,
+            timer=timer,
+        )
         train_start = now(device)
         trainer.train()
         train_end = now(device)
@@ -315,34 +349,34 @@ def run_strong(
             adapted = peft.get_peft_model(model, lora_config(lora))
             timer, collator = StepTimer(device), CountingCollator(strong_collator(tokenizer))
             # Loss logged once at the end: a per-step log would sync the device every step.
-            trainer = _trainer(adapted, rows, collator, train, workdir,
-                               max_steps=-1, logging_steps=10**9, timer=timer)
+            trainer = _trainer(adapted, rows, collator, train, workdir, max_steps=-1, logging_steps=10**9, timer=timer)
             train_start = now(device)
             trainer.train()
             train_end = now(device)
             adapted.eval()
-            predictions = answer_questions(adapted, tokenizer, questions, evaluate.max_new_tokens,
-                                           evaluate.batch_size)
+            predictions = answer_questions(adapted, tokenizer, questions, evaluate.max_new_tokens, evaluate.batch_size)
             eval_end = now(device)
             adapted.unload()
             _restore_requires_grad(model, requires_grad)
             model.eval()
             end = now(device)
             steps = training_steps(len(docs), train)
-            timings.append(SelfEditTiming(
-                baseline_s=baseline_s / len(documents),
-                train_s=train_end - train_start,
-                eval_s=eval_end - train_end,
-                other_s=(end - begin) - (eval_end - train_start),
-                steps=steps,
-                steps_timed=len(timer.seconds),
-                tokens=collator.tokens,
-                padded_tokens=collator.padded_tokens,
-                train_timed_s=train_end - train_start,
-                baseline_correct=_num_correct(baseline, answers),
-                correct=_num_correct(predictions, answers),
-                predictions=predictions,
-            ))
+            timings.append(
+                SelfEditTiming(
+                    baseline_s=baseline_s / len(documents),
+                    train_s=train_end - train_start,
+                    eval_s=eval_end - train_end,
+                    other_s=(end - begin) - (eval_end - train_start),
+                    steps=steps,
+                    steps_timed=len(timer.seconds),
+                    tokens=collator.tokens,
+                    padded_tokens=collator.padded_tokens,
+                    train_timed_s=train_end - train_start,
+                    baseline_correct=_num_correct(baseline, answers),
+                    correct=_num_correct(predictions, answers),
+                    predictions=predictions,
+                )
+            )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
         _restore_requires_grad(model, requires_grad)

@@ -56,8 +56,12 @@ def variant_overrides(variant: str, args: argparse.Namespace) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(DEFAULT_CONFIG))
-    parser.add_argument("--variants", type=lambda text: text.split(","), default=["self_edit"],
-                        help="comma-separated: self_edit (default), passage_only, replay, policy")
+    parser.add_argument(
+        "--variants",
+        type=lambda text: text.split(","),
+        default=["self_edit"],
+        help="comma-separated: self_edit (default), passage_only, replay, policy",
+    )
     parser.add_argument("--replay", type=int, default=4, help="documents replayed per step (variant replay)")
     parser.add_argument("--policy", help="the trained writer of variant policy")
     parser.add_argument("--json", help="write the report here (and a figure per variant beside it)")
@@ -81,11 +85,20 @@ def main(argv: list[str] | None = None) -> int:
     configs = {v: load_config(args.config, [*args.overrides, *variant_overrides(v, args)]) for v in args.variants}
     first = next(iter(configs.values()))
     device, dtype = select_device(first.model.device, first.model.dtype)
-    report = {"config": args.config, "overrides": args.overrides, "machine": {
-        "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(device),
-        "dtype": str(dtype).removeprefix("torch."), "processor": platform.processor() or platform.machine(),
-        "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None}, "target_s": TARGET_S,
-        "variants": {}}
+    report = {
+        "config": args.config,
+        "overrides": args.overrides,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "device": str(device),
+            "dtype": str(dtype).removeprefix("torch."),
+            "processor": platform.processor() or platform.machine(),
+            "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
+        },
+        "target_s": TARGET_S,
+        "variants": {},
+    }
     for variant, config in configs.items():
         since, start = datetime.now(timezone.utc), time.perf_counter()
         with TreeMemory() as memory:
@@ -100,20 +113,30 @@ def main(argv: list[str] | None = None) -> int:
         steps = [step for r in result.sequences for step in r.steps]
         sequences, passages = config.continual.sequences, config.continual.passages
         report["variants"][variant] = {
-            "continual": config.continual.model_dump(mode="json"), "wall_s": wall,
-            "seconds_per_step": wall / len(steps), "train_seconds_per_step": sum(s.seconds for s in steps) / len(steps),
+            "continual": config.continual.model_dump(mode="json"),
+            "wall_s": wall,
+            "seconds_per_step": wall / len(steps),
+            "train_seconds_per_step": sum(s.seconds for s in steps) / len(steps),
             "train_steps_per_step": sum(s.steps for s in steps) / len(steps),
             # The target is the paper's size (8 x 8); other sizes are scaled to it.
             "projected_8x8_s": wall * 64 / (sequences * passages),
             "meets_target": wall * 64 / (sequences * passages) <= TARGET_S,
-            "task_s": busy, "task_states": states, "task_s_by_task": by_task, "peak_tree_memory_mb": memory.peak_mb,
-            "rerun_wall_s": rerun, "run_id": result.run_id, **result.summary.as_json(),
+            "task_s": busy,
+            "task_states": states,
+            "task_s_by_task": by_task,
+            "peak_tree_memory_mb": memory.peak_mb,
+            "rerun_wall_s": rerun,
+            "run_id": result.run_id,
+            **result.summary.as_json(),
             "kl": [[step.kl for step in r.steps] for r in result.sequences],
         }
-        print(f"== {variant}: {wall / 60:.1f} min for {sequences} x {passages} ({wall / len(steps):.1f} s a step; "
-              + ", ".join(f"{name} {seconds:.0f}s" for name, seconds in by_task.items())
-              + f"; peak {memory.peak_mb:.0f} MB)" + (f"; cached rerun {rerun:.1f}s" if rerun is not None else "")
-              + f"; MLflow run {result.run_id}")
+        print(
+            f"== {variant}: {wall / 60:.1f} min for {sequences} x {passages} ({wall / len(steps):.1f} s a step; "
+            + ", ".join(f"{name} {seconds:.0f}s" for name, seconds in by_task.items())
+            + f"; peak {memory.peak_mb:.0f} MB)"
+            + (f"; cached rerun {rerun:.1f}s" if rerun is not None else "")
+            + f"; MLflow run {result.run_id}"
+        )
         print(format_summary(result.summary, sequences))
         if args.json:
             path = Path(args.json)

@@ -33,8 +33,11 @@ CONFIG = ROOT / "deployments" / "configs" / "fewshot-smollm2.yaml"
 OVERRIDES = [
     "fewshot.train_task_ids=[6150a2bd, 5582e5ca, 8be77c9e, 67e8384a]",
     "fewshot.eval_task_ids=[66e6c45b, e633a9e5, 68b67ca3, 2072aba6]",
-    "data.num_train_contexts=4", "data.num_eval_contexts=4", "self_edit.num_samples=5",
-    "rl.iterations=1", "tracking.experiment=fewshot-table1",
+    "data.num_train_contexts=4",
+    "data.num_eval_contexts=4",
+    "self_edit.num_samples=5",
+    "rl.iterations=1",
+    "tracking.experiment=fewshot-table1",
 ]
 
 
@@ -64,8 +67,10 @@ def main() -> int:
     cpu_seconds = (cpu_end.user - cpu_start.user) + (cpu_end.system - cpu_start.system)
 
     final = result.held_out[-1][1]
-    table = {column: {"solved": final.correct[column], "of": final.total_of(column),
-                      "rate": final.accuracy(column)} for column in final.correct}
+    table = {
+        column: {"solved": final.correct[column], "of": final.total_of(column), "rate": final.accuracy(column)}
+        for column in final.correct
+    }
     inner_loops = {}  # adapter folder -> seconds (an adapter counts once)
     for iteration in result.iterations:
         for row in iteration.rows:
@@ -77,28 +82,44 @@ def main() -> int:
     iteration = result.iterations[0]
     report = {
         "command": "SEAL_HOME=<fresh folder> python benchmarks/fewshot_table1.py "
-                   + " ".join(args.overrides) + " --json benchmarks/results/fewshot-smollm2-cpu.json",
-        "config": str(CONFIG.relative_to(ROOT)), "overrides": overrides,
-        "machine": f"{psutil.cpu_count()} CPU cores, no GPU", "model": config.model.name,
+        + " ".join(args.overrides)
+        + " --json benchmarks/results/fewshot-smollm2-cpu.json",
+        "config": str(CONFIG.relative_to(ROOT)),
+        "overrides": overrides,
+        "machine": f"{psutil.cpu_count()} CPU cores, no GPU",
+        "model": config.model.name,
         "dtype": config.model.dtype,
         "table_1": table,
-        "table_1_base_policy": {c: {"solved": result.held_out[0][1].correct[c], "of": result.held_out[0][1].total_of(c)}
-                                for c in result.held_out[0][1].correct},
+        "table_1_base_policy": {
+            c: {"solved": result.held_out[0][1].correct[c], "of": result.held_out[0][1].total_of(c)}
+            for c in result.held_out[0][1].correct
+        },
         "per_task": final.per_context,
         "rl_iteration": {k: iteration.metrics[k] for k in ("reward_mean", "kept_count", "failed_self_edits")}
-        | {"valid_configs": sum(1 for r in iteration.rows if r["config"]), "self_edits": len(iteration.rows),
-           "policy_updated": result.policy.name != "base"},
+        | {
+            "valid_configs": sum(1 for r in iteration.rows if r["config"]),
+            "self_edits": len(iteration.rows),
+            "policy_updated": result.policy.name != "base",
+        },
         "inner_loops": len(inner_loops),
         "median_seconds_per_self_edit": statistics.median(inner_loops.values()) if inner_loops else None,
-        "wall_seconds": wall, "process_cpu_seconds": cpu_seconds,
-        "iteration_rows": [{k: r[k] for k in ("context_id", "self_edit", "reward", "config", "failure",
-                                               "train_seconds", "eval_seconds")} for r in iteration.rows],
+        "wall_seconds": wall,
+        "process_cpu_seconds": cpu_seconds,
+        "iteration_rows": [
+            {
+                k: r[k]
+                for k in ("context_id", "self_edit", "reward", "config", "failure", "train_seconds", "eval_seconds")
+            }
+            for r in iteration.rows
+        ],
         "mlflow_run_id": result.run_id,
     }
     print(FEWSHOT.held_out_title)
     print(format_held_out(result.held_out))
-    print(f"median {report['median_seconds_per_self_edit'] or 0:.1f} s per self-edit over {len(inner_loops)} inner "
-          f"loops; {wall:.0f} s wall, {cpu_seconds:.0f} s CPU (this process)")
+    print(
+        f"median {report['median_seconds_per_self_edit'] or 0:.1f} s per self-edit over {len(inner_loops)} inner "
+        f"loops; {wall:.0f} s wall, {cpu_seconds:.0f} s CPU (this process)"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2, default=str) + "\n")
     return 0

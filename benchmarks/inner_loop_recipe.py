@@ -54,8 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     loaded = load_model(config.model.name, device=config.model.device, dtype=config.model.dtype)
     contexts = list(select_contexts(load_contexts(config.data, "train"), args.contexts, seed=config.data.seed + 1))
     questions = [c["questions"] for c in contexts]
-    lanes = AdapterLanes.attach(loaded.model, loaded.tokenizer, config.lora, config.inner_loop.group_slots,
-                                config.inner_loop.lanes)
+    lanes = AdapterLanes.attach(
+        loaded.model, loaded.tokenizer, config.lora, config.inner_loop.group_slots, config.inner_loop.lanes
+    )
     folders = Path(tempfile.mkdtemp(prefix="inner-loop-recipe-"))
 
     def score(name: str, edits: list, self_edit_epochs: int | None) -> dict:
@@ -66,19 +67,37 @@ def main(argv: list[str] | None = None) -> int:
         results = lanes.train([docs for docs, _ in plans], plans[0][1], [inner.seed] * len(plans), folders=paths)
         train_s = time.perf_counter() - start
         scores = lanes.evaluate_saved(paths, questions, [c["answers"] for c in contexts], config.eval)
-        return {"counts": [(s.num_correct, s.total) for s in scores], "train_s": train_s,
-                "steps": sum(r.steps for r in results)}
+        return {
+            "counts": [(s.num_correct, s.total) for s in scores],
+            "train_s": train_s,
+            "steps": sum(r.steps for r in results),
+        }
 
-    report = {"config": args.config, "overrides": args.overrides, "contexts": [c["id"] for c in contexts],
-              "conditions": {}, "self_edits": {}}
+    report = {
+        "config": args.config,
+        "overrides": args.overrides,
+        "contexts": [c["id"] for c in contexts],
+        "conditions": {},
+        "self_edits": {},
+    }
     conditions = {"passage_only": score("passage", [None] * len(contexts), None)}
     for prompt in args.prompts.split(","):
         edit_config = config.self_edit
-        edits = [samples[0] for samples in sample_self_edits_batch(
-            loaded.model, loaded.tokenizer, [(c["title"], c["context"]) for c in contexts],
-            [config.seed + i for i in range(len(contexts))], kind=prompt, num_samples=1,
-            temperature=edit_config.temperature, top_p=edit_config.top_p,
-            max_new_tokens=edit_config.max_new_tokens, max_documents=edit_config.max_documents)]
+        edits = [
+            samples[0]
+            for samples in sample_self_edits_batch(
+                loaded.model,
+                loaded.tokenizer,
+                [(c["title"], c["context"]) for c in contexts],
+                [config.seed + i for i in range(len(contexts))],
+                kind=prompt,
+                num_samples=1,
+                temperature=edit_config.temperature,
+                top_p=edit_config.top_p,
+                max_new_tokens=edit_config.max_new_tokens,
+                max_documents=edit_config.max_documents,
+            )
+        ]
         report["self_edits"][prompt] = [e.text for e in edits]
         for recipe in args.recipes.split(","):
             conditions[f"{prompt}/{recipe}"] = score(f"{prompt}-{recipe}", edits, RECIPES[recipe])
@@ -87,13 +106,21 @@ def main(argv: list[str] | None = None) -> int:
     for name, condition in conditions.items():
         estimate = accuracy_interval(condition["counts"])
         difference = paired_difference(condition["counts"], passage)
-        condition |= {"correct": sum(n for n, _ in condition["counts"]), "total": sum(t for _, t in condition["counts"]),
-                      "accuracy": estimate.value, "low": estimate.low, "high": estimate.high,
-                      "minus_passage": difference.value, "minus_passage_low": difference.low,
-                      "minus_passage_high": difference.high}
-        print(f"{name:<32}{condition['correct']:>6}/{condition['total']:<3}{str(estimate):>26}"
-              f"{f'{100 * difference.value:+.1f} [{100 * difference.low:+.1f}, {100 * difference.high:+.1f}]':>32}",
-              flush=True)
+        condition |= {
+            "correct": sum(n for n, _ in condition["counts"]),
+            "total": sum(t for _, t in condition["counts"]),
+            "accuracy": estimate.value,
+            "low": estimate.low,
+            "high": estimate.high,
+            "minus_passage": difference.value,
+            "minus_passage_low": difference.low,
+            "minus_passage_high": difference.high,
+        }
+        print(
+            f"{name:<32}{condition['correct']:>6}/{condition['total']:<3}{str(estimate):>26}"
+            f"{f'{100 * difference.value:+.1f} [{100 * difference.low:+.1f}, {100 * difference.high:+.1f}]':>32}",
+            flush=True,
+        )
     report["conditions"] = conditions
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))

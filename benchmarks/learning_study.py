@@ -31,11 +31,20 @@ def table_row(label: str, result) -> dict:
     row = {"policy": label, "columns": {}}
     for column in result.correct:
         estimate = result.interval(column)
-        row["columns"][column] = {"correct": result.correct[column], "total": result.total_of(column),
-                                  "accuracy": estimate.value, "low": estimate.low, "high": estimate.high}
+        row["columns"][column] = {
+            "correct": result.correct[column],
+            "total": result.total_of(column),
+            "accuracy": estimate.value,
+            "low": estimate.low,
+            "high": estimate.high,
+        }
     difference = result.difference()
-    row["difference"] = {"of": list(result.comparison), "value": difference.value, "low": difference.low,
-                         "high": difference.high}
+    row["difference"] = {
+        "of": list(result.comparison),
+        "value": difference.value,
+        "low": difference.low,
+        "high": difference.high,
+    }
     return row
 
 
@@ -62,7 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     print(domain_for(config).held_out_title)
     print(format_held_out(result.held_out))
     report = {
-        "config": args.config, "overrides": args.overrides, "wall_s": wall, "run_id": result.run_id,
+        "config": args.config,
+        "overrides": args.overrides,
+        "wall_s": wall,
+        "run_id": result.run_id,
         "held_out": [table_row(label, r) for label, r in result.held_out],
         "iterations": [{"iteration": r.iteration, **r.metrics} for r in result.iterations],
     }

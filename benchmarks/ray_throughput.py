@@ -32,8 +32,13 @@ DEFAULT_CONFIG = ROOT / "deployments" / "configs" / "knowledge-smollm2.yaml"
 
 # Task-run name prefixes; knowledge inner loops run in groups (train-adapters-..., one task per
 # inner_loop.group_size self-edits), few-shot ones one per self-edit (train-adapter-...).
-TASK_KINDS = {"sample-self-edits": "sampling", "train-adapter": "training", "evaluate-adapter": "evaluation",
-              "evaluate-baseline": "baseline", "update-policy": "m_step"}
+TASK_KINDS = {
+    "sample-self-edits": "sampling",
+    "train-adapter": "training",
+    "evaluate-adapter": "evaluation",
+    "evaluate-baseline": "baseline",
+    "update-policy": "m_step",
+}
 
 
 def task_breakdown(workers: int) -> dict:
@@ -44,16 +49,24 @@ def task_breakdown(workers: int) -> dict:
     round trips), worker start, and waiting on sampling."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
-        FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterParentFlowRunId, TaskRunFilter, TaskRunFilterFlowRunId,
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterParentFlowRunId,
+        TaskRunFilter,
+        TaskRunFilterFlowRunId,
     )
 
     with get_client(sync_client=True) as client:
         (parent,) = client.read_flow_runs(
-            flow_filter=FlowFilter(name=FlowFilterName(any_=[f"ray-throughput-{workers}-workers"])))
+            flow_filter=FlowFilter(name=FlowFilterName(any_=[f"ray-throughput-{workers}-workers"]))
+        )
         (iteration,) = client.read_flow_runs(
-            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent.id])))
-        runs = client.read_task_runs(task_run_filter=TaskRunFilter(
-            flow_run_id=TaskRunFilterFlowRunId(any_=[iteration.id])), limit=200)
+            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent.id]))
+        )
+        runs = client.read_task_runs(
+            task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[iteration.id])), limit=200
+        )
     seconds: dict[str, list[float]] = {}
     for run in runs:
         kind = next((k for prefix, k in TASK_KINDS.items() if run.name.startswith(prefix)), "other")
@@ -84,8 +97,15 @@ def measure(config_path: Path, overrides: list[str], workers: int, models: Path,
     home.mkdir(parents=True)
     (home / "models").symlink_to(models, target_is_directory=True)
     os.environ["SEAL_HOME"] = str(home)
-    config = load_config(config_path, [*overrides, "runner.kind=ray", f"runner.num_workers={workers}",
-                                       f"runner.result_storage={scratch / f'results-{workers}'}"])
+    config = load_config(
+        config_path,
+        [
+            *overrides,
+            "runner.kind=ray",
+            f"runner.num_workers={workers}",
+            f"runner.result_storage={scratch / f'results-{workers}'}",
+        ],
+    )
 
     @flow(name=f"ray-throughput-{workers}-workers")
     def e_step() -> dict:
@@ -127,8 +147,12 @@ def main() -> int:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--contexts", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=3, help="inner_loop.epochs (the config's: 8)")
-    parser.add_argument("--models", type=Path, default=None,
-                        help="converted models to link in (default: $SEAL_HOME/models, else ./.seal/models)")
+    parser.add_argument(
+        "--models",
+        type=Path,
+        default=None,
+        help="converted models to link in (default: $SEAL_HOME/models, else ./.seal/models)",
+    )
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "ray_throughput-cpu.json")
     args = parser.parse_args()
     for key, value in QUIET_ENV.items():
@@ -150,11 +174,15 @@ def main() -> int:
         "command": "python benchmarks/ray_throughput.py " + " ".join(sys.argv[1:]),
         "config": os.path.relpath(args.config, ROOT),
         "overrides": overrides + ["self_edit.num_samples from the config"],
-        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-                    "python": platform.python_version()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "processor": platform.processor() or platform.machine(),
+            "python": platform.python_version(),
+        },
         "runs": runs,
-        "throughput_ratio_vs_first": {str(r["workers"]): round(r["self_edits_per_minute"] / first["self_edits_per_minute"], 2)
-                                      for r in runs},
+        "throughput_ratio_vs_first": {
+            str(r["workers"]): round(r["self_edits_per_minute"] / first["self_edits_per_minute"], 2) for r in runs
+        },
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n")

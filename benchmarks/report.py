@@ -25,49 +25,91 @@ END = "<!-- end of results table -->"
 
 # The machines, stated once: every row names one of these.
 MACHINES = {
-    "Intel AMX": "2-core Intel CPU with AVX512-BF16 and AMX: `dtype: auto` is bf16 (~800 GFLOP/s bf16, "
-                 "300-380 fp32)",
+    "Intel AMX": "2-core Intel CPU with AVX512-BF16 and AMX: `dtype: auto` is bf16 (~800 GFLOP/s bf16, 300-380 fp32)",
     "EPYC AVX2": "2-core AMD EPYC, AVX2 only: `dtype: auto` is fp32 (~130 GFLOP/s; bf16 emulated at ~1)",
     "EPYC AVX-512": "2-core AMD EPYC with AVX-512 and AVX512-BF16: `dtype: auto` is bf16 (~850 GFLOP/s bf16, "
-                    "~190 fp32)",
+    "~190 fp32)",
     "H200": "one NVIDIA H200, 16 CPU cores, TF32 off",
 }
 
 # What each file does not record itself: machine, commit measured, and where missing model, dtype
 # and the settings that differ from its benchmark's own.
 CONDITIONS: dict[str, dict[str, str]] = {
-    "continual-smollm2-cpu.json": {"machine": "Intel AMX", "commit": "6e36182", "model": "smollm2-135m-instruct",
-                                "dtype": "bfloat16"},
+    "continual-smollm2-cpu.json": {
+        "machine": "Intel AMX",
+        "commit": "6e36182",
+        "model": "smollm2-135m-instruct",
+        "dtype": "bfloat16",
+    },
     "fewshot-smollm2-cpu.json": {"machine": "Intel AMX", "commit": "884e399"},
     "inner_loop-issue8-smollm2-cpu.json": {"machine": "EPYC AVX2", "commit": "fb46a87"},
     "inner_loop-issue8-smollm2-epyc-avx512-cpu.json": {"machine": "EPYC AVX-512", "commit": "caa52eb"},
-    "inner_loop-issue8-smollm2-epyc-avx512-cpu-slots8.json": {"machine": "EPYC AVX-512", "commit": "d47909f",
-                                                              "settings": "`inner_loop.slots=8`"},
+    "inner_loop-issue8-smollm2-epyc-avx512-cpu-slots8.json": {
+        "machine": "EPYC AVX-512",
+        "commit": "d47909f",
+        "settings": "`inner_loop.slots=8`",
+    },
     "inner_loop-issue8-smollm2-h200-fp32.json": {"machine": "H200", "commit": "8f44523"},
     "inner_loop-issue8-smollm2-intel-cpu.json": {"machine": "Intel AMX", "commit": "1f53856"},
-    "inner_loop_recipe-smollm2-cpu.json": {"machine": "Intel AMX", "commit": "76e7f64",
-                                           "model": "smollm2-135m-instruct", "dtype": "bfloat16"},
-    "learning_study-smollm2-cpu.json": {"machine": "Intel AMX", "commit": "b380dc8",
-                                        "model": "smollm2-135m-instruct", "dtype": "bfloat16"},
-    "ray_throughput-cpu.json": {"machine": "Intel AMX", "commit": "dfc377b", "model": "smollm2-135m-instruct",
-                                "dtype": "bfloat16", "settings": "`inner_loop.epochs=3`"},
-    "resume_after_kill-smollm2-cpu.json": {"machine": "Intel AMX", "commit": "569c7bd",
-                                           "model": "smollm2-135m-instruct", "dtype": "bfloat16"},
-    "resume_after_kill-tiny-cpu.json": {"machine": "Intel AMX", "commit": "50b27bc", "model": "tiny-random",
-                                        "dtype": "bfloat16"},
+    "inner_loop_recipe-smollm2-cpu.json": {
+        "machine": "Intel AMX",
+        "commit": "76e7f64",
+        "model": "smollm2-135m-instruct",
+        "dtype": "bfloat16",
+    },
+    "learning_study-smollm2-cpu.json": {
+        "machine": "Intel AMX",
+        "commit": "b380dc8",
+        "model": "smollm2-135m-instruct",
+        "dtype": "bfloat16",
+    },
+    "ray_throughput-cpu.json": {
+        "machine": "Intel AMX",
+        "commit": "dfc377b",
+        "model": "smollm2-135m-instruct",
+        "dtype": "bfloat16",
+        "settings": "`inner_loop.epochs=3`",
+    },
+    "resume_after_kill-smollm2-cpu.json": {
+        "machine": "Intel AMX",
+        "commit": "569c7bd",
+        "model": "smollm2-135m-instruct",
+        "dtype": "bfloat16",
+    },
+    "resume_after_kill-tiny-cpu.json": {
+        "machine": "Intel AMX",
+        "commit": "50b27bc",
+        "model": "tiny-random",
+        "dtype": "bfloat16",
+    },
     "serve-cpu.json": {"machine": "Intel AMX", "commit": "5abb61a", "model": "-", "dtype": "-"},
-    "step_ceiling-smollm2-epyc-avx512-cpu.json": {"machine": "EPYC AVX-512", "commit": "efa7aff",
-                                                  "dtype": "float32"},
+    "step_ceiling-smollm2-epyc-avx512-cpu.json": {"machine": "EPYC AVX-512", "commit": "efa7aff", "dtype": "float32"},
     "step_scaling-smollm2-cpu.json": {"machine": "EPYC AVX2", "commit": "4f7ca37", "dtype": "float32"},
-    "training_flow-smollm2-bf16-epyc-avx512-cpu.json": {"machine": "EPYC AVX-512", "commit": "a0f2a24",
-                                                        "model": "smollm2-135m-instruct", "dtype": "bfloat16"},
-    "training_flow-smollm2-bf16-intel-cpu.json": {"machine": "Intel AMX", "commit": "1f53856",
-                                                  "model": "smollm2-135m-instruct", "dtype": "bfloat16"},
-    "training_flow-smollm2-cpu.json": {"machine": "EPYC AVX2", "commit": "7aed849",
-                                       "model": "smollm2-135m-instruct", "dtype": "float32"},
-    "training_flow-smollm2-fp32-intel-cpu.json": {"machine": "Intel AMX", "commit": "bb6cc78",
-                                                  "model": "smollm2-135m-instruct", "dtype": "float32",
-                                                  "settings": "`model.dtype=float32`"},
+    "training_flow-smollm2-bf16-epyc-avx512-cpu.json": {
+        "machine": "EPYC AVX-512",
+        "commit": "a0f2a24",
+        "model": "smollm2-135m-instruct",
+        "dtype": "bfloat16",
+    },
+    "training_flow-smollm2-bf16-intel-cpu.json": {
+        "machine": "Intel AMX",
+        "commit": "1f53856",
+        "model": "smollm2-135m-instruct",
+        "dtype": "bfloat16",
+    },
+    "training_flow-smollm2-cpu.json": {
+        "machine": "EPYC AVX2",
+        "commit": "7aed849",
+        "model": "smollm2-135m-instruct",
+        "dtype": "float32",
+    },
+    "training_flow-smollm2-fp32-intel-cpu.json": {
+        "machine": "Intel AMX",
+        "commit": "bb6cc78",
+        "model": "smollm2-135m-instruct",
+        "dtype": "float32",
+        "settings": "`model.dtype=float32`",
+    },
 }
 
 
@@ -92,8 +134,10 @@ def continual(r: dict) -> str:
     parts = []
     for name, v in r["variants"].items():
         m = v["metrics"]
-        parts.append(f"`{name}` {v['wall_s'] / 60:.1f} min, newest {m['newest_accuracy']:.2f}, "
-                     f"forgetting {m['forgetting']:.2f} ± {m['forgetting_std']:.2f}")
+        parts.append(
+            f"`{name}` {v['wall_s'] / 60:.1f} min, newest {m['newest_accuracy']:.2f}, "
+            f"forgetting {m['forgetting']:.2f} ± {m['forgetting_std']:.2f}"
+        )
     return "; ".join(parts)
 
 
@@ -101,50 +145,62 @@ def fewshot(r: dict) -> str:
     t = r["table_1"]
     rows = ("in_context", "ttt_self_edits", "seal", "oracle_ttt")
     cells = " · ".join(f"{t[k]['solved']}/{t[k]['of']}" for k in rows)
-    return (f"Table 1 (in-context · TTT, base self-edits · SEAL · oracle TTT): {cells}; "
-            f"median {r['median_seconds_per_self_edit']:.0f} s per self-edit, {r['wall_seconds'] / 60:.0f} min")
+    return (
+        f"Table 1 (in-context · TTT, base self-edits · SEAL · oracle TTT): {cells}; "
+        f"median {r['median_seconds_per_self_edit']:.0f} s per self-edit, {r['wall_seconds'] / 60:.0f} min"
+    )
 
 
 def inner_loop(r: dict) -> str:
     s, speedup = r["summary"], r["speedup"]
     reference = "extrapolated" if s["reference"]["extrapolated"] else "all steps timed"
     peak = r["peak_memory_mb"].get("cuda_max_allocated_mb", r["peak_memory_mb"]["after_ours_mb"])
-    return (f"per self-edit: ours {s['ours']['per_self_edit_s']:.1f} s, strong {s['strong']['per_self_edit_s']:.1f} s "
-            f"(**{speedup['strong']:.2f}×**), reference {s['reference']['per_self_edit_s']:,.0f} s "
-            f"({speedup['reference']:.0f}×, {reference}); ours trains at "
-            f"{_pct(s['ours']['train_fraction_of_peak'])} of {_gflops(r['matmul']['peak_gflops'])}; "
-            f"peak {_gb(peak)}")
+    return (
+        f"per self-edit: ours {s['ours']['per_self_edit_s']:.1f} s, strong {s['strong']['per_self_edit_s']:.1f} s "
+        f"(**{speedup['strong']:.2f}×**), reference {s['reference']['per_self_edit_s']:,.0f} s "
+        f"({speedup['reference']:.0f}×, {reference}); ours trains at "
+        f"{_pct(s['ours']['train_fraction_of_peak'])} of {_gflops(r['matmul']['peak_gflops'])}; "
+        f"peak {_gb(peak)}"
+    )
 
 
 def inner_loop_recipe(r: dict) -> str:
     conditions = r["conditions"]
     base = conditions["passage_only"]
     name, best = max(((k, v) for k, v in conditions.items() if k != "passage_only"), key=lambda kv: kv[1]["accuracy"])
-    return (f"passage only {base['correct']}/{base['total']}; best self-edit `{name}` "
-            f"{best['correct']}/{best['total']}, {_points(best['minus_passage'])} points "
-            f"[{_points(best['minus_passage_low'])}, {_points(best['minus_passage_high'])}] against passage only")
+    return (
+        f"passage only {base['correct']}/{base['total']}; best self-edit `{name}` "
+        f"{best['correct']}/{best['total']}, {_points(best['minus_passage'])} points "
+        f"[{_points(best['minus_passage_low'])}, {_points(best['minus_passage_high'])}] against passage only"
+    )
 
 
 def learning_study(r: dict) -> str:
     last = r["held_out"][-1]
     cells = " · ".join(f"{c['correct']}/{c['total']}" for c in last["columns"].values())
     d = last["difference"]
-    return (f"after {last['policy']}: {cells}; policy self-edits − passage only "
-            f"{_points(d['value'])} points [{_points(d['low'])}, {_points(d['high'])}]")
+    return (
+        f"after {last['policy']}: {cells}; policy self-edits − passage only "
+        f"{_points(d['value'])} points [{_points(d['low'])}, {_points(d['high'])}]"
+    )
 
 
 def ray_throughput(r: dict) -> str:
-    runs = ", ".join(f"{run['workers']} worker{'s' if run['workers'] > 1 else ''} {run['self_edits_per_minute']:.2f}"
-                     for run in r["runs"])
+    runs = ", ".join(
+        f"{run['workers']} worker{'s' if run['workers'] > 1 else ''} {run['self_edits_per_minute']:.2f}"
+        for run in r["runs"]
+    )
     ratio = r["throughput_ratio_vs_first"][str(r["runs"][-1]["workers"])]
     return f"self-edits per minute: {runs} (**{ratio:.2f}×**)"
 
 
 def resume_after_kill(r: dict) -> str:
     states = r["rerun_task_states"]
-    return (f"rerun {r['rerun_s']:.0f} s against {r['full_s']:.0f} s uninterrupted "
-            f"({_pct(r['rerun_fraction'])}); {states.get('Completed', 0)} task runs computed, "
-            f"{states.get('Cached', 0)} cached")
+    return (
+        f"rerun {r['rerun_s']:.0f} s against {r['full_s']:.0f} s uninterrupted "
+        f"({_pct(r['rerun_fraction'])}); {states.get('Completed', 0)} task runs computed, "
+        f"{states.get('Cached', 0)} cached"
+    )
 
 
 def serve(r: dict) -> str:
@@ -153,8 +209,10 @@ def serve(r: dict) -> str:
 
 
 def step_ceiling(r: dict) -> str:
-    points = ", ".join(f"{p['rows_per_lane']}: {_pct(p['ours_fraction_of_peak'])} / "
-                       f"{_pct(p['frozen_fraction_of_peak'])}" for p in r["points"])
+    points = ", ".join(
+        f"{p['rows_per_lane']}: {_pct(p['ours_fraction_of_peak'])} / {_pct(p['frozen_fraction_of_peak'])}"
+        for p in r["points"]
+    )
     return f"rows per lane: ours / frozen model, of {_gflops(r['matmul_peak_gflops'])}: {points}"
 
 
@@ -162,9 +220,11 @@ def step_scaling(r: dict) -> str:
     counts = ", ".join(str(p["adapters"]) for p in r["points"])
     ms = ", ".join(f"{p['ms_per_step']:.0f}" for p in r["points"])
     f = r["fit"]
-    return (f"ms per step for {counts} adapters: {ms}; fit {f['fixed_ms_per_step']:.0f} ms + "
-            f"{f['ms_per_row']:.0f} ms per row (floor {r['matmul_floor_ms_per_token']:.2f} ms per token, "
-            f"{f['ms_per_token']:.1f} measured)")
+    return (
+        f"ms per step for {counts} adapters: {ms}; fit {f['fixed_ms_per_step']:.0f} ms + "
+        f"{f['ms_per_row']:.0f} ms per row (floor {r['matmul_floor_ms_per_token']:.2f} ms per token, "
+        f"{f['ms_per_token']:.1f} measured)"
+    )
 
 
 def training_flow(r: dict) -> str:
@@ -172,18 +232,19 @@ def training_flow(r: dict) -> str:
     held = list(first["held_out"].values())[-1]
     cells = " · ".join(str(held[k]) for k in ("no_adaptation", "passage_only", "base_self_edits", "policy_self_edits"))
     rewards = ", ".join(f"{x:.2f}" for x in first["rewards"])
-    return (f"first run **{first['wall_s'] / 60:.1f} min**, rerun {100 * r['rerun_fraction']:.1f} %, overhead "
-            f"{100 * first['overhead_fraction']:.1f} %; peak {_gb(r['peak_memory_mb'])} "
-            f"({_gb(r['peak_tree_memory_mb'])} with Prefect's server); rewards {rewards}; "
-            f"held-out after: {cells} of {held['total']}")
+    return (
+        f"first run **{first['wall_s'] / 60:.1f} min**, rerun {100 * r['rerun_fraction']:.1f} %, overhead "
+        f"{100 * first['overhead_fraction']:.1f} %; peak {_gb(r['peak_memory_mb'])} "
+        f"({_gb(r['peak_tree_memory_mb'])} with Prefect's server); rewards {rewards}; "
+        f"held-out after: {cells} of {held['total']}"
+    )
 
 
 # file-name prefix -> (what the benchmark measures, with its script, its summary)
 BENCHMARKS: dict[str, tuple[str, Callable[[dict], str]]] = {
     "continual": ("continual self-edits, 8 sequences x 8 passages (`continual.py`)", continual),
     "fewshot": ("few-shot Table 1, one ReST-EM iteration (`fewshot_table1.py`)", fewshot),
-    "inner_loop": ("inner loop against Hugging Face baselines, issue 8's settings (`inner_loop.py`)",
-                          inner_loop),
+    "inner_loop": ("inner loop against Hugging Face baselines, issue 8's settings (`inner_loop.py`)", inner_loop),
     "inner_loop_recipe": ("inner-loop recipe and self-edit prompt (`inner_loop_recipe.py`)", inner_loop_recipe),
     "learning_study": ("learning-quality study, Table 2 (`learning_study.py`)", learning_study),
     "ray_throughput": ("one E-step on 1 and 2 local Ray workers (`ray_throughput.py`)", ray_throughput),
@@ -199,8 +260,9 @@ def benchmark_of(name: str) -> tuple[str, Callable[[dict], str]]:
     """The benchmark a result file belongs to: the longest prefix of its name in ``BENCHMARKS``."""
     matches = [p for p in BENCHMARKS if name.startswith(p + "-")]
     if not matches:
-        raise SystemExit(f"{name}: no benchmark's prefix matches; add a summary for it to BENCHMARKS in "
-                         f"benchmarks/report.py")
+        raise SystemExit(
+            f"{name}: no benchmark's prefix matches; add a summary for it to BENCHMARKS in benchmarks/report.py"
+        )
     return BENCHMARKS[max(matches, key=len)]
 
 
@@ -209,16 +271,19 @@ def row(path: Path) -> str:
     report = json.loads(path.read_text())
     conditions = CONDITIONS.get(path.name)
     if conditions is None:
-        raise SystemExit(f"{path.name}: its machine and commit are unknown; add an entry to CONDITIONS in "
-                         f"benchmarks/report.py")
+        raise SystemExit(
+            f"{path.name}: its machine and commit are unknown; add an entry to CONDITIONS in benchmarks/report.py"
+        )
     model = conditions.get("model") or report.get("model")
     dtype = conditions.get("dtype") or report.get("dtype") or report.get("matmul", {}).get("dtype")
     if model is None or dtype is None:
         raise SystemExit(f"{path.name}: records no model or dtype; add them to its CONDITIONS entry")
     settings = conditions.get("settings")
     what = f"{what}, {settings}" if settings else what
-    return (f"| [{path.stem}](results/{path.name}) | {what} | {model}, {dtype}, {conditions['machine']}, "
-            f"`{conditions['commit']}` | {summary(report)} |")
+    return (
+        f"| [{path.stem}](results/{path.name}) | {what} | {model}, {dtype}, {conditions['machine']}, "
+        f"`{conditions['commit']}` | {summary(report)} |"
+    )
 
 
 def table(results: Path = RESULTS) -> str:
@@ -235,7 +300,7 @@ def render(text: str, block: str) -> str:
     start, stop = text.find(BEGIN), text.find(END)
     if start < 0 or stop < start:
         raise SystemExit(f"{README}: the markers {BEGIN!r} and {END!r} are missing; put them where the table goes")
-    return text[:start] + block + text[stop + len(END):]
+    return text[:start] + block + text[stop + len(END) :]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,9 +37,13 @@ def fresh_home(parent: Path, name: str) -> dict[str, str]:
     home.mkdir()
     if (seal_home() / "models").is_dir():
         shutil.copytree(seal_home() / "models", home / "models")
-    return {**os.environ, "SEAL_HOME": str(home), "PREFECT_HOME": str(home / "prefect"),
-            "PREFECT_LOCAL_STORAGE_PATH": str(home / "prefect" / "storage"),
-            "MLFLOW_TRACKING_URI": f"sqlite:///{home}/mlflow.db"}
+    return {
+        **os.environ,
+        "SEAL_HOME": str(home),
+        "PREFECT_HOME": str(home / "prefect"),
+        "PREFECT_LOCAL_STORAGE_PATH": str(home / "prefect" / "storage"),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{home}/mlflow.db",
+    }
 
 
 def seal_run(config: str, overrides: list[str], env: dict[str, str]) -> list[str]:
@@ -57,8 +61,9 @@ def run_to_end(command: list[str], env: dict[str, str]) -> tuple[float, list[str
 def run_and_kill(command: list[str], env: dict[str, str], after: int) -> tuple[float, int]:
     """Start the run; SIGKILL it once iteration 2 has finished ``after`` inner loops."""
     start = time.perf_counter()
-    process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, bufsize=1)
+    process = subprocess.Popen(
+        command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    )
     in_iteration_2, finished = False, 0
     for line in process.stdout:
         if "Beginning subflow run 'iteration-2'" in line:
@@ -101,8 +106,12 @@ def main() -> int:
         rerun_s, lines = run_to_end(command, env)
         states = count_states(lines)
         print(f"rerun to the end: {rerun_s:.1f}s; task runs {states}", flush=True)
-        report |= {"killed_after_s": killed_s, "iteration_2_inner_loops_before_kill": finished,
-                   "rerun_s": rerun_s, "rerun_task_states": states}
+        report |= {
+            "killed_after_s": killed_s,
+            "iteration_2_inner_loops_before_kill": finished,
+            "rerun_s": rerun_s,
+            "rerun_task_states": states,
+        }
         if args.full_seconds is None:
             full_env = fresh_home(Path(tmp), "full")
             full_s, full_lines = run_to_end(seal_run(args.config, args.overrides, full_env), full_env)
@@ -112,9 +121,11 @@ def main() -> int:
             full_s = args.full_seconds
         report["full_s"] = full_s
         report["rerun_fraction"] = rerun_s / full_s
-    print(f"after a kill in iteration 2 the rerun took {report['rerun_fraction']:.0%} of a full run "
-          f"({rerun_s:.0f}s vs {full_s:.0f}s); computed {states.get('Completed', 0)} task runs, "
-          f"{states.get('Cached', 0)} from the cache")
+    print(
+        f"after a kill in iteration 2 the rerun took {report['rerun_fraction']:.0%} of a full run "
+        f"({rerun_s:.0f}s vs {full_s:.0f}s); computed {states.get('Completed', 0)} task runs, "
+        f"{states.get('Cached', 0)} from the cache"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return 0

@@ -48,9 +48,15 @@ def tree_rss_mb(pid: int) -> dict[str, float]:
     for proc in [root, *root.children(recursive=True)]:
         try:
             cmd = " ".join(proc.cmdline())
-            name = ("seal serve (flows, deployments)" if proc.pid == pid else
-                    "prefect server" if "prefect" in cmd else
-                    "mlflow server" if "mlflow" in cmd or "uvicorn" in cmd or "gunicorn" in cmd else "other")
+            name = (
+                "seal serve (flows, deployments)"
+                if proc.pid == pid
+                else "prefect server"
+                if "prefect" in cmd
+                else "mlflow server"
+                if "mlflow" in cmd or "uvicorn" in cmd or "gunicorn" in cmd
+                else "other"
+            )
             memory[name] = memory.get(name, 0.0) + proc.memory_info().rss / 2**20
         except psutil.Error:
             pass
@@ -70,12 +76,25 @@ def main() -> int:
         env["SEAL_HOME"] = home
         start = time.monotonic()
         process = subprocess.Popen(
-            [sys.executable, "-m", "flows.cli", "serve", "--prefect-port", str(prefect_port),
-             "--mlflow-port", str(mlflow_port)],
-            env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                sys.executable,
+                "-m",
+                "flows.cli",
+                "serve",
+                "--prefect-port",
+                str(prefect_port),
+                "--mlflow-port",
+                str(mlflow_port),
+            ],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
-        urls = {"prefect": f"http://127.0.0.1:{prefect_port}/api/health",
-                "mlflow": f"http://127.0.0.1:{mlflow_port}/health"}
+        urls = {
+            "prefect": f"http://127.0.0.1:{prefect_port}/api/health",
+            "mlflow": f"http://127.0.0.1:{mlflow_port}/health",
+        }
         healthy: dict[str, float] = {}
         while len(healthy) < 2:
             if process.poll() is not None:
@@ -101,14 +120,23 @@ def main() -> int:
         left = [p.pid for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
     report = {
-        "healthy_s": max(healthy.values()), "prefect_healthy_s": healthy["prefect"],
-        "mlflow_healthy_s": healthy["mlflow"], "deployments_registered_s": registered,
-        "idle_rss_mb": memory, "idle_rss_total_mb": sum(memory.values()), "left_running": left,
+        "healthy_s": max(healthy.values()),
+        "prefect_healthy_s": healthy["prefect"],
+        "mlflow_healthy_s": healthy["mlflow"],
+        "deployments_registered_s": registered,
+        "idle_rss_mb": memory,
+        "idle_rss_total_mb": sum(memory.values()),
+        "left_running": left,
     }
-    print(f"both servers healthy after {report['healthy_s']:.1f}s (Prefect {healthy['prefect']:.1f}s, "
-          f"MLflow {healthy['mlflow']:.1f}s); deployments served after {registered:.1f}s")
-    print("idle memory: " + ", ".join(f"{k} {v:.0f} MB" for k, v in memory.items())
-          + f"; total {report['idle_rss_total_mb']:.0f} MB")
+    print(
+        f"both servers healthy after {report['healthy_s']:.1f}s (Prefect {healthy['prefect']:.1f}s, "
+        f"MLflow {healthy['mlflow']:.1f}s); deployments served after {registered:.1f}s"
+    )
+    print(
+        "idle memory: "
+        + ", ".join(f"{k} {v:.0f} MB" for k, v in memory.items())
+        + f"; total {report['idle_rss_total_mb']:.0f} MB"
+    )
     print(f"after SIGTERM: {len(left)} process(es) left running")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))

@@ -20,8 +20,13 @@ import threading
 import time
 from pathlib import Path
 
-for key, value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                   "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}.items():
+for key, value in {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+}.items():
     os.environ.setdefault(key, value)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -70,15 +75,20 @@ def main() -> int:
     seconds = time.perf_counter() - start
     done.set()
     report = {
-        "dtype": str(loaded.model.dtype), "adapters": adapters, "steps": results[0].steps,
+        "dtype": str(loaded.model.dtype),
+        "adapters": adapters,
+        "steps": results[0].steps,
         "max_batch_tokens": config.inner_loop.max_batch_tokens,
         "row_tokens": [r.tokens // r.steps for r in results],
         "seconds_per_step": seconds / results[0].steps,
-        "loaded_mb": loaded_mb, "peak_training_mb": peak[0],
+        "loaded_mb": loaded_mb,
+        "peak_training_mb": peak[0],
     }
-    print(f"{adapters} adapters, {report['dtype']}, rows of {report['row_tokens']} tokens, "
-          f"max_batch_tokens {report['max_batch_tokens']}: {report['seconds_per_step']:.2f} s per step; "
-          f"resident {loaded_mb:.0f} MB after loading, peak {peak[0]:.0f} MB while training")
+    print(
+        f"{adapters} adapters, {report['dtype']}, rows of {report['row_tokens']} tokens, "
+        f"max_batch_tokens {report['max_batch_tokens']}: {report['seconds_per_step']:.2f} s per step; "
+        f"resident {loaded_mb:.0f} MB after loading, peak {peak[0]:.0f} MB while training"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return 0

@@ -33,8 +33,13 @@ import sys
 import time
 from pathlib import Path
 
-for key, value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                   "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}.items():
+for key, value in {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+}.items():
     os.environ.setdefault(key, value)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -132,9 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     row = filler_row(args.tokens)
     (ids,) = tokenize_documents(tokenizer, [row], config.inner_loop.max_length)  # as training tokenizes it
     lanes = config.inner_loop.lanes
-    print(f"{config.model.name} ({parameters / 1e6:.1f}M parameters, {config.model.dtype}), "
-          f"{torch.get_num_threads()} threads in {lanes} lane(s); rows of {len(ids)} tokens; "
-          f"{FLOPS_FORMULA}; matmul peak {peak:.1f} GFLOP/s", flush=True)
+    print(
+        f"{config.model.name} ({parameters / 1e6:.1f}M parameters, {config.model.dtype}), "
+        f"{torch.get_num_threads()} threads in {lanes} lane(s); rows of {len(ids)} tokens; "
+        f"{FLOPS_FORMULA}; matmul peak {peak:.1f} GFLOP/s",
+        flush=True,
+    )
 
     def rate(seconds: float, rows: int) -> tuple[float, float]:
         gflops = 4 * parameters * len(ids) * rows * lanes / seconds / 1e9
@@ -145,22 +153,45 @@ def main(argv: list[str] | None = None) -> int:
         ours = time_ours(model, tokenizer, config, row, rows, args.steps, args.repeats)
         frozen = time_frozen(model, ids, lanes, rows, args.steps, args.repeats)
         (ours_gflops, ours_peak), (frozen_gflops, frozen_peak) = rate(ours, rows), rate(frozen, rows)
-        points.append({
-            "rows_per_lane": rows, "tokens_per_row": len(ids),
-            "ours_ms_per_step": ours * 1000, "ours_gflops": ours_gflops, "ours_fraction_of_peak": ours_peak,
-            "frozen_ms_per_step": frozen * 1000, "frozen_gflops": frozen_gflops,
-            "frozen_fraction_of_peak": frozen_peak, "ours_fraction_of_frozen": frozen / ours,
-        })
-        print(f"{rows} rows x {lanes} lane(s): ours {ours * 1000:.0f} ms per step ({ours_gflops:.1f} GFLOP/s, "
-              f"{ours_peak:.0%} of peak); frozen model alone {frozen * 1000:.0f} ms ({frozen_gflops:.1f} GFLOP/s, "
-              f"{frozen_peak:.0%} of peak); ours at {frozen / ours:.0%} of the frozen model's rate", flush=True)
+        points.append(
+            {
+                "rows_per_lane": rows,
+                "tokens_per_row": len(ids),
+                "ours_ms_per_step": ours * 1000,
+                "ours_gflops": ours_gflops,
+                "ours_fraction_of_peak": ours_peak,
+                "frozen_ms_per_step": frozen * 1000,
+                "frozen_gflops": frozen_gflops,
+                "frozen_fraction_of_peak": frozen_peak,
+                "ours_fraction_of_frozen": frozen / ours,
+            }
+        )
+        print(
+            f"{rows} rows x {lanes} lane(s): ours {ours * 1000:.0f} ms per step ({ours_gflops:.1f} GFLOP/s, "
+            f"{ours_peak:.0%} of peak); frozen model alone {frozen * 1000:.0f} ms ({frozen_gflops:.1f} GFLOP/s, "
+            f"{frozen_peak:.0%} of peak); ours at {frozen / ours:.0%} of the frozen model's rate",
+            flush=True,
+        )
     if args.json:
-        Path(args.json).write_text(json.dumps({
-            "config": args.config, "overrides": COMPARISON + args.overrides, "model": config.model.name,
-            "device": str(loaded.device), "threads": torch.get_num_threads(), "lanes": lanes,
-            "parameters": parameters, "flops_formula": FLOPS_FORMULA, "matmul_peak_gflops": peak,
-            "steps": args.steps, "repeats": args.repeats, "points": points,
-        }, indent=2))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "config": args.config,
+                    "overrides": COMPARISON + args.overrides,
+                    "model": config.model.name,
+                    "device": str(loaded.device),
+                    "threads": torch.get_num_threads(),
+                    "lanes": lanes,
+                    "parameters": parameters,
+                    "flops_formula": FLOPS_FORMULA,
+                    "matmul_peak_gflops": peak,
+                    "steps": args.steps,
+                    "repeats": args.repeats,
+                    "points": points,
+                },
+                indent=2,
+            )
+        )
     return 0
 
 

@@ -23,8 +23,13 @@ import sys
 import time
 from pathlib import Path
 
-for key, value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                   "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}.items():
+for key, value in {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+}.items():
     os.environ.setdefault(key, value)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -87,27 +92,53 @@ def main(argv: list[str] | None = None) -> int:
                 results = train_stacked(stack, loaded.tokenizer, documents, config.inner_loop)
                 runs.append((time.perf_counter() - start) / results[0].steps)
         tokens = results[0].tokens // results[0].steps
-        points.append({"adapters": count, "tokens_per_row": tokens, "ms_per_step": min(runs) * 1000,
-                       "runs_ms": [r * 1000 for r in runs]})
-        print(f"{count:3} adapters x {tokens} tokens: {min(runs) * 1000:.0f} ms per step "
-              f"({min(runs) * 1000 / count:.0f} ms per row)", flush=True)
+        points.append(
+            {
+                "adapters": count,
+                "tokens_per_row": tokens,
+                "ms_per_step": min(runs) * 1000,
+                "runs_ms": [r * 1000 for r in runs],
+            }
+        )
+        print(
+            f"{count:3} adapters x {tokens} tokens: {min(runs) * 1000:.0f} ms per step "
+            f"({min(runs) * 1000 / count:.0f} ms per row)",
+            flush=True,
+        )
 
     fitted = [p for p in points if p["adapters"] <= args.fit_up_to]
     fixed, per_row = fit_line([p["adapters"] for p in fitted], [p["ms_per_step"] for p in fitted])
     tokens = points[0]["tokens_per_row"]
     floor = 4 * parameters / (peak * 1e9) * 1000  # ms per token at the matmul peak
-    print(f"fit over {[p['adapters'] for p in fitted]} adapters: {fixed:.0f} ms per step + {per_row:.0f} ms per row "
-          f"({per_row / tokens:.2f} ms per token); base model's matmul floor at {peak:.1f} GFLOP/s: "
-          f"{floor:.2f} ms per token")
+    print(
+        f"fit over {[p['adapters'] for p in fitted]} adapters: {fixed:.0f} ms per step + {per_row:.0f} ms per row "
+        f"({per_row / tokens:.2f} ms per token); base model's matmul floor at {peak:.1f} GFLOP/s: "
+        f"{floor:.2f} ms per token"
+    )
     if args.json:
-        Path(args.json).write_text(json.dumps({
-            "config": args.config, "overrides": SETTINGS + args.overrides, "model": config.model.name,
-            "device": str(loaded.device), "threads": torch.get_num_threads(), "parameters": parameters,
-            "matmul_peak_gflops": peak, "steps": args.steps, "points": points,
-            "fit": {"adapters": [p["adapters"] for p in fitted], "fixed_ms_per_step": fixed,
-                    "ms_per_row": per_row, "ms_per_token": per_row / tokens},
-            "matmul_floor_ms_per_token": floor,
-        }, indent=2))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "config": args.config,
+                    "overrides": SETTINGS + args.overrides,
+                    "model": config.model.name,
+                    "device": str(loaded.device),
+                    "threads": torch.get_num_threads(),
+                    "parameters": parameters,
+                    "matmul_peak_gflops": peak,
+                    "steps": args.steps,
+                    "points": points,
+                    "fit": {
+                        "adapters": [p["adapters"] for p in fitted],
+                        "fixed_ms_per_step": fixed,
+                        "ms_per_row": per_row,
+                        "ms_per_token": per_row / tokens,
+                    },
+                    "matmul_floor_ms_per_token": floor,
+                },
+                indent=2,
+            )
+        )
     return 0
 
 

@@ -34,7 +34,9 @@ def task_runs(since) -> list:
         # Pages need a total order, or offsets skip some runs and repeat others.
         while batch := client.read_task_runs(
             task_run_filter=TaskRunFilter(start_time=TaskRunFilterStartTime(after_=since)),
-            sort=TaskRunSort.ID_DESC, offset=offset, limit=200,
+            sort=TaskRunSort.ID_DESC,
+            offset=offset,
+            limit=200,
         ):
             runs.update((run.id, run) for run in batch)
             offset += len(batch)
@@ -138,26 +140,35 @@ def main() -> int:
             runs = task_runs(since)
             busy, states, by_task = task_seconds(runs)
             report[attempt] = {
-                "wall_s": wall, "task_s": busy, "tasks": len(runs), "states": states, "task_s_by_task": by_task,
+                "wall_s": wall,
+                "task_s": busy,
+                "tasks": len(runs),
+                "states": states,
+                "task_s_by_task": by_task,
                 # each task run's lowest and highest memory, with the Prefect server
                 "tree_memory_mb_by_task_run": memory_by_task_run(memory.samples, runs),
                 "overhead_fraction": (wall - busy) / wall,
                 "held_out": {label: r.correct | {"total": r.total} for label, r in result.held_out},
                 "rewards": [r.metrics["reward_mean"] for r in result.iterations],
             }
-            print(f"{attempt}: {wall:.1f}s wall, {busy:.1f}s in {len(runs)} task runs {states}, "
-                  f"overhead {report[attempt]['overhead_fraction']:.1%}; by task: "
-                  + ", ".join(f"{name} {seconds:.0f}s" for name, seconds in by_task.items()), flush=True)
+            print(
+                f"{attempt}: {wall:.1f}s wall, {busy:.1f}s in {len(runs)} task runs {states}, "
+                f"overhead {report[attempt]['overhead_fraction']:.1%}; by task: "
+                + ", ".join(f"{name} {seconds:.0f}s" for name, seconds in by_task.items()),
+                flush=True,
+            )
         report["rerun_fraction"] = report["rerun"]["wall_s"] / report["first"]["wall_s"]
     report["peak_memory_mb"] = peak_memory_mb()
     report["peak_tree_memory_mb"] = memory.peak_mb
     report["peak_tree_memory_at_s"] = memory.peak_at  # when it happened, from the first run's start
     report["peak_tree_memory_parts_mb"] = memory.peak_parts
     print(format_held_out(result.held_out))
-    print(f"rerun took {report['rerun_fraction']:.1%} of the first run; "
-          f"same metrics: {report['first']['held_out'] == report['rerun']['held_out']}; "
-          f"peak memory {report['peak_memory_mb']:.0f} MB (with the Prefect server: "
-          f"{report['peak_tree_memory_mb']:.0f} MB)")
+    print(
+        f"rerun took {report['rerun_fraction']:.1%} of the first run; "
+        f"same metrics: {report['first']['held_out'] == report['rerun']['held_out']}; "
+        f"peak memory {report['peak_memory_mb']:.0f} MB (with the Prefect server: "
+        f"{report['peak_tree_memory_mb']:.0f} MB)"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return 0

@@ -1,12 +1,12 @@
 """The ``seal`` command.
 
-    seal run CONFIG [section.key=value ...]          train (the SEAL outer loop)
-    seal eval CONFIG POLICY [section.key=value ...]  held-out evaluation of a policy
-    seal inner-loop CONFIG [section.key=value ...]   the inner-loop demo table
-    seal continual CONFIG [section.key=value ...]    self-edits merged in sequence: the forgetting matrix
-    seal clean [--yes]                               prune results and artifacts no run references
-    seal serve [--prefect-port P] [--mlflow-port M]  Prefect + MLflow UIs, the flows as deployments
-    seal doctor [--pool seal] [--config CONFIG]      check a stack: servers, auth, worker, SEAL_HOME, model
+seal run CONFIG [section.key=value ...]          train (the SEAL outer loop)
+seal eval CONFIG POLICY [section.key=value ...]  held-out evaluation of a policy
+seal inner-loop CONFIG [section.key=value ...]   the inner-loop demo table
+seal continual CONFIG [section.key=value ...]    self-edits merged in sequence: the forgetting matrix
+seal clean [--yes]                               prune results and artifacts no run references
+seal serve [--prefect-port P] [--mlflow-port M]  Prefect + MLflow UIs, the flows as deployments
+seal doctor [--pool seal] [--config CONFIG]      check a stack: servers, auth, worker, SEAL_HOME, model
 """
 
 from __future__ import annotations
@@ -49,7 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("overrides", nargs="*", help="section.key=value overrides")
     demo.add_argument("--contexts", type=int, default=None, help="default: data.num_eval_contexts")
     continual = commands.add_parser(
-        "continual", help="merge self-edits one after another and measure what earlier passages lose",
+        "continual",
+        help="merge self-edits one after another and measure what earlier passages lose",
     )
     continual.add_argument("config", help="YAML config, e.g. deployments/configs/continual-smollm2.yaml")
     continual.add_argument("overrides", nargs="*", help="section.key=value overrides")
@@ -65,7 +66,9 @@ def _parser() -> argparse.ArgumentParser:
         "doctor", help="check the servers, their auth, the work pool's worker, SEAL_HOME and the model"
     )
     doctor.add_argument("--pool", default="seal", help="the work pool deployments run on (default: seal)")
-    doctor.add_argument("--config", default=None, help="YAML config whose model and runner to check (default: defaults)")
+    doctor.add_argument(
+        "--config", default=None, help="YAML config whose model and runner to check (default: defaults)"
+    )
     doctor.add_argument("--timeout", type=float, default=5, help="seconds to wait for each server")
     return parser
 
@@ -80,8 +83,10 @@ def inner_loop(args: argparse.Namespace) -> int:
     print(f"SEAL home: {seal_home()}")
     print(f"loading {config.model.name} ...", flush=True)
     loaded = load_model(config.model.name, device=config.model.device, dtype=config.model.dtype)
-    print(f"model {loaded.spec} ({loaded.digest}) on {loaded.device}, "
-          f"{loaded.model.num_parameters() / 1e6:.1f}M parameters")
+    print(
+        f"model {loaded.spec} ({loaded.digest}) on {loaded.device}, "
+        f"{loaded.model.num_parameters() / 1e6:.1f}M parameters"
+    )
 
     def report(row) -> None:
         c = row.correct
@@ -132,8 +137,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"final policy: {result.policy.path}")
     print(f"MLflow: run {result.run_id} in {result.tracking_uri}")
     print(f"  open the MLflow UI:  mlflow ui --backend-store-uri {result.tracking_uri}")
-    print("  open the Prefect UI: prefect server start   (with PREFECT_HOME="
-          f"{os.environ['PREFECT_HOME']})")
+    print(f"  open the Prefect UI: prefect server start   (with PREFECT_HOME={os.environ['PREFECT_HOME']})")
     return 0
 
 
@@ -158,8 +162,10 @@ def continual(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     if config.domain != "knowledge":
-        raise ConfigError(f"seal continual merges self-edits about passages: it needs domain=knowledge, the config "
-                          f"has domain={config.domain}")
+        raise ConfigError(
+            f"seal continual merges self-edits about passages: it needs domain=knowledge, the config "
+            f"has domain={config.domain}"
+        )
     prefect_environment()
     from flows.continual import format_summary, seal_continual
 
@@ -213,8 +219,15 @@ def main(argv: list[str] | None = None) -> int:
     from models.errors import ConfigError, DatasetError, ModelNotFoundError, UnknownTaskError
 
     try:
-        return {"run": run, "eval": evaluate, "inner-loop": inner_loop, "continual": continual,
-                "clean": clean, "serve": serve, "doctor": doctor}[args.command](args)
+        return {
+            "run": run,
+            "eval": evaluate,
+            "inner-loop": inner_loop,
+            "continual": continual,
+            "clean": clean,
+            "serve": serve,
+            "doctor": doctor,
+        }[args.command](args)
     except (ConfigError, ModelNotFoundError, DatasetError, UnknownTaskError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -50,7 +50,11 @@ from flows.tracking import Tracker, default_tracking_uri, flow_run_tracker
 from flows.training import verified_policy
 from models.config import SealConfig
 from models.continual import (
-    ContinualSummary, accuracy_matrix, format_matrix, remove_checkpoint, summarize,
+    ContinualSummary,
+    accuracy_matrix,
+    format_matrix,
+    remove_checkpoint,
+    summarize,
 )
 from models.errors import ModelNotFoundError
 from models.paths import seal_home
@@ -70,8 +74,9 @@ class SequenceResult:
 
     @property
     def matrix(self) -> np.ndarray:
-        return accuracy_matrix([s.accuracy for s in self.row0], [[s.accuracy for s in step.scores]
-                                                                  for step in self.steps])
+        return accuracy_matrix(
+            [s.accuracy for s in self.row0], [[s.accuracy for s in step.scores] for step in self.steps]
+        )
 
 
 @dataclass
@@ -117,14 +122,31 @@ class _Sequence:
         edit = None
         if cont.training == "self_edit":
             (edits,) = knowledge.sample_self_edits.submit(
-                policy, config.model, [self.contexts[k]], config.self_edit,
-                [stable_seed(config.seed, "continual", self.sequence, k)], 1, label).result()
+                policy,
+                config.model,
+                [self.contexts[k]],
+                config.self_edit,
+                [stable_seed(config.seed, "continual", self.sequence, k)],
+                1,
+                label,
+            ).result()
             edit = edits[0]
         step = continual_step.with_options(refresh_cache=True) if refresh else continual_step
         record = step.submit(
-            policy, self.start, config.model, self.contexts[: k + 1], edit,
-            [s.documents for s in self.steps[:k]], cont.replay, stable_seed(cont.seed, "replay", self.sequence, k),
-            config.lora, config.inner_loop, config.eval, cont.probe_prompts, label).result()
+            policy,
+            self.start,
+            config.model,
+            self.contexts[: k + 1],
+            edit,
+            [s.documents for s in self.steps[:k]],
+            cont.replay,
+            stable_seed(cont.seed, "replay", self.sequence, k),
+            config.lora,
+            config.inner_loop,
+            config.eval,
+            cont.probe_prompts,
+            label,
+        ).result()
         return edit, record
 
 
@@ -133,13 +155,17 @@ def run_sequence(config: SealConfig, start: PolicyRef, sequence: int, keep_final
     """One sequence: the unedited model's row, then K steps, each merged into the next."""
     with placement(config.runner):
         cont = config.continual
-        contexts = knowledge.fetch_contexts(config.data, "validation", cont.passages,
-                                            seed=stable_seed(cont.seed, "continual", sequence))
+        contexts = knowledge.fetch_contexts(
+            config.data, "validation", cont.passages, seed=stable_seed(cont.seed, "continual", sequence)
+        )
         if len(contexts) < cont.passages:
-            raise ValueError(f"continual.passages is {cont.passages} but the held-out split has only "
-                             f"{len(contexts)} passages; lower it or add data (data.num_passages)")
-        row0 = knowledge.evaluate_baselines.submit(start, config.model, contexts, config.eval,
-                                                   f"seq{sequence}-unedited").result()
+            raise ValueError(
+                f"continual.passages is {cont.passages} but the held-out split has only "
+                f"{len(contexts)} passages; lower it or add data (data.num_passages)"
+            )
+        row0 = knowledge.evaluate_baselines.submit(
+            start, config.model, contexts, config.eval, f"seq{sequence}-unedited"
+        ).result()
         chain = _Sequence(config, start, sequence, contexts)
         root = checkpoint_root()
         progress = Progress(f"continual-sequence-{sequence}", {"steps": cont.passages})
@@ -164,17 +190,26 @@ def seal_continual(config: SealConfig, keep_final: bool = False) -> ContinualRes
     ``keep_final`` keeps each sequence's last merged checkpoint (otherwise deleted with the others).
     """
     if config.domain != "knowledge":
-        raise ValueError(f"seal continual runs the knowledge domain (passages and questions); the config's domain "
-                         f"is {config.domain!r}: use domain=knowledge")
+        raise ValueError(
+            f"seal continual runs the knowledge domain (passages and questions); the config's domain "
+            f"is {config.domain!r}: use domain=knowledge"
+        )
     tracking_uri = default_tracking_uri(seal_home())
     digest = f"continual-{config.digest()}"  # never continues a training run of the same config
-    tracker = flow_run_tracker(tracking_uri, config.tracking, config.model.name, digest, str(flow_run.id),
-                               flow_run.name or "seal-continual", **{"seal.flow": "continual",
-                                                                     "seal.continual.policy": config.continual.policy})
+    tracker = flow_run_tracker(
+        tracking_uri,
+        config.tracking,
+        config.model.name,
+        digest,
+        str(flow_run.id),
+        flow_run.name or "seal-continual",
+        **{"seal.flow": "continual", "seal.continual.policy": config.continual.policy},
+    )
     create_link_artifact(
         link=f"{os.environ.get('SEAL_MLFLOW_UI', 'http://127.0.0.1:5000')}/#/experiments/"
         f"{tracker.experiment_id}/runs/{tracker.run_id}",
-        link_text=f"MLflow run {tracker.run_id}", key="mlflow-run",
+        link_text=f"MLflow run {tracker.run_id}",
+        key="mlflow-run",
         description="The MLflow run of this continual flow run: matrices, heatmap, curves, drift.",
     )
     try:
@@ -196,9 +231,14 @@ def _continual(config: SealConfig, tracker: Tracker, keep_final: bool) -> Contin
         result = on_runner(run_sequence, config.runner)(config, start, s, keep_final)
         sequences.append(result)
         for k, step in enumerate(result.steps):
-            tracker.log_metrics({f"sequence_{s}/kl": step.kl, f"sequence_{s}/newest_accuracy": step.scores[-1].accuracy,
-                                 f"sequence_{s}/mean_accuracy": float(np.mean([x.accuracy for x in step.scores]))},
-                                step=k + 1)
+            tracker.log_metrics(
+                {
+                    f"sequence_{s}/kl": step.kl,
+                    f"sequence_{s}/newest_accuracy": step.scores[-1].accuracy,
+                    f"sequence_{s}/mean_accuracy": float(np.mean([x.accuracy for x in step.scores])),
+                },
+                step=k + 1,
+            )
     summary = summarize([r.matrix for r in sequences], [[step.kl for step in r.steps] for r in sequences])
     _report(tracker, sequences, summary)
     return ContinualResult(start, sequences, summary, tracker.run_id, "")
@@ -215,24 +255,60 @@ def _report(tracker: Tracker, sequences: list[SequenceResult], summary: Continua
     if summary.kl_forgetting_correlation is not None:
         metrics["continual/kl_forgetting_correlation"] = summary.kl_forgetting_correlation
     tracker.log_metrics(metrics, step=0)
-    tracker.log_text(json.dumps({**summary.as_json(), "per_sequence": [
-        {"sequence": r.sequence, "contexts": [c.id for c in r.contexts],
-         "matrix": [[None if np.isnan(v) else float(v) for v in row] for row in r.matrix],
-         "kl": [step.kl for step in r.steps]} for r in sequences]}, indent=1), "continual/matrix.json")
-    tracker.log_table([
-        {"sequence": r.sequence, "step": k, "context_id": r.contexts[k].id, "kl": step.kl,
-         "accuracies": [s.accuracy for s in step.scores], "documents": len(step.documents),
-         "replayed": step.replayed, "train_steps": step.steps, "mean_loss": step.mean_loss,
-         "train_seconds": step.seconds, "self_edit": edit.text if edit else None}
-        for r in sequences for k, (edit, step) in enumerate(zip(r.edits, r.steps))
-    ], "continual/steps.json")
+    tracker.log_text(
+        json.dumps(
+            {
+                **summary.as_json(),
+                "per_sequence": [
+                    {
+                        "sequence": r.sequence,
+                        "contexts": [c.id for c in r.contexts],
+                        "matrix": [[None if np.isnan(v) else float(v) for v in row] for row in r.matrix],
+                        "kl": [step.kl for step in r.steps],
+                    }
+                    for r in sequences
+                ],
+            },
+            indent=1,
+        ),
+        "continual/matrix.json",
+    )
+    tracker.log_table(
+        [
+            {
+                "sequence": r.sequence,
+                "step": k,
+                "context_id": r.contexts[k].id,
+                "kl": step.kl,
+                "accuracies": [s.accuracy for s in step.scores],
+                "documents": len(step.documents),
+                "replayed": step.replayed,
+                "train_steps": step.steps,
+                "mean_loss": step.mean_loss,
+                "train_seconds": step.seconds,
+                "self_edit": edit.text if edit else None,
+            }
+            for r in sequences
+            for k, (edit, step) in enumerate(zip(r.edits, r.steps))
+        ],
+        "continual/steps.json",
+    )
     tracker.log_figure(figures(summary), "continual/forgetting.png")
     passages = summary.mean.shape[1]
     create_table_artifact(
         key="continual-matrix",
-        table=[{"merges": r, **{f"p{j}": ("" if np.isnan(summary.mean[r, j]) else
-                                          f"{summary.mean[r, j]:.2f} ± {summary.std[r, j]:.2f}")
-                               for j in range(passages)}} for r in range(passages + 1)],
+        table=[
+            {
+                "merges": r,
+                **{
+                    f"p{j}": (
+                        "" if np.isnan(summary.mean[r, j]) else f"{summary.mean[r, j]:.2f} ± {summary.std[r, j]:.2f}"
+                    )
+                    for j in range(passages)
+                },
+            }
+            for r in range(passages + 1)
+        ],
         description=f"Accuracy on passage j (column) after r merges (row), mean ± std over {len(sequences)} "
         "sequence(s); row 0 is the model before any merge.",
     )
@@ -242,8 +318,11 @@ def _report(tracker: Tracker, sequences: list[SequenceResult], summary: Continua
         description="Accuracy on a passage after d more merges than its own (d = 0: right after it), mean over "
         "passages and sequences.",
     )
-    create_markdown_artifact(key="continual-summary", markdown=format_summary(summary, len(sequences), markdown=True),
-                             description="Continual self-adaptation: forgetting, transfer and drift")
+    create_markdown_artifact(
+        key="continual-summary",
+        markdown=format_summary(summary, len(sequences), markdown=True),
+        description="Continual self-adaptation: forgetting, transfer and drift",
+    )
     get_run_logger().info("\n%s", format_summary(summary, len(sequences)))
 
 
@@ -254,7 +333,8 @@ def format_summary(summary: ContinualSummary, sequences: int, markdown: bool = F
     fence = ["```"] if markdown else []
     lines = [
         f"accuracy on passage j (column) after r merges (row), mean ± std over {sequences} sequence(s):",
-        *fence, format_matrix(summary.mean, summary.std),
+        *fence,
+        format_matrix(summary.mean, summary.std),
         f"newest passage (right after its merge): {m['newest_accuracy']:.3f} ± {m['newest_accuracy_std']:.3f}",
         f"forgetting (after own merge -> end):    {m['forgetting']:.3f} ± {m['forgetting_std']:.3f}",
         f"forgetting from best:                   {m['forgetting_max']:.3f} ± {m['forgetting_max_std']:.3f}",

@@ -47,16 +47,18 @@ class Domain(Protocol):
     def fetch_contexts(self, config: SealConfig, split: str, count: int, seed: int) -> list:
         """``count`` contexts of ``split`` ("train" or "validation"), chosen by ``seed``."""
 
-    def sample_self_edits(self, policy: PolicyRef, config: SealConfig, contexts: list, seeds: list[int],
-                          num_samples: int, label: str) -> list:
+    def sample_self_edits(
+        self, policy: PolicyRef, config: SealConfig, contexts: list, seeds: list[int], num_samples: int, label: str
+    ) -> list:
         """For each context, a future of K self-edit records sampled from ``policy`` with its seed
         (``result()``, ``wait()``, ``state``; several may share one task); ``label`` names tasks."""
 
     def evaluate_baselines(self, policy: PolicyRef, config: SealConfig, contexts: list, label: str) -> list:
         """For each context, a future of the unadapted policy's score on its targets."""
 
-    def inner_loops(self, policy: PolicyRef, config: SealConfig, items: list[tuple[Any, Any, str]],
-                    tag: str = "") -> list:
+    def inner_loops(
+        self, policy: PolicyRef, config: SealConfig, items: list[tuple[Any, Any, str]], tag: str = ""
+    ) -> list:
         """Submit an inner loop per (context, self-edit, label) item (self-edit None: the domain's
         no-self-edit adaptation). Returns one object per item with ``adapter`` and ``score``
         futures and ``result()`` -> (AdapterRecord, EvalRecord) (``flows/inner_loop.py``);

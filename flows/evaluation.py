@@ -1,7 +1,7 @@
 """Held-out evaluation of a policy as a Prefect flow (the table of the config's domain).
 
-    seal eval deployments/configs/knowledge-smollm2.yaml models:/seal-policy@best
-    seal eval deployments/configs/fewshot-smollm2.yaml base
+seal eval deployments/configs/knowledge-smollm2.yaml models:/seal-policy@best
+seal eval deployments/configs/fewshot-smollm2.yaml base
 """
 
 from __future__ import annotations
@@ -37,8 +37,11 @@ def resolve_policy(policy: str, base: PolicyRef) -> PolicyRef:
     else:
         folder = Path(policy)
     resolved = resolve_model(str(folder))
-    return PolicyRef(name=folder.name if not policy.startswith("models:/") else policy,
-                     path=str(resolved.path), digest=resolved.digest)
+    return PolicyRef(
+        name=folder.name if not policy.startswith("models:/") else policy,
+        path=str(resolved.path),
+        digest=resolved.digest,
+    )
 
 
 @flow(name="seal-evaluation")
@@ -54,10 +57,16 @@ def seal_evaluation(config: SealConfig, policy: str = "base") -> HeldOutResult:
     with ray_cluster(config.runner):
         result = domain_for(config).evaluate_policy(config, resolved, base)
     tracker = MlflowTracker(
-        default_tracking_uri(seal_home()), config.tracking.experiment, config.tracking.registered_model,
+        default_tracking_uri(seal_home()),
+        config.tracking.experiment,
+        config.tracking.registered_model,
         run_name=f"eval-{resolved.name}",
-        tags={"prefect.flow_run_id": str(flow_run.id), "seal.evaluated_policy": policy,
-              "seal.policy_digest": resolved.digest, "seal.config_digest": config.digest()},
+        tags={
+            "prefect.flow_run_id": str(flow_run.id),
+            "seal.evaluated_policy": policy,
+            "seal.policy_digest": resolved.digest,
+            "seal.config_digest": config.digest(),
+        },
     )
     tracker.log_params(config.flat())
     tracker.log_metrics(held_out_metrics(result), step=0)

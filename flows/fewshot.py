@@ -40,8 +40,7 @@ class FewshotDomain:
     """Few-shot learning on ARC: the tasks of ``tasks/fewshot.py``."""
 
     name = "fewshot"
-    held_out_title = ("held-out ARC tasks, the paper's Table 1 (solved/tasks; for the self-edit "
-                      "rows solved/self-edits):")
+    held_out_title = "held-out ARC tasks, the paper's Table 1 (solved/tasks; for the self-edit rows solved/self-edits):"
     policy_column = "seal"
     edit_measures = ("attempts",)
 
@@ -50,15 +49,26 @@ class FewshotDomain:
 
     def sample_self_edits(self, policy, config, contexts, seeds, num_samples, label):
         """A task per ARC task: each redraws its own invalid configs."""
-        return [fewshot.sample_self_edits.submit(policy, config.model, arc, config.self_edit, config.fewshot,
-                                                 config.inner_loop.batch_size, seed=seed, num_samples=num_samples)
-                for arc, seed in zip(contexts, seeds, strict=True)]
+        return [
+            fewshot.sample_self_edits.submit(
+                policy,
+                config.model,
+                arc,
+                config.self_edit,
+                config.fewshot,
+                config.inner_loop.batch_size,
+                seed=seed,
+                num_samples=num_samples,
+            )
+            for arc, seed in zip(contexts, seeds, strict=True)
+        ]
 
     def train_adapter(self, policy, config, context, edit, label, refresh=False):
         train = fewshot.train_adapter.with_options(refresh_cache=True) if refresh else fewshot.train_adapter
         # The parsed config, not the text, is the input: equal configs share one adapter.
-        return train.submit(policy, config.model, context, edit.config, edit.failure, label, config.lora,
-                            config.inner_loop)
+        return train.submit(
+            policy, config.model, context, edit.config, edit.failure, label, config.lora, config.inner_loop
+        )
 
     def evaluate_adapter(self, policy, config, context, adapter, label, refresh=False):
         evaluate = fewshot.evaluate_adapter.with_options(refresh_cache=True) if refresh else fewshot.evaluate_adapter
@@ -69,14 +79,18 @@ class FewshotDomain:
 
     def inner_loops(self, policy, config, items, tag=""):
         """One inner loop per self-edit: each config trains on its own augmented task."""
+
         def submitter(arc, edit, label):
             def submit(refresh):
                 adapter = self.train_adapter(policy, config, arc, edit, label, refresh=refresh)
                 return adapter, self.evaluate_adapter(policy, config, arc, adapter, label, refresh=refresh)
+
             return submit
 
-        return [InnerLoop(submitter(arc, edit, f"{tag}-{label}" if tag else label), arc.num_targets)
-                for arc, edit, label in items]
+        return [
+            InnerLoop(submitter(arc, edit, f"{tag}-{label}" if tag else label), arc.num_targets)
+            for arc, edit, label in items
+        ]
 
     def select_self_edits(self, config, context_id, baseline, scores, edits):
         return fewshot.select_self_edits(context_id, baseline, scores)
@@ -89,10 +103,15 @@ class FewshotDomain:
         records = []
         for index, oracle in enumerate(config.fewshot.oracle_configs):
             problems = check_bounds(oracle, config.fewshot, len(arc.train_inputs), config.inner_loop.batch_size)
-            records.append(ConfigSelfEditRecord(
-                index=index, text=oracle.canonical(), prompt="", config=None if problems else oracle,
-                failure=("out of bounds: " + "; ".join(problems)) if problems else None,
-            ))
+            records.append(
+                ConfigSelfEditRecord(
+                    index=index,
+                    text=oracle.canonical(),
+                    prompt="",
+                    config=None if problems else oracle,
+                    failure=("out of bounds: " + "; ".join(problems)) if problems else None,
+                )
+            )
         return records
 
     def evaluate_policy(self, config, policy, base):
@@ -130,12 +149,14 @@ def _evaluate_fewshot_policy(config: SealConfig, policy: PolicyRef, base: Policy
         if policy.digest == base.digest:  # before any update both rows are the same work
             seal = ttt
         else:
-            policy_edits = FEWSHOT.sample_self_edits(
-                policy, config, [arc], [seed], k, f"held-out-{policy.name}")[0].result()
+            policy_edits = FEWSHOT.sample_self_edits(policy, config, [arc], [seed], k, f"held-out-{policy.name}")[
+                0
+            ].result()
             adapted = policy if config.fewshot.seal_adapts == "policy" else base
             seal = FEWSHOT.inner_loops(adapted, config, [(arc, e, f"policy-edit{e.index}") for e in policy_edits])
-        oracle = FEWSHOT.inner_loops(base, config, [(arc, e, f"oracle{e.index}")
-                                                    for e in FEWSHOT.oracle_self_edits(config, arc)])
+        oracle = FEWSHOT.inner_loops(
+            base, config, [(arc, e, f"oracle{e.index}") for e in FEWSHOT.oracle_self_edits(config, arc)]
+        )
         submitted.append((arc, in_context, ttt, seal, oracle))
     counts: dict[str, list[tuple[float, int]]] = {column: [] for column in TABLE_1}
     per_context = []
@@ -146,19 +167,32 @@ def _evaluate_fewshot_policy(config: SealConfig, policy: PolicyRef, base: Policy
             "seal": [solved(loop.result()[1]) for loop in seal],
             "oracle_solved_by": [solved(loop.result()[1]) for loop in oracle],
         }
-        solved_counts = {"in_context": sum(rows["in_context"]), "ttt_self_edits": sum(rows["ttt_self_edits"]),
-                         "seal": sum(rows["seal"]), "oracle_ttt": int(any(rows["oracle_solved_by"]))}
+        solved_counts = {
+            "in_context": sum(rows["in_context"]),
+            "ttt_self_edits": sum(rows["ttt_self_edits"]),
+            "seal": sum(rows["seal"]),
+            "oracle_ttt": int(any(rows["oracle_solved_by"])),
+        }
         for column, count in solved_counts.items():
             counts[column].append((count, k if column in ("ttt_self_edits", "seal") else 1))
-        per_context.append({
-            "context_id": arc.id, **solved_counts, "self_edits": k,
-            "oracle_solved_by": [i for i, ok in enumerate(rows["oracle_solved_by"]) if ok],
-            "seal_configs_valid": sum(1 for loop in seal if loop.result()[0].failure is None),
-            # (adapter folder, seconds to train and score it) of every inner loop that ran; equal
-            # configs share a folder, so a folder counts once however often it was asked for.
-            "inner_loops": sorted({(a.path, a.seconds + s.seconds) for a, s in
-                                   (loop.result() for loop in (*ttt, *seal, *oracle)) if a.path}),
-        })
+        per_context.append(
+            {
+                "context_id": arc.id,
+                **solved_counts,
+                "self_edits": k,
+                "oracle_solved_by": [i for i, ok in enumerate(rows["oracle_solved_by"]) if ok],
+                "seal_configs_valid": sum(1 for loop in seal if loop.result()[0].failure is None),
+                # (adapter folder, seconds to train and score it) of every inner loop that ran; equal
+                # configs share a folder, so a folder counts once however often it was asked for.
+                "inner_loops": sorted(
+                    {
+                        (a.path, a.seconds + s.seconds)
+                        for a, s in (loop.result() for loop in (*ttt, *seal, *oracle))
+                        if a.path
+                    }
+                ),
+            }
+        )
         progress.advance("tasks")
     progress.close()
     return HeldOutResult(policy, counts, time.perf_counter() - start, ("seal", "ttt_self_edits"), per_context)

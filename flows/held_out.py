@@ -60,17 +60,21 @@ def format_held_out(results: list[tuple[str, HeldOutResult]]) -> str:
         cells = ""
         for c in columns:
             estimate = result.interval(c)
-            cell = (f"{result.correct[c]:g}/{result.total_of(c)} ({result.accuracy(c):.0%})"
-                    f" [{estimate.low:.0%},{estimate.high:.0%}]")
+            cell = (
+                f"{result.correct[c]:g}/{result.total_of(c)} ({result.accuracy(c):.0%})"
+                f" [{estimate.low:.0%},{estimate.high:.0%}]"
+            )
             cells += f"{cell:>{width}}"
         lines.append(f"{label:<16}{cells}")
     lines.append("(95 % intervals: a bootstrap over held-out contexts)")
     for label, result in results:
         difference = result.difference()
         first, second = (c.replace("_", " ") for c in result.comparison)
-        lines.append(f"{label}: {first} - {second} = {100 * difference.value:+.1f} points "
-                     f"[{100 * difference.low:+.1f}, {100 * difference.high:+.1f}]"
-                     + ("" if difference.excludes_zero() else " (interval includes 0)"))
+        lines.append(
+            f"{label}: {first} - {second} = {100 * difference.value:+.1f} points "
+            f"[{100 * difference.low:+.1f}, {100 * difference.high:+.1f}]"
+            + ("" if difference.excludes_zero() else " (interval includes 0)")
+        )
     return "\n".join(lines)
 
 
@@ -80,9 +84,16 @@ def held_out_metrics(result: HeldOutResult) -> dict[str, float]:
     metrics = {}
     for c, correct in result.correct.items():
         estimate = result.interval(c)
-        metrics |= {f"held_out/{c}": result.accuracy(c), f"held_out/{c}_correct": correct,
-                    f"held_out/{c}_total": result.total_of(c), f"held_out/{c}_low": estimate.low,
-                    f"held_out/{c}_high": estimate.high}
+        metrics |= {
+            f"held_out/{c}": result.accuracy(c),
+            f"held_out/{c}_correct": correct,
+            f"held_out/{c}_total": result.total_of(c),
+            f"held_out/{c}_low": estimate.low,
+            f"held_out/{c}_high": estimate.high,
+        }
     difference = result.difference()
-    return metrics | {"held_out/difference": difference.value, "held_out/difference_low": difference.low,
-                      "held_out/difference_high": difference.high}
+    return metrics | {
+        "held_out/difference": difference.value,
+        "held_out/difference_low": difference.low,
+        "held_out/difference_high": difference.high,
+    }

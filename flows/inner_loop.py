@@ -87,8 +87,10 @@ class InnerLoopGroup:
                     self._results = list(zip(self.adapter.result(), self.score.result()))
             except (InnerLoopOutOfMemory, torch.OutOfMemoryError, MemoryError) as exc:
                 failure = f"{OUT_OF_MEMORY}: {str(exc)[:200]}"
-                self._results = [(AdapterRecord(path=None, failure=failure),
-                                  EvalRecord.failed(context.num_targets, failure)) for context, _, _ in self.items]
+                self._results = [
+                    (AdapterRecord(path=None, failure=failure), EvalRecord.failed(context.num_targets, failure))
+                    for context, _, _ in self.items
+                ]
         return self._results
 
 

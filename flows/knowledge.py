@@ -39,8 +39,9 @@ class KnowledgeDomain:
 
     def sample_self_edits(self, policy, config, contexts, seeds, num_samples, label):
         """All contexts in one batched sampling task."""
-        future = knowledge.sample_self_edits.submit(policy, config.model, contexts, config.self_edit, seeds,
-                                                    num_samples, label)
+        future = knowledge.sample_self_edits.submit(
+            policy, config.model, contexts, config.self_edit, seeds, num_samples, label
+        )
         return [FutureItem(future, i) for i in range(len(contexts))]
 
     def evaluate_baselines(self, policy, config, contexts, label):
@@ -52,6 +53,7 @@ class KnowledgeDomain:
         """Groups of ``inner_loop.group_size`` inner loops, each trained and evaluated together
         through stacked adapters (two tasks per group). With ``inner_loop.seeds`` > 1 each item
         trains once per seed and its result pools theirs (:class:`flows.inner_loop.SeedMean`)."""
+
         def submitter(inner):
             def submit(group, label, refresh):
                 train, evaluate = knowledge.train_adapters, knowledge.evaluate_adapters
@@ -59,9 +61,11 @@ class KnowledgeDomain:
                     train, evaluate = train.with_options(refresh_cache=True), evaluate.with_options(refresh_cache=True)
                 pairs, labels = [(c, e) for c, e, _ in group], [label for _, _, label in group]
                 adapters = train.submit(policy, config.model, pairs, label, labels, config.lora, inner)
-                scored = evaluate.submit(policy, config.model, [c for c, _ in pairs], adapters, label, labels,
-                                         config.eval, inner.lanes)
+                scored = evaluate.submit(
+                    policy, config.model, [c for c, _ in pairs], adapters, label, labels, config.eval, inner.lanes
+                )
                 return adapters, scored
+
             return submit
 
         chunks = length_groups([_documents(edit) for _, edit, _ in items], config.inner_loop.group_size)
@@ -76,8 +80,9 @@ class KnowledgeDomain:
             submit = submitter(config.inner_loop.model_copy(update={"seed": seed}))
             members: list = [None] * len(items)
             for chunk, label in zip(chunks, labels):
-                group = InnerLoopGroup(submit, [items[i] for i in chunk],
-                                       label if count == 1 else f"{label}-seed{seed}")
+                group = InnerLoopGroup(
+                    submit, [items[i] for i in chunk], label if count == 1 else f"{label}-seed{seed}"
+                )
                 for i, member in zip(chunk, group.members):
                     members[i] = member
             per_seed.append(members)
@@ -90,8 +95,11 @@ class KnowledgeDomain:
 
     def describe(self, context, edit):
         """Length, and what the self-edit carries of the passage (``models/edit_metrics.py``)."""
-        return {"documents": len(edit.documents), "tokens": edit.tokens,
-                **describe_self_edit(edit.text, context.context, context.answers)}
+        return {
+            "documents": len(edit.documents),
+            "tokens": edit.tokens,
+            **describe_self_edit(edit.text, context.context, context.answers),
+        }
 
     def evaluate_policy(self, config, policy, base):
         return on_runner(evaluate_policy, config.runner)(config, policy, base)
@@ -145,25 +153,41 @@ def _evaluate_policy(config: SealConfig, policy: PolicyRef, base: PolicyRef) -> 
     seeds = [stable_seed(config.seed, "held-out", c.id) for c in contexts]
     base_edits = KNOWLEDGE.sample_self_edits(base, config, contexts, seeds, m, f"held-out-{base.name}")
     same = policy.digest == base.digest  # before any update both columns are the same work
-    policy_edits = base_edits if same else KNOWLEDGE.sample_self_edits(
-        policy, config, contexts, seeds, m, f"held-out-{policy.name}")
+    policy_edits = (
+        base_edits
+        if same
+        else KNOWLEDGE.sample_self_edits(policy, config, contexts, seeds, m, f"held-out-{policy.name}")
+    )
     baselines = KNOWLEDGE.evaluate_baselines(base, config, contexts, f"held-out-{base.name}")
     # Per context: the passage alone, then its m base self-edits.
-    base_loops = KNOWLEDGE.inner_loops(base, config, [
-        item for c, edits in zip(contexts, base_edits)
-        for item in [(c, None, "passage")] + [(c, e, f"base-edit{e.index}") for e in edits.result()]
-    ], tag="base")
+    base_loops = KNOWLEDGE.inner_loops(
+        base,
+        config,
+        [
+            item
+            for c, edits in zip(contexts, base_edits)
+            for item in [(c, None, "passage")] + [(c, e, f"base-edit{e.index}") for e in edits.result()]
+        ],
+        tag="base",
+    )
     per_base = [base_loops[i * (m + 1) : (i + 1) * (m + 1)] for i in range(len(contexts))]
     if same:
         per_policy = [loops[1:] for loops in per_base]
     else:
-        policy_loops = KNOWLEDGE.inner_loops(policy, config, [
-            (c, e, f"policy-edit{e.index}") for c, edits in zip(contexts, policy_edits) for e in edits.result()
-        ], tag="policy")
+        policy_loops = KNOWLEDGE.inner_loops(
+            policy,
+            config,
+            [(c, e, f"policy-edit{e.index}") for c, edits in zip(contexts, policy_edits) for e in edits.result()],
+            tag="policy",
+        )
         per_policy = [policy_loops[i * m : (i + 1) * m] for i in range(len(contexts))]
     futures = [
-        {"no_adaptation": [baseline], "passage_only": loops[:1], "base_self_edits": loops[1:],
-         "policy_self_edits": policy}
+        {
+            "no_adaptation": [baseline],
+            "passage_only": loops[:1],
+            "base_self_edits": loops[1:],
+            "policy_self_edits": policy,
+        }
         for baseline, loops, policy in zip(baselines, per_base, per_policy)
     ]
     for i in range(len(contexts)):
@@ -175,16 +199,19 @@ def _evaluate_policy(config: SealConfig, policy: PolicyRef, base: PolicyRef) -> 
     per_context = []
     for c, columns in zip(contexts, futures):
         # A column's score on a context: correct answers, averaged over its self-edits and seeds.
-        scores = {name: [f.result()[1] if hasattr(f, "adapter") else f.result() for f in column]
-                  for name, column in columns.items()}
+        scores = {
+            name: [f.result()[1] if hasattr(f, "adapter") else f.result() for f in column]
+            for name, column in columns.items()
+        }
         means = {name: sum(s.mean_correct for s in records) / len(records) for name, records in scores.items()}
         for name, mean in means.items():
             counts[name].append((mean, len(c.questions)))
         per_context.append({"context_id": c.id, "questions": len(c.questions), **means})
     progress.advance("contexts", len(contexts) - progress.done["contexts"])
     progress.close()
-    return HeldOutResult(policy, counts, time.perf_counter() - start, ("policy_self_edits", "passage_only"),
-                         per_context)
+    return HeldOutResult(
+        policy, counts, time.perf_counter() - start, ("policy_self_edits", "passage_only"), per_context
+    )
 
 
 def _wait(column) -> None:
@@ -194,6 +221,7 @@ def _wait(column) -> None:
 
 def _advance_finished(submitted: list[dict], progress: Progress) -> None:
     """Count the held-out contexts whose every column has finished since the last call."""
+
     def finished(column) -> bool:
         futures = (column.adapter, column.score) if hasattr(column, "adapter") else (column,)
         return all(f.state.is_final() for f in futures)

@@ -73,8 +73,15 @@ def seal_nightly(config: SealConfig, policy: str = "models:/seal-policy@latest")
     accuracy dropped. See the module docstring."""
     tracking_uri = default_tracking_uri(seal_home())
     digest = f"nightly-{config.digest()}-{policy}"
-    tracker = flow_run_tracker(tracking_uri, config.tracking, config.model.name, digest, str(flow_run.id),
-                               flow_run.name or "seal-nightly", **{"seal.flow": "nightly"})
+    tracker = flow_run_tracker(
+        tracking_uri,
+        config.tracking,
+        config.model.name,
+        digest,
+        str(flow_run.id),
+        flow_run.name or "seal-nightly",
+        **{"seal.flow": "nightly"},
+    )
     try:
         with ray_cluster(config.runner):
             result = _night(config, policy, tracker)
@@ -117,16 +124,34 @@ def _night(config: SealConfig, policy_uri: str, tracker: Tracker) -> NightlyResu
     if changed and difference.value >= 0:
         (Path(policy.path) / SEEN_CONTEXTS).write_text(json.dumps(seen + tonight))
         registered = tracker.register_policy(
-            Path(policy.path), aliases=["latest"], digest=policy.digest,
+            Path(policy.path),
+            aliases=["latest"],
+            digest=policy.digest,
             description=f"nightly continuation of {start.name} ({start.digest}) on {len(tonight)} unseen contexts; "
-            f"held-out {domain.policy_column} {difference}")
-    verdict = ("registered as version " + registered if registered else
-               "not registered: " + ("no self-edit was kept, the policy is unchanged" if not changed else
-                                     f"held-out {domain.policy_column} dropped by {-difference.value:.1%}"))
-    logger.info("night from %s: held-out %s after - before = %s; %s", start.name, domain.policy_column,
-                difference, verdict)
-    tracker.log_metrics({"nightly/difference": difference.value, "nightly/difference_low": difference.low,
-                         "nightly/difference_high": difference.high, "nightly/registered": float(bool(registered)),
-                         "nightly/contexts": float(len(tonight))}, step=config.rl.iterations)
+            f"held-out {domain.policy_column} {difference}",
+        )
+    verdict = (
+        "registered as version " + registered
+        if registered
+        else "not registered: "
+        + (
+            "no self-edit was kept, the policy is unchanged"
+            if not changed
+            else f"held-out {domain.policy_column} dropped by {-difference.value:.1%}"
+        )
+    )
+    logger.info(
+        "night from %s: held-out %s after - before = %s; %s", start.name, domain.policy_column, difference, verdict
+    )
+    tracker.log_metrics(
+        {
+            "nightly/difference": difference.value,
+            "nightly/difference_low": difference.low,
+            "nightly/difference_high": difference.high,
+            "nightly/registered": float(bool(registered)),
+            "nightly/contexts": float(len(tonight)),
+        },
+        step=config.rl.iterations,
+    )
     tracker.set_tags({"seal.nightly.verdict": verdict})
     return NightlyResult(start, policy, before, after, difference, registered, tonight, iterations, tracker.run_id)

@@ -28,7 +28,8 @@ class Progress:
         self.totals = dict(totals)
         self.done = dict.fromkeys(totals, 0)
         self.artifact_id = create_progress_artifact(
-            progress=0.0, key=artifact_key(f"progress-{name}"),
+            progress=0.0,
+            key=artifact_key(f"progress-{name}"),
             description=f"{name}: " + ", ".join(f"{stage} 0/{total}" for stage, total in totals.items()),
         )
         stream = stream if stream is not None else sys.stderr
@@ -36,9 +37,18 @@ class Progress:
         if stream.isatty():
             from tqdm import tqdm
 
-            self.bars = {stage: tqdm(total=total, desc=f"{name} {stage}", unit="task", file=stream,
-                                     position=i, leave=True, dynamic_ncols=True)
-                         for i, (stage, total) in enumerate(totals.items())}
+            self.bars = {
+                stage: tqdm(
+                    total=total,
+                    desc=f"{name} {stage}",
+                    unit="task",
+                    file=stream,
+                    position=i,
+                    leave=True,
+                    dynamic_ncols=True,
+                )
+                for i, (stage, total) in enumerate(totals.items())
+            }
 
     @property
     def fraction(self) -> float:

@@ -61,8 +61,11 @@ def ray_init_kwargs(runner: RunnerConfig) -> dict:
     if runner.address is None:
         # "local": a new instance of this flow run's own; with no address Ray would join any
         # instance already running on the machine (or the last one started here, even if dead).
-        kwargs |= {"address": "local", "num_cpus": cpus_per_task(runner) * runner.num_workers,
-                   "include_dashboard": False}
+        kwargs |= {
+            "address": "local",
+            "num_cpus": cpus_per_task(runner) * runner.num_workers,
+            "include_dashboard": False,
+        }
     else:
         kwargs["address"] = runner.address
     return kwargs
@@ -149,10 +152,14 @@ def ray_cluster(runner: RunnerConfig) -> Iterator[None]:
         check_fits(runner, ray.nodes())
         nodes = [n for n in ray.nodes() if n["Alive"]]
         get_run_logger().info(
-            "Ray %s: %d node(s), %g CPUs, %g GPUs; each model task reserves %g CPUs, %g GPUs and runs "
-            "%d torch threads", f"cluster at {runner.address}" if runner.address else "local instance", len(nodes),
-            sum(n["Resources"].get("CPU", 0) for n in nodes), sum(n["Resources"].get("GPU", 0) for n in nodes),
-            cpus_per_task(runner), runner.gpus_per_task, worker_threads(runner),
+            "Ray %s: %d node(s), %g CPUs, %g GPUs; each model task reserves %g CPUs, %g GPUs and runs %d torch threads",
+            f"cluster at {runner.address}" if runner.address else "local instance",
+            len(nodes),
+            sum(n["Resources"].get("CPU", 0) for n in nodes),
+            sum(n["Resources"].get("GPU", 0) for n in nodes),
+            cpus_per_task(runner),
+            runner.gpus_per_task,
+            worker_threads(runner),
         )
         yield
 

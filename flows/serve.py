@@ -53,11 +53,32 @@ def server_commands(endpoints: Endpoints, home: Path) -> dict[str, list[str]]:
     bin_dir = Path(sys.executable).parent
     tracking_uri = default_tracking_uri(home)
     return {
-        "prefect": [str(bin_dir / "prefect"), "server", "start", "--host", endpoints.host,
-                    "--port", str(endpoints.prefect_port), "--log-level", "WARNING", "--analytics-off"],
-        "mlflow": [str(bin_dir / "mlflow"), "server", "--host", endpoints.host, "--port", str(endpoints.mlflow_port),
-                   "--backend-store-uri", tracking_uri, "--default-artifact-root", _artifact_location(tracking_uri),
-                   "--workers", "1"],
+        "prefect": [
+            str(bin_dir / "prefect"),
+            "server",
+            "start",
+            "--host",
+            endpoints.host,
+            "--port",
+            str(endpoints.prefect_port),
+            "--log-level",
+            "WARNING",
+            "--analytics-off",
+        ],
+        "mlflow": [
+            str(bin_dir / "mlflow"),
+            "server",
+            "--host",
+            endpoints.host,
+            "--port",
+            str(endpoints.mlflow_port),
+            "--backend-store-uri",
+            tracking_uri,
+            "--default-artifact-root",
+            _artifact_location(tracking_uri),
+            "--workers",
+            "1",
+        ],
     }
 
 
@@ -70,7 +91,9 @@ def wait_healthy(urls: dict[str, str], processes: dict[str, subprocess.Popen], t
             if name in ready:
                 continue
             if processes[name].poll() is not None:
-                raise RuntimeError(f"the {name} server exited with code {processes[name].returncode} before answering {url}")
+                raise RuntimeError(
+                    f"the {name} server exited with code {processes[name].returncode} before answering {url}"
+                )
             try:
                 with urllib.request.urlopen(url, timeout=2) as response:
                     if response.status == 200:
@@ -87,18 +110,26 @@ def wait_healthy(urls: dict[str, str], processes: dict[str, subprocess.Popen], t
 @contextmanager
 def servers(endpoints: Endpoints, home: Path, timeout: float = 120) -> Iterator[dict[str, float]]:
     """Run both servers for the block; yield the seconds each took to become healthy."""
-    env = {**os.environ, "PREFECT_HOME": str(home / "prefect"), "PREFECT_API_URL": endpoints.prefect_api,
-           # MLflow's GenAI job runner serves nothing SEAL logs; its idle workers cost memory.
-           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home / "prefect"),
+        "PREFECT_API_URL": endpoints.prefect_api,
+        # MLflow's GenAI job runner serves nothing SEAL logs; its idle workers cost memory.
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+    }
     (home / "prefect").mkdir(parents=True, exist_ok=True)
     processes: dict[str, subprocess.Popen] = {}
     try:
         for name, command in server_commands(endpoints, home).items():
             # Own process group: one signal stops a server and the workers it forked.
-            processes[name] = subprocess.Popen(command, env=env, start_new_session=True,
-                                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        yield wait_healthy({"prefect": f"{endpoints.prefect_api}/health", "mlflow": f"{endpoints.mlflow_ui}/health"},
-                           processes, timeout)
+            processes[name] = subprocess.Popen(
+                command, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            )
+        yield wait_healthy(
+            {"prefect": f"{endpoints.prefect_api}/health", "mlflow": f"{endpoints.mlflow_ui}/health"},
+            processes,
+            timeout,
+        )
     finally:
         stop(processes.values())
 
@@ -140,31 +171,47 @@ def deployments(config_dir: Path = CONFIGS) -> list:
     result = []
     for path in sorted([*config_dir.glob("knowledge-*.yaml"), *config_dir.glob("fewshot-*.yaml")]):
         config = load_config(path).model_dump(mode="json")
-        result.append(seal_training.to_deployment(
-            name=path.stem, parameters={"config": config}, tags=["seal", "training"],
-            entrypoint_type=EntrypointType.MODULE_PATH,
-            description=f"SEAL training (ReST-EM) with {path.name}; edit any field in the form.",
-        ))
+        result.append(
+            seal_training.to_deployment(
+                name=path.stem,
+                parameters={"config": config},
+                tags=["seal", "training"],
+                entrypoint_type=EntrypointType.MODULE_PATH,
+                description=f"SEAL training (ReST-EM) with {path.name}; edit any field in the form.",
+            )
+        )
     for path in sorted(config_dir.glob("continual-*.yaml")):
         config = load_config(path).model_dump(mode="json")
-        result.append(seal_continual.to_deployment(
-            name=path.stem, parameters={"config": config}, tags=["seal", "continual"],
-            entrypoint_type=EntrypointType.MODULE_PATH,
-            description=f"Self-edits merged one after another, and the forgetting matrix, with {path.name}.",
-        ))
+        result.append(
+            seal_continual.to_deployment(
+                name=path.stem,
+                parameters={"config": config},
+                tags=["seal", "continual"],
+                entrypoint_type=EntrypointType.MODULE_PATH,
+                description=f"Self-edits merged one after another, and the forgetting matrix, with {path.name}.",
+            )
+        )
     default = load_config(config_dir / "knowledge-smollm2.yaml").model_dump(mode="json")
-    result.append(seal_evaluation.to_deployment(
-        name="knowledge-smollm2", parameters={"config": default, "policy": "models:/seal-policy@best"},
-        tags=["seal", "evaluation"], entrypoint_type=EntrypointType.MODULE_PATH,
-        description="Held-out evaluation of a policy (base, a folder or a models:/ URI).",
-    ))
-    result.append(seal_nightly.to_deployment(
-        name="nightly-continued-adaptation", parameters={"config": default, "policy": "models:/seal-policy@latest"},
-        schedules=[Cron("0 2 * * *", timezone="UTC", active=False)], tags=["seal", "training", "scheduled"],
-        entrypoint_type=EntrypointType.MODULE_PATH,
-        description="Every night at 02:00 UTC (inactive until switched on): continue the latest registered policy "
-        "on contexts it has not seen; register the result only if held-out accuracy did not drop.",
-    ))
+    result.append(
+        seal_evaluation.to_deployment(
+            name="knowledge-smollm2",
+            parameters={"config": default, "policy": "models:/seal-policy@best"},
+            tags=["seal", "evaluation"],
+            entrypoint_type=EntrypointType.MODULE_PATH,
+            description="Held-out evaluation of a policy (base, a folder or a models:/ URI).",
+        )
+    )
+    result.append(
+        seal_nightly.to_deployment(
+            name="nightly-continued-adaptation",
+            parameters={"config": default, "policy": "models:/seal-policy@latest"},
+            schedules=[Cron("0 2 * * *", timezone="UTC", active=False)],
+            tags=["seal", "training", "scheduled"],
+            entrypoint_type=EntrypointType.MODULE_PATH,
+            description="Every night at 02:00 UTC (inactive until switched on): continue the latest registered policy "
+            "on contexts it has not seen; register the result only if held-out accuracy did not drop.",
+        )
+    )
     return result
 
 
@@ -185,8 +232,11 @@ def serve(endpoints: Endpoints, home: Path, print_=print) -> int:
     signal.signal(signal.SIGTERM, terminate)
     try:
         with servers(endpoints, home) as ready:
-            print_(f"Prefect UI: {endpoints.prefect_ui}   MLflow UI: {endpoints.mlflow_ui}   "
-                   f"(both healthy after {time.monotonic() - start:.1f}s; SEAL home {home})", flush=True)
+            print_(
+                f"Prefect UI: {endpoints.prefect_ui}   MLflow UI: {endpoints.mlflow_ui}   "
+                f"(both healthy after {time.monotonic() - start:.1f}s; SEAL home {home})",
+                flush=True,
+            )
             from prefect import serve as prefect_serve
 
             prefect_serve(*deployments(), print_starting_message=False)

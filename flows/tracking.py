@@ -63,8 +63,7 @@ class Tracker(Protocol):
     def log_figure(self, figure: Any, artifact_file: str) -> None:
         """Log a matplotlib figure as an image."""
 
-    def register_policy(self, policy_dir: Path, *, aliases: list[str], description: str = "",
-                        digest: str = "") -> str:
+    def register_policy(self, policy_dir: Path, *, aliases: list[str], description: str = "", digest: str = "") -> str:
         """Register a policy folder as a new model version (once per digest); return the version."""
 
     def set_alias(self, version: str, alias: str) -> None:
@@ -100,8 +99,7 @@ class NullTracker:
     def log_figure(self, figure: Any, artifact_file: str) -> None:
         pass
 
-    def register_policy(self, policy_dir: Path, *, aliases: list[str], description: str = "",
-                        digest: str = "") -> str:
+    def register_policy(self, policy_dir: Path, *, aliases: list[str], description: str = "", digest: str = "") -> str:
         return "0"
 
     def set_alias(self, version: str, alias: str) -> None:
@@ -239,8 +237,9 @@ class MlflowTracker:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Log scalars at ``step``; a (key, step) already in the run is not logged again."""
         now = int(time.time() * 1000)
-        batch = [Metric(key, float(value), now, step) for key, value in metrics.items()
-                 if (key, step) not in self._logged]
+        batch = [
+            Metric(key, float(value), now, step) for key, value in metrics.items() if (key, step) not in self._logged
+        ]
         if batch:
             self.client.log_batch(self.run_id, metrics=batch)
             self._logged |= {(m.key, step) for m in batch}
@@ -275,8 +274,7 @@ class MlflowTracker:
     def log_figure(self, figure: Any, artifact_file: str) -> None:
         self.client.log_figure(self.run_id, figure, artifact_file)
 
-    def register_policy(self, policy_dir: Path, *, aliases: list[str], description: str = "",
-                        digest: str = "") -> str:
+    def register_policy(self, policy_dir: Path, *, aliases: list[str], description: str = "", digest: str = "") -> str:
         """Log ``policy_dir`` under ``policies/<folder name>`` and register it as a new version.
 
         A policy with the same ``digest`` already registered from this run (a resumed flow) is
@@ -407,8 +405,7 @@ def _parse_models_uri(uri: str) -> tuple[str, str | None, str | None]:
         if name and version.lower() == LATEST:
             return name, LATEST, None
     raise ValueError(
-        f"Expected a registered model URI like 'models:/seal-policy@best' or "
-        f"'models:/seal-policy/3', got {uri!r}."
+        f"Expected a registered model URI like 'models:/seal-policy@best' or 'models:/seal-policy/3', got {uri!r}."
     )
 
 
@@ -477,15 +474,25 @@ def find_resumable_run(tracking_uri: str, experiment: str, flow_run_id: str, con
     return candidate
 
 
-def flow_run_tracker(tracking_uri: str, tracking: TrackingConfig, model: str, digest: str, flow_run_id: str,
-                     run_name: str, **tags: str) -> MlflowTracker:
+def flow_run_tracker(
+    tracking_uri: str, tracking: TrackingConfig, model: str, digest: str, flow_run_id: str, run_name: str, **tags: str
+) -> MlflowTracker:
     """The MLflow run of a flow run: the one it should continue (:func:`find_resumable_run`, by
     ``digest``), else a new one, tagged so that a later retry or rerun finds it again."""
     resumed = find_resumable_run(tracking_uri, tracking.experiment, flow_run_id, digest)
     return MlflowTracker(
-        tracking_uri, tracking.experiment, tracking.registered_model, run_name=run_name,
-        tags={"prefect.flow_run_id": flow_run_id, "seal.config_digest": digest, "seal.model": model,
-              "seal.host": socket.gethostname(), "seal.pid": str(os.getpid()), **tags},
+        tracking_uri,
+        tracking.experiment,
+        tracking.registered_model,
+        run_name=run_name,
+        tags={
+            "prefect.flow_run_id": flow_run_id,
+            "seal.config_digest": digest,
+            "seal.model": model,
+            "seal.host": socket.gethostname(),
+            "seal.pid": str(os.getpid()),
+            **tags,
+        },
         run_id=resumed,
     )
 

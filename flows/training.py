@@ -64,6 +64,7 @@ from models.paths import seal_home
 from tasks.policy import resolve_base_policy, update_policy
 from tasks.records import PolicyRef, SelectionRecord, stable_seed
 
+
 @dataclass
 class IterationResult:
     iteration: int
@@ -105,8 +106,9 @@ def check_success_fraction(rows: list[dict], minimum: float, iteration: int) -> 
 # The task runners below are the defaults; the training flow runs these subflows with the
 # config's runner (flows.runner.on_runner).
 @flow(flow_run_name="iteration-{iteration}", task_runner=SERIAL)
-def run_iteration(config: SealConfig, policy: PolicyRef, iteration: int,
-                  exclude: list[str] | None = None) -> IterationResult:
+def run_iteration(
+    config: SealConfig, policy: PolicyRef, iteration: int, exclude: list[str] | None = None
+) -> IterationResult:
     """One outer iteration: the E-step over N contexts x K self-edits, then the M-step. Training
     contexts whose id is in ``exclude`` (those a continued policy has seen) are skipped."""
     with placement(config.runner):
@@ -127,8 +129,10 @@ def train_contexts(config: SealConfig, iteration: int, exclude: list[str]) -> li
     pool = domain.fetch_contexts(config, "train", count + len(exclude), seed=seed)
     unseen = [c for c in pool if c.id not in set(exclude)][:count]
     if not unseen:
-        raise ValueError(f"all {len(pool)} training contexts have been seen by the policy; add data "
-                         "(data.path, data.num_passages) to continue it")
+        raise ValueError(
+            f"all {len(pool)} training contexts have been seen by the policy; add data "
+            "(data.path, data.num_passages) to continue it"
+        )
     return unseen
 
 
@@ -137,9 +141,19 @@ def _run_iteration(config: SealConfig, policy: PolicyRef, iteration: int, exclud
     domain = domain_for(config)
     contexts = train_contexts(config, iteration, exclude)
     label = f"iteration-{iteration}"
-    samples = dict(zip([c.id for c in contexts], domain.sample_self_edits(
-        policy, config, contexts, [stable_seed(config.seed, iteration, c.id) for c in contexts],
-        config.self_edit.num_samples, label)))
+    samples = dict(
+        zip(
+            [c.id for c in contexts],
+            domain.sample_self_edits(
+                policy,
+                config,
+                contexts,
+                [stable_seed(config.seed, iteration, c.id) for c in contexts],
+                config.self_edit.num_samples,
+                label,
+            ),
+        )
+    )
     baselines = dict(zip([c.id for c in contexts], domain.evaluate_baselines(policy, config, contexts, label)))
     items = [(c, edit, f"edit{edit.index}") for c in contexts for edit in samples[c.id].result()]
     # reward.baseline=passage_only: one more inner loop per context, on the passage alone.
@@ -147,9 +161,14 @@ def _run_iteration(config: SealConfig, policy: PolicyRef, iteration: int, exclud
     passages = [(c, None, "passage") for c in contexts] if passage_baseline else []
     loops = domain.inner_loops(policy, config, items + passages)
     loops, passage_loops = loops[: len(items)], dict(zip([c.id for c in contexts], loops[len(items) :]))
-    progress = Progress(f"iteration-{iteration}", {
-        "sampling": len(contexts), "training": len(items) + len(passages),
-        "evaluation": len(items) + len(passages) + len(contexts)})
+    progress = Progress(
+        f"iteration-{iteration}",
+        {
+            "sampling": len(contexts),
+            "training": len(items) + len(passages),
+            "evaluation": len(items) + len(passages) + len(contexts),
+        },
+    )
     progress.advance("sampling", len(contexts))
     scores = {c.id: [loop for (context, _, _), loop in zip(items, loops) if context.id == c.id] for c in contexts}
     for c in contexts:
@@ -161,35 +180,55 @@ def _run_iteration(config: SealConfig, policy: PolicyRef, iteration: int, exclud
         loop.score.wait()
         progress.advance("evaluation")
     progress.close()
-    reward_baselines = {c.id: passage_loops[c.id].result()[1] if passage_baseline else baselines[c.id].result()
-                        for c in contexts}
+    reward_baselines = {
+        c.id: passage_loops[c.id].result()[1] if passage_baseline else baselines[c.id].result() for c in contexts
+    }
     selections = [
-        domain.select_self_edits(config, c.id, reward_baselines[c.id], [loop.result()[1] for loop in scores[c.id]],
-                                 samples[c.id].result())
+        domain.select_self_edits(
+            config, c.id, reward_baselines[c.id], [loop.result()[1] for loop in scores[c.id]], samples[c.id].result()
+        )
         for c in contexts
     ]
     rows, pairs = [], []
     for c, selection in zip(contexts, selections):
-        for edit, loop, reward, failure in zip(samples[c.id].result(), scores[c.id], selection.rewards,
-                                               selection.failures):
+        for edit, loop, reward, failure in zip(
+            samples[c.id].result(), scores[c.id], selection.rewards, selection.failures
+        ):
             adapter, score = loop.result()
             kept = edit.index in selection.kept_indices
-            rows.append({
-                "iteration": iteration, "context_id": c.id, "self_edit": edit.index,
-                "reward": reward, "kept": kept,
-                "baseline_accuracy": selection.baseline_accuracy, "accuracy": score.accuracy,
-                "f1": score.mean_f1, **domain.describe(c, edit), "failure": failure,
-                "train_seconds": adapter.seconds, "eval_seconds": score.seconds,
-                "adapter": adapter.path, "text": edit.text,
-            })
+            rows.append(
+                {
+                    "iteration": iteration,
+                    "context_id": c.id,
+                    "self_edit": edit.index,
+                    "reward": reward,
+                    "kept": kept,
+                    "baseline_accuracy": selection.baseline_accuracy,
+                    "accuracy": score.accuracy,
+                    "f1": score.mean_f1,
+                    **domain.describe(c, edit),
+                    "failure": failure,
+                    "train_seconds": adapter.seconds,
+                    "eval_seconds": score.seconds,
+                    "adapter": adapter.path,
+                    "text": edit.text,
+                }
+            )
             if kept:
                 pairs.append((edit.prompt, edit.text))
     check_success_fraction(rows, config.inner_loop.min_success_fraction, iteration)
     e_step_seconds = time.perf_counter() - start
     new_policy = policy
     if pairs:
-        new_policy = verified_policy(update_policy, policy, config.model, pairs, f"iteration-{iteration}",
-                                     config.policy_update, config.lora.target_modules)
+        new_policy = verified_policy(
+            update_policy,
+            policy,
+            config.model,
+            pairs,
+            f"iteration-{iteration}",
+            config.policy_update,
+            config.lora.target_modules,
+        )
     rewards = [r["reward"] for r in rows]
     metrics = {
         "reward_mean": sum(rewards) / len(rewards),
@@ -241,15 +280,22 @@ def seal_training(config: SealConfig) -> TrainingResult:
     """Train a policy to write better self-edits (ReST-EM); see the module docstring."""
     tracking_uri = default_tracking_uri(seal_home())
     # A retried or rerun flow continues its MLflow run rather than starting a second one.
-    tracker = flow_run_tracker(tracking_uri, config.tracking, config.model.name, config.digest(), str(flow_run.id),
-                               flow_run.name or "seal-training")
+    tracker = flow_run_tracker(
+        tracking_uri,
+        config.tracking,
+        config.model.name,
+        config.digest(),
+        str(flow_run.id),
+        flow_run.name or "seal-training",
+    )
     if tracker.resumed:
         get_run_logger().info("continuing MLflow run %s", tracker.run_id)
     create_link_artifact(
         link=f"{os.environ.get('SEAL_MLFLOW_UI', 'http://127.0.0.1:5000')}/#/experiments/"
         f"{tracker.experiment_id}/runs/{tracker.run_id}",
         link_text=f"MLflow run {tracker.run_id}",
-        key="mlflow-run", description="The MLflow run that tracks this training flow run.",
+        key="mlflow-run",
+        description="The MLflow run that tracks this training flow run.",
     )
     try:
         with ray_cluster(config.runner):
@@ -280,18 +326,20 @@ def _train(config: SealConfig, tracker: Tracker) -> TrainingResult:
         if config.tracking.log_adapters:
             for row in result.rows:
                 if row["adapter"]:
-                    tracker.log_artifacts(Path(row["adapter"]),
-                                          f"adapters/iteration-{t}/{row['context_id']}/edit{row['self_edit']}")
+                    tracker.log_artifacts(
+                        Path(row["adapter"]), f"adapters/iteration-{t}/{row['context_id']}/edit{row['self_edit']}"
+                    )
         create_table_artifact(
             key=f"self-edits-iteration-{t}",
-            table=[{k: v for k, v in row.items() if k != "text"} | {"text": row["text"][:200]}
-                   for row in result.rows],
+            table=[{k: v for k, v in row.items() if k != "text"} | {"text": row["text"][:200]} for row in result.rows],
             description=f"Self-edits and rewards of iteration {t}",
         )
         new_policy = result.policy
         if new_policy.digest != policy.digest:
             version = tracker.register_policy(
-                Path(new_policy.path), aliases=["latest"], description=f"SEAL policy after iteration {t}",
+                Path(new_policy.path),
+                aliases=["latest"],
+                description=f"SEAL policy after iteration {t}",
                 digest=new_policy.digest,
             )
         policy = new_policy
@@ -323,10 +371,21 @@ def curves(iterations: list[IterationResult], held_out: list[tuple[str, HeldOutR
         estimates = [r.interval(column) for _, r in held_out]
         errors = [[v - e.low for v, e in zip(values, estimates)], [e.high - v for v, e in zip(values, estimates)]]
         # Columns side by side at each evaluation, so their error bars do not hide each other.
-        right.errorbar([x + 0.06 * (offset - 1.5) for x in steps], values, yerr=errors, marker="o", capsize=3,
-                       label=column.replace("_", " "))
-    right.set(title="held-out accuracy (95 % intervals)", xlabel="evaluation", ylabel="accuracy",
-              xticks=list(steps), xticklabels=[label for label, _ in held_out])
+        right.errorbar(
+            [x + 0.06 * (offset - 1.5) for x in steps],
+            values,
+            yerr=errors,
+            marker="o",
+            capsize=3,
+            label=column.replace("_", " "),
+        )
+    right.set(
+        title="held-out accuracy (95 % intervals)",
+        xlabel="evaluation",
+        ylabel="accuracy",
+        xticks=list(steps),
+        xticklabels=[label for label, _ in held_out],
+    )
     right.legend(fontsize=7)
     figure.tight_layout()
     return figure

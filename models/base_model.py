@@ -131,9 +131,7 @@ def resolve_model(spec: str, home: Path | None = None) -> ResolvedModel:
     return _resolve_hub(spec)
 
 
-def load_model(
-    spec: str, home: Path | None = None, device: str = "auto", dtype: str = "auto"
-) -> LoadedModel:
+def load_model(spec: str, home: Path | None = None, device: str = "auto", dtype: str = "auto") -> LoadedModel:
     """Resolve and load a model with its tokenizer, ready for training and generation.
 
     Raises:

@@ -40,8 +40,9 @@ class ModelConfig(_Section):
         "auto", description="'auto' picks CUDA when present, else CPU."
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="'auto' is bfloat16 where the device multiplies it natively (CUDA, or a CPU with "
-        "AVX512-BF16 or AMX), float32 elsewhere."
+        "auto",
+        description="'auto' is bfloat16 where the device multiplies it natively (CUDA, or a CPU with "
+        "AVX512-BF16 or AMX), float32 elsewhere.",
     )
 
 
@@ -59,12 +60,8 @@ class DataConfig(_Section):
     validation_fraction: float = Field(
         0.25, gt=0, lt=1, description="Share of synthetic passages held out for evaluation."
     )
-    num_train_contexts: int = Field(
-        8, ge=1, description="Training contexts per outer iteration (paper: 50)."
-    )
-    num_eval_contexts: int = Field(
-        20, ge=1, description="Held-out contexts for evaluation (paper: 200)."
-    )
+    num_train_contexts: int = Field(8, ge=1, description="Training contexts per outer iteration (paper: 50).")
+    num_eval_contexts: int = Field(20, ge=1, description="Held-out contexts for evaluation (paper: 200).")
     seed: int = Field(0, description="Seed of the generator and of context selection.")
 
 
@@ -72,15 +69,11 @@ class SelfEditConfig(_Section):
     prompt: Literal["implications", "rewrite", "self-qa"] = Field(
         "implications", description="Which of the paper's self-edit prompts to use."
     )
-    num_samples: int = Field(
-        3, ge=1, le=64, description="Self-edits sampled per context, K (paper: 5)."
-    )
+    num_samples: int = Field(3, ge=1, le=64, description="Self-edits sampled per context, K (paper: 5).")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature.")  # paper
     top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling mass.")  # paper
     max_new_tokens: int = Field(192, ge=1, description="Generation budget per self-edit.")
-    max_documents: int = Field(
-        16, ge=1, description="Keep at most this many generated lines as documents."
-    )
+    max_documents: int = Field(16, ge=1, description="Keep at most this many generated lines as documents.")
 
 
 class LoraConfig(_Section):
@@ -88,9 +81,7 @@ class LoraConfig(_Section):
     alpha: int = Field(64, ge=1, description="LoRA alpha.")  # paper: 64
     dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")  # paper: 0
     target_modules: list[str] = Field(
-        default_factory=lambda: [
-            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"
-        ],
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         min_length=1,
         description="Names of the linear layers that get LoRA weights.",
     )
@@ -100,7 +91,9 @@ class InnerLoopConfig(_Section):
     learning_rate: float = Field(1e-3, gt=0, le=1, description="Adapter learning rate.")  # paper
     epochs: int = Field(10, ge=1, le=100, description="Passes over the self-edit.")  # paper: 10
     self_edit_epochs: int | None = Field(
-        None, ge=1, le=100,
+        None,
+        ge=1,
+        le=100,
         description="Passes over the self-edit's documents, the passage keeping ``epochs``: all of them "
         "in one shuffled pass (None: the paper's, ``epochs`` passes over the self-edit and the passage "
         "alike). Fewer keep a small model's wrong self-edits from drowning the passage.",
@@ -109,44 +102,56 @@ class InnerLoopConfig(_Section):
     max_length: int = Field(256, ge=8, description="Documents are truncated to this many tokens.")
     seed: int = Field(0, description="Seed of adapter init and document order.")
     seeds: int = Field(
-        1, ge=1, le=16,
+        1,
+        ge=1,
+        le=16,
         description="Training seeds per inner loop (knowledge domain): each self-edit trains this many "
         "adapters (seed, seed+1, ...) and its reward and held-out scores are their mean (paper: 3).",
     )
     max_grad_norm: float | None = Field(
-        1.0, gt=0,
+        1.0,
+        gt=0,
         description="Each adapter's gradient is scaled down to at most this norm before its update, as "
         "the Hugging Face Trainer of the paper's inner loop does by default (None: no clipping).",
     )
     max_batch_tokens: int = Field(
-        1024, ge=1,
+        1024,
+        ge=1,
         description="Stacked training: a step's rows (one per adapter and document) are split into "
         "batches of at most this many padded tokens, similar lengths together, gradients added up: "
         "the same update in less memory and with less padding.",
     )
     group_size: int = Field(
-        4, ge=1, le=64,
+        4,
+        ge=1,
+        le=64,
         description="Inner loops trained together in shared batches through stacked LoRA adapters "
         "(knowledge domain), one train task and one evaluate task per group: each adapter ends as "
         "if trained alone, and every matrix multiply of the frozen base gets a row of each. 1 "
         "trains them one at a time.",
     )
     slots: int | None = Field(
-        None, ge=1, le=64,
+        None,
+        ge=1,
+        le=64,
         description="Stacked inner loops: adapters training at once, in all lanes (None: the whole "
         "group). A larger group trains as a queue: an adapter is saved when it finishes and the next "
         "starts in its slot, so every step keeps every slot busy however the self-edits' lengths "
         "differ. Memory grows with the slots, not with the group.",
     )
     lanes: int = Field(
-        1, ge=1, le=16,
+        1,
+        ge=1,
+        le=16,
         description="Stacked inner loops (knowledge domain): a group's adapters are split over this "
         "many lanes, threads that share the model's weights and the torch threads, each training "
         "and evaluating its share on its own (models/stacked_lora/lanes.py). On a CPU two lanes keep "
         "both cores busy through the small operations that leave one idle; results do not depend on it.",
     )
     min_success_fraction: float = Field(
-        0.5, ge=0, le=1,
+        0.5,
+        ge=0,
+        le=1,
         description="An iteration fails unless at least this share of its inner loops ran to the "
         "end; those that ran out of memory did not (an empty self-edit or a non-finite loss did: "
         "reward 0, recorded).",
@@ -162,7 +167,9 @@ class EvalConfig(_Section):
     max_new_tokens: int = Field(32, ge=1, description="Answer length budget (greedy).")
     batch_size: int = Field(16, ge=1, description="Questions answered per generate call.")
     num_self_edits: int = Field(
-        1, ge=1, le=16,
+        1,
+        ge=1,
+        le=16,
         description="Self-edits sampled per held-out context for the self-edit columns, which report "
         "their mean: more of them narrow the interval of the columns SEAL is judged by.",
     )
@@ -196,7 +203,8 @@ class PolicyUpdateConfig(_Section):
     max_length: int = Field(1024, ge=16, description="Prompt + self-edit truncated to this.")
     seed: int = Field(0, description="Seed of the update's adapter init and data order.")
     max_grad_norm: float | None = Field(
-        1.0, gt=0,
+        1.0,
+        gt=0,
         description="The gradient is scaled down to at most this norm before each update, as the "
         "Hugging Face Trainer of the paper's policy update does by default (None: no clipping).",
     )
@@ -207,8 +215,7 @@ class RLConfig(_Section):
 
     iterations: int = Field(2, ge=1, description="Outer iterations, each E-step then M-step.")  # paper: 2
     eval_every: int = Field(
-        0, ge=0, description="Held-out evaluation every k iterations (0: before the first and "
-        "after the last only)."
+        0, ge=0, description="Held-out evaluation every k iterations (0: before the first and after the last only)."
     )
 
 
@@ -228,28 +235,37 @@ class RunnerConfig(_Section):
     """
 
     kind: Literal["local", "ray"] = Field(
-        "local", description="'local': this process runs the tasks. 'ray': Ray workers do (needs "
+        "local",
+        description="'local': this process runs the tasks. 'ray': Ray workers do (needs "
         "the ray extra: pip install 'seal-workflows[ray]').",
     )
     address: str | None = Field(
-        None, description="Ray cluster to join: 'auto' (the cluster this machine belongs to), "
+        None,
+        description="Ray cluster to join: 'auto' (the cluster this machine belongs to), "
         "'HOST:6379', or 'ray://HOST:10001' (Ray Client). Unset: start a local Ray instance for the "
         "flow run and shut it down at its end.",
     )
     num_workers: int = Field(
-        2, ge=1, description="Workers of the local Ray instance, each a process with its own copy of "
+        2,
+        ge=1,
+        description="Workers of the local Ray instance, each a process with its own copy of "
         "the model (ignored with an address: the cluster's resources decide).",
     )
     cpus_per_task: float | None = Field(
-        None, gt=0, description="CPUs a model task reserves; its worker uses that many torch threads "
+        None,
+        gt=0,
+        description="CPUs a model task reserves; its worker uses that many torch threads "
         "(at least 1). Unset: the machine's cores / num_workers on a local instance, 1 on a cluster.",
     )
     gpus_per_task: float = Field(
-        0.0, ge=0, description="GPUs a model task reserves on Ray (0.5: two workers share a GPU, each "
+        0.0,
+        ge=0,
+        description="GPUs a model task reserves on Ray (0.5: two workers share a GPU, each "
         "with its own copy of the model).",
     )
     result_storage: str | None = Field(
-        None, description="Where Prefect keeps task results (the cache): a path every worker sees "
+        None,
+        description="Where Prefect keeps task results (the cache): a path every worker sees "
         "or an fsspec URL such as s3://bucket/seal-results (needs that protocol's package, e.g. "
         "s3fs). Unset: PREFECT_LOCAL_STORAGE_PATH ($SEAL_HOME/prefect/storage under seal run).",
     )
@@ -261,30 +277,39 @@ class RunnerConfig(_Section):
             if self.address is not None:
                 problems.append(f"runner.address is {self.address!r} but runner.kind is 'local'; set runner.kind=ray")
             if self.gpus_per_task:
-                problems.append("runner.gpus_per_task only applies to runner.kind=ray (the local runner uses "
-                                "model.device)")
+                problems.append(
+                    "runner.gpus_per_task only applies to runner.kind=ray (the local runner uses model.device)"
+                )
         elif importlib.util.find_spec("prefect_ray") is None:
-            problems.append("runner.kind is 'ray' but prefect-ray is not installed: "
-                            "pip install 'seal-workflows[ray]'")
+            problems.append("runner.kind is 'ray' but prefect-ray is not installed: pip install 'seal-workflows[ray]'")
         if self.gpus_per_task and device in ("cpu", "mps"):
-            problems.append(f"runner.gpus_per_task is {self.gpus_per_task:g} but model.device is {device!r}; "
-                            "use model.device=auto or cuda, or runner.gpus_per_task=0")
+            problems.append(
+                f"runner.gpus_per_task is {self.gpus_per_task:g} but model.device is {device!r}; "
+                "use model.device=auto or cuda, or runner.gpus_per_task=0"
+            )
         if self.result_storage and "://" in self.result_storage:
             protocol = self.result_storage.split("://", 1)[0]
             try:
                 fsspec.get_filesystem_class(protocol)
             except (ImportError, ValueError) as exc:
-                problems.append(f"runner.result_storage {self.result_storage!r}: fsspec cannot open "
-                                f"'{protocol}://' here ({exc})")
+                problems.append(
+                    f"runner.result_storage {self.result_storage!r}: fsspec cannot open '{protocol}://' here ({exc})"
+                )
         return problems
 
 
 def _ttt(basic: bool, size: bool, strategy: str, learning_rate: float, epochs: int) -> TTTConfig:
-    return TTTConfig.model_validate({
-        "data_generation": {"use_basic_augmentations": basic, "use_size_augmentations": size,
-                            "use_chain_augmentations": False, "use_repeat_augmentations": False},
-        "training": {"strategy": strategy, "learning_rate": learning_rate, "num_train_epochs": epochs},
-    })
+    return TTTConfig.model_validate(
+        {
+            "data_generation": {
+                "use_basic_augmentations": basic,
+                "use_size_augmentations": size,
+                "use_chain_augmentations": False,
+                "use_repeat_augmentations": False,
+            },
+            "training": {"strategy": strategy, "learning_rate": learning_rate, "num_train_epochs": epochs},
+        }
+    )
 
 
 class FewshotConfig(_Section):
@@ -298,33 +323,39 @@ class FewshotConfig(_Section):
     )
     eval_task_ids: list[str] = Field(
         default_factory=list,
-        description="ARC-AGI-1 evaluation tasks for held-out scores (empty: every one within "
-        "max_grid_size).",
+        description="ARC-AGI-1 evaluation tasks for held-out scores (empty: every one within max_grid_size).",
     )
     max_grid_size: int = Field(30, ge=1, le=30, description="Only tasks whose grids all fit in this side.")
     min_learning_rate: float = Field(1e-6, gt=0, description="Smallest learning rate a self-edit may ask for.")
     max_learning_rate: float = Field(1e-2, gt=0, le=1, description="Largest learning rate a self-edit may ask for.")
     max_epochs: int = Field(10, ge=1, le=100, description="Most epochs a self-edit may ask for.")
     max_steps: int = Field(
-        375, ge=1, description="Self-edits needing more optimizer steps than this are rejected "
+        375,
+        ge=1,
+        description="Self-edits needing more optimizer steps than this are rejected "
         "(reward 0): the paper discards configs that would train too long.",
     )
     max_attempts: int = Field(
-        3, ge=1, le=20, description="Generations per self-edit while it is invalid JSON or out of "
+        3,
+        ge=1,
+        le=20,
+        description="Generations per self-edit while it is invalid JSON or out of "
         "bounds; the last invalid one scores 0 with its reason.",
     )
     answer_prefix: str = Field(
-        "", description="Text the policy's answer is made to start with (e.g. the opening of the "
+        "",
+        description="Text the policy's answer is made to start with (e.g. the opening of the "
         "JSON object), for models too small to write JSON unprompted. Paper: none.",
     )
     seal_adapts: Literal["policy", "base"] = Field(
-        "policy", description="Held-out SEAL row: test-time training adapts the trained policy that "
+        "policy",
+        description="Held-out SEAL row: test-time training adapts the trained policy that "
         "wrote the configs (the reference code's evaluation) or the base model (only who writes the "
         "config changes).",
     )
     voting: bool = Field(
-        False, description="Predict under the 8 dihedral views and take the majority grid "
-        "(8x the prediction cost).",
+        False,
+        description="Predict under the 8 dihedral views and take the majority grid (8x the prediction cost).",
     )
     oracle_configs: list[TTTConfig] = Field(
         default_factory=lambda: [
@@ -347,24 +378,35 @@ class ContinualConfig(_Section):
 
     sequences: int = Field(8, ge=1, le=64, description="Sequences S, each of its own passages (paper: 8).")
     passages: int = Field(
-        8, ge=1, le=64, description="Passages per sequence K, each one self-edit merged in turn (paper: 8).",
+        8,
+        ge=1,
+        le=64,
+        description="Passages per sequence K, each one self-edit merged in turn (paper: 8).",
     )
     policy: str = Field(
-        "base", description="The model each sequence starts from, which (merged, step after step) writes "
+        "base",
+        description="The model each sequence starts from, which (merged, step after step) writes "
         "the self-edits: 'base' (model.name), a policy folder, or a registry URI such as "
         "'models:/seal-policy@best'.",
     )
     training: Literal["self_edit", "passage_only"] = Field(
-        "self_edit", description="What each step fine-tunes on: the model's self-edit plus the passage "
+        "self_edit",
+        description="What each step fine-tunes on: the model's self-edit plus the passage "
         "(the paper's), or the passage alone (the comparison row: no self-edit is written).",
     )
     replay: int = Field(
-        0, ge=0, le=256, description="Mitigation, off at 0: each step's fine-tune also trains on this many "
+        0,
+        ge=0,
+        le=256,
+        description="Mitigation, off at 0: each step's fine-tune also trains on this many "
         "documents drawn (seeded) from the earlier steps' training documents, each weighed as one "
         "self-edit line.",
     )
     probe_prompts: int = Field(
-        8, ge=1, le=32, description="Drift signal: after each merge, the KL divergence from the step-0 model "
+        8,
+        ge=1,
+        le=32,
+        description="Drift signal: after each merge, the KL divergence from the step-0 model "
         "is measured on this many fixed probe texts unrelated to the passages (models/continual.py).",
     )
     seed: int = Field(0, description="Seed of each sequence's passages and of the replay draws.")
@@ -376,11 +418,14 @@ class ContinualConfig(_Section):
         if policy.startswith("models:/"):
             rest = policy.removeprefix("models:/")
             if not ("@" in rest.strip("@") or "/" in rest.strip("/")):
-                raise ValueError(f"{policy!r} is not a registry URI: use 'models:/NAME@ALIAS' or "
-                                 "'models:/NAME/VERSION'")
+                raise ValueError(
+                    f"{policy!r} is not a registry URI: use 'models:/NAME@ALIAS' or 'models:/NAME/VERSION'"
+                )
         elif policy != "base" and not Path(policy).expanduser().is_dir():
-            raise ValueError(f"{policy!r} is neither 'base', a 'models:/' URI nor an existing folder; pass a "
-                             "policy folder written by seal run")
+            raise ValueError(
+                f"{policy!r} is neither 'base', a 'models:/' URI nor an existing folder; pass a "
+                "policy folder written by seal run"
+            )
         return policy
 
 
@@ -388,7 +433,8 @@ class SealConfig(_Section):
     """The whole SEAL configuration."""
 
     domain: Literal["knowledge", "fewshot"] = Field(
-        "knowledge", description="Which of the paper's settings: 'knowledge' (incorporating a "
+        "knowledge",
+        description="Which of the paper's settings: 'knowledge' (incorporating a "
         "passage, §4.2) or 'fewshot' (ARC test-time training, §4.1).",
     )
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -415,20 +461,31 @@ class SealConfig(_Section):
             problems.append("data.path is set but data.source is 'synthetic'; set data.source=squad")
         fewshot = self.fewshot
         if fewshot.min_learning_rate > fewshot.max_learning_rate:
-            problems.append(f"fewshot.min_learning_rate {fewshot.min_learning_rate:g} is above "
-                            f"fewshot.max_learning_rate {fewshot.max_learning_rate:g}")
+            problems.append(
+                f"fewshot.min_learning_rate {fewshot.min_learning_rate:g} is above "
+                f"fewshot.max_learning_rate {fewshot.max_learning_rate:g}"
+            )
         if self.domain == "fewshot" and self.reward.baseline != "no_adaptation":
-            problems.append(f"reward.baseline is {self.reward.baseline!r} but the few-shot domain rewards a "
-                            "solved task: use reward.baseline=no_adaptation")
+            problems.append(
+                f"reward.baseline is {self.reward.baseline!r} but the few-shot domain rewards a "
+                "solved task: use reward.baseline=no_adaptation"
+            )
         if self.domain == "fewshot" and self.inner_loop.seeds != 1:
-            problems.append(f"inner_loop.seeds is {self.inner_loop.seeds} but the few-shot domain trains one "
-                            "adapter per config: use inner_loop.seeds=1")
+            problems.append(
+                f"inner_loop.seeds is {self.inner_loop.seeds} but the few-shot domain trains one "
+                "adapter per config: use inner_loop.seeds=1"
+            )
         problems += self.runner.problems(self.model.device)
         for n, oracle in enumerate(fewshot.oracle_configs):
             lr, epochs = oracle.training.learning_rate, oracle.training.num_train_epochs
-            if not fewshot.min_learning_rate <= lr <= fewshot.max_learning_rate or not 1 <= epochs <= fewshot.max_epochs:
-                problems.append(f"fewshot.oracle_configs.{n}: learning_rate {lr:g} or num_train_epochs "
-                                f"{epochs} outside the fewshot bounds")
+            if (
+                not fewshot.min_learning_rate <= lr <= fewshot.max_learning_rate
+                or not 1 <= epochs <= fewshot.max_epochs
+            ):
+                problems.append(
+                    f"fewshot.oracle_configs.{n}: learning_rate {lr:g} or num_train_epochs "
+                    f"{epochs} outside the fewshot bounds"
+                )
         if self.domain == "fewshot":
             # The one check that reads data, kept at load on purpose: a run first reads the train
             # split's ids at iteration 1, after the base policy's whole held-out evaluation, so a
@@ -539,9 +596,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
         if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(
-                f"config file {path} must hold a mapping of sections, got {type(loaded).__name__}"
-            )
+            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(loaded).__name__}")
         tree = loaded or {}
     update, problems = parse_overrides(list(overrides))
     tree = _merge(tree, update)

@@ -110,8 +110,9 @@ def replay_sample(history: Sequence[Sequence[str]], count: int, seed: int) -> li
     return random.Random(seed).sample(pool, min(count, len(pool)))
 
 
-def continual_documents(self_edit: SelfEdit | None, title: str, context: str, replay: Sequence[str],
-                        config: InnerLoopConfig) -> tuple[list[str], list[str], InnerLoopConfig]:
+def continual_documents(
+    self_edit: SelfEdit | None, title: str, context: str, replay: Sequence[str], config: InnerLoopConfig
+) -> tuple[list[str], list[str], InnerLoopConfig]:
     """What one continual step trains on, and with which settings.
 
     The inner loop's documents and plan (:func:`models.self_edit.inner_loop_plan`; ``self_edit``
@@ -128,8 +129,15 @@ def continual_documents(self_edit: SelfEdit | None, title: str, context: str, re
     return documents, own, plan
 
 
-def merge_self_edit(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, documents: Sequence[str],
-                    lora: LoraConfig, config: InnerLoopConfig, folder: Path, source: str) -> MergeResult:
+def merge_self_edit(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    documents: Sequence[str],
+    lora: LoraConfig,
+    config: InnerLoopConfig,
+    folder: Path,
+    source: str,
+) -> MergeResult:
     """Train a fresh LoRA (initialized from ``config.seed``) on ``documents``, merge it into
     ``model``'s weights and save the merged model with its content digest.
 
@@ -175,11 +183,22 @@ class StepResult:
     kl: float
 
 
-def run_step(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, reference: PreTrainedModel,
-             self_edit: SelfEdit | None, contexts: Sequence[tuple[str, str, Sequence[str], Sequence[Sequence[str]]]],
-             history: Sequence[Sequence[str]], replay: int, replay_seed: int, lora: LoraConfig,
-             config: InnerLoopConfig, eval_config: EvalConfig, probe_texts: Sequence[str], root: Path,
-             source: str) -> StepResult:
+def run_step(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    reference: PreTrainedModel,
+    self_edit: SelfEdit | None,
+    contexts: Sequence[tuple[str, str, Sequence[str], Sequence[Sequence[str]]]],
+    history: Sequence[Sequence[str]],
+    replay: int,
+    replay_seed: int,
+    lora: LoraConfig,
+    config: InnerLoopConfig,
+    eval_config: EvalConfig,
+    probe_texts: Sequence[str],
+    root: Path,
+    source: str,
+) -> StepResult:
     """Step k of a sequence: merge a LoRA trained on ``self_edit`` plus the last context's passage
     (and ``replay`` documents drawn from ``history``) into ``model``, save the merged checkpoint under
     ``root`` (in a folder named by what it trained on), answer every context's questions closed-book,
@@ -198,8 +217,9 @@ def run_step(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, referen
     title, passage, _, _ = contexts[-1]
     drawn = replay_sample(history, replay, replay_seed)
     documents, own, plan = continual_documents(self_edit, title, passage, drawn, config)
-    key = hashlib.sha256(json.dumps([documents, lora.model_dump(mode="json"), plan.model_dump(mode="json")])
-                         .encode()).hexdigest()[:12]
+    key = hashlib.sha256(
+        json.dumps([documents, lora.model_dump(mode="json"), plan.model_dump(mode="json")]).encode()
+    ).hexdigest()[:12]
     merged = merge_self_edit(model, tokenizer, documents, lora, plan, Path(root) / key, source)
     scores = evaluate_contexts(model, tokenizer, [c[2] for c in contexts], [c[3] for c in contexts], eval_config)
     kl = probe_kl(reference, model, tokenizer, probe_texts)
@@ -207,8 +227,13 @@ def run_step(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, referen
 
 
 @torch.no_grad()
-def probe_kl(reference: PreTrainedModel, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-             texts: Sequence[str], max_length: int = 64) -> float:
+def probe_kl(
+    reference: PreTrainedModel,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    max_length: int = 64,
+) -> float:
     """Mean per-token KL(reference || model) of the next-token distributions over ``texts``.
 
     Each text is fed whole (truncated to ``max_length`` tokens); every position's next-token
@@ -300,8 +325,7 @@ def lag_curve(matrices: Sequence[np.ndarray]) -> list[float]:
     """Accuracy on a passage after d more merges, d = 0..K-1: the mean of ``M[j+1+d, j]`` over
     passages and sequences (fewer cells as d grows: d = K-1 is passage 0 at the end)."""
     passages = matrices[0].shape[1]
-    return [float(np.mean([m[j + 1 + d, j] for m in matrices for j in range(passages - d)]))
-            for d in range(passages)]
+    return [float(np.mean([m[j + 1 + d, j] for m in matrices for j in range(passages - d)])) for d in range(passages)]
 
 
 def step_drops(matrix: np.ndarray) -> list[float]:
@@ -337,8 +361,13 @@ class ContinualSummary:
         def cells(matrix: np.ndarray) -> list[list[float | None]]:
             return [[None if math.isnan(v) else float(v) for v in row] for row in matrix]
 
-        return {"mean": cells(self.mean), "std": cells(self.std), "lag": self.lag, "metrics": self.metrics,
-                "kl_forgetting_correlation": self.kl_forgetting_correlation}
+        return {
+            "mean": cells(self.mean),
+            "std": cells(self.std),
+            "lag": self.lag,
+            "metrics": self.metrics,
+            "kl_forgetting_correlation": self.kl_forgetting_correlation,
+        }
 
 
 def summarize(matrices: Sequence[np.ndarray], kls: Sequence[Sequence[float]]) -> ContinualSummary:
@@ -357,9 +386,13 @@ def summarize(matrices: Sequence[np.ndarray], kls: Sequence[Sequence[float]]) ->
         raise ValueError("summarize needs at least one sequence's matrix")
     mean, std = mean_std(matrices)
     metrics: dict[str, float] = {}
-    for name, measure in (("newest_accuracy", newest_accuracy), ("forgetting", forgetting),
-                          ("forgetting_max", forgetting_max), ("backward_transfer", backward_transfer),
-                          ("gain_over_base", gain_over_base)):
+    for name, measure in (
+        ("newest_accuracy", newest_accuracy),
+        ("forgetting", forgetting),
+        ("forgetting_max", forgetting_max),
+        ("backward_transfer", backward_transfer),
+        ("gain_over_base", gain_over_base),
+    ):
         values = [measure(m) for m in matrices]
         metrics[name] = float(np.mean(values))
         metrics[f"{name}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
@@ -377,11 +410,12 @@ def format_matrix(mean: np.ndarray, std: np.ndarray) -> str:
     header = "merges " + "".join(f"{f'p{j}':>12}" for j in range(passages))
     lines = [header]
     for r in range(mean.shape[0]):
-        cells = "".join(f"{'':>12}" if math.isnan(mean[r, j]) else f"{f'{mean[r, j]:.2f}±{std[r, j]:.2f}':>12}"
-                        for j in range(passages))
+        cells = "".join(
+            f"{'':>12}" if math.isnan(mean[r, j]) else f"{f'{mean[r, j]:.2f}±{std[r, j]:.2f}':>12}"
+            for j in range(passages)
+        )
         lines.append(f"{r:>6} {cells}")
     return "\n".join(lines)
-
 
 
 def remove_checkpoint(folder: Path, root: Path) -> bool:

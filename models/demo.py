@@ -31,7 +31,10 @@ class DemoRow:
 
 
 def adapt_and_evaluate(
-    loaded: LoadedModel, self_edit: SelfEdit | None, context: dict, config: SealConfig,
+    loaded: LoadedModel,
+    self_edit: SelfEdit | None,
+    context: dict,
+    config: SealConfig,
 ) -> EvalResult:
     """One inner loop: fresh adapter, train on the self-edit and the passage (the passage alone
     for ``None``), evaluate on the context's questions, remove the adapter."""

@@ -19,14 +19,16 @@ from collections.abc import Sequence
 from models.inner_loop import is_correct, normalize_answer
 
 # Words that open sentences or are capitalised for other reasons: not facts of the passage.
-_COMMON = frozenset("""
+_COMMON = frozenset(
+    """
 a an the in on at by for from with as of to and or but after before during when while since until
 it its he she his her they their them this that these those there here we our you your i my
 is was were are be been has had have do did not no yes also then than so if into over under
 between among about through january february march april may june july august september october
 november december monday tuesday wednesday thursday friday saturday sunday one two three four five
 six seven eight nine ten first second third
-""".split())
+""".split()
+)
 _WORD = re.compile(r"[A-Za-z][A-Za-z'-]*|\d[\d,.]*\d|\d")
 
 
@@ -60,6 +62,7 @@ def answer_coverage(text: str, answers: Sequence[Sequence[str]]) -> float:
 
 def copied_fraction(text: str, passage: str, n: int = 4) -> float:
     """Share of ``text``'s word ``n``-grams that occur in ``passage`` (0.0 for a shorter text)."""
+
     def grams(words: list[str]) -> list[tuple[str, ...]]:
         return [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
 
@@ -72,5 +75,8 @@ def copied_fraction(text: str, passage: str, n: int = 4) -> float:
 
 def describe_self_edit(text: str, passage: str, answers: Sequence[Sequence[str]]) -> dict[str, float]:
     """The three measures of one self-edit, keyed as they are logged."""
-    return {"fact_recall": fact_recall(text, passage), "answer_coverage": answer_coverage(text, answers),
-            "copied_fraction": copied_fraction(text, passage)}
+    return {
+        "fact_recall": fact_recall(text, passage),
+        "answer_coverage": answer_coverage(text, answers),
+        "copied_fraction": copied_fraction(text, passage),
+    }

@@ -85,9 +85,7 @@ def attach_lora(model: PreTrainedModel, lora: LoraConfig) -> peft.PeftModel:
     try:
         return peft.get_peft_model(model, lora_config(lora))
     except ValueError as exc:
-        raise ValueError(
-            f"lora.target_modules {lora.target_modules} matched no layer of the model: {exc}"
-        ) from exc
+        raise ValueError(f"lora.target_modules {lora.target_modules} matched no layer of the model: {exc}") from exc
 
 
 @contextmanager
@@ -138,7 +136,11 @@ class AdapterSlot:
     def matches(self, lora: LoraConfig) -> bool:
         """Whether ``lora`` describes this slot's layers (module order aside)."""
         return (lora.rank, lora.alpha, lora.dropout, set(lora.target_modules)) == (
-            self.lora.rank, self.lora.alpha, self.lora.dropout, set(self.lora.target_modules))
+            self.lora.rank,
+            self.lora.alpha,
+            self.lora.dropout,
+            set(self.lora.target_modules),
+        )
 
     @contextmanager
     def fresh(self, seed: int) -> Iterator[peft.PeftModel]:
@@ -159,8 +161,9 @@ class AdapterSlot:
         state = load_file(Path(folder) / "adapter_model.safetensors", device=str(self.peft.device))
         result = peft.set_peft_model_state_dict(self.peft, state)
         if result.unexpected_keys:
-            raise ValueError(f"adapter {folder} does not fit this slot's LoRA layers: "
-                             f"unexpected {result.unexpected_keys[:3]}")
+            raise ValueError(
+                f"adapter {folder} does not fit this slot's LoRA layers: unexpected {result.unexpected_keys[:3]}"
+            )
         with self._enabled():
             self.peft.eval()
             yield self.peft
@@ -229,11 +232,17 @@ def train_adapter(
     sequences = tokenize_documents(tokenizer, documents, config.max_length)
     start = time.perf_counter()
     losses = fit(
-        model, sequences, lambda rows: backward_loss(model, pad_batch(rows, tokenizer.pad_token_id)),
-        learning_rate=config.learning_rate, epochs=config.epochs, batch_size=config.batch_size,
-        seed=config.seed, max_grad_norm=config.max_grad_norm,
+        model,
+        sequences,
+        lambda rows: backward_loss(model, pad_batch(rows, tokenizer.pad_token_id)),
+        learning_rate=config.learning_rate,
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        max_grad_norm=config.max_grad_norm,
         # The fused kernel does the update in one pass, saving time every step (benchmarks/README.md).
-        fused=model.device.type in ("cpu", "cuda"), learning_rate_setting="inner_loop.learning_rate",
+        fused=model.device.type in ("cpu", "cuda"),
+        learning_rate_setting="inner_loop.learning_rate",
     )
     return TrainResult(
         steps=len(losses),
@@ -254,8 +263,9 @@ def answer_questions(
     prompts = [render_prompt(tokenizer, QUESTION_PROMPT.format(question=q)) for q in questions]
     answers: list[str] = []
     for first in range(0, len(prompts), config.batch_size):
-        outputs = answer_lines(model, tokenizer, prompts[first : first + config.batch_size],
-                               max_new_tokens=config.max_new_tokens)
+        outputs = answer_lines(
+            model, tokenizer, prompts[first : first + config.batch_size], max_new_tokens=config.max_new_tokens
+        )
         answers += [first_line(text) for text in outputs]
     return answers
 
@@ -308,12 +318,14 @@ def grade(predictions: Sequence[str], answers: Sequence[Sequence[Sequence[str]]]
     for golds in answers:
         preds = predictions[offset : offset + len(golds)]
         offset += len(golds)
-        results.append(EvalResult(
-            predictions=tuple(preds),
-            correct=tuple(is_correct(p, g) for p, g in zip(preds, golds)),
-            f1=tuple(max(token_f1(p, gold) for gold in g) for p, g in zip(preds, golds)),
-            seconds=seconds * len(golds) / total if total else 0.0,
-        ))
+        results.append(
+            EvalResult(
+                predictions=tuple(preds),
+                correct=tuple(is_correct(p, g) for p, g in zip(preds, golds)),
+                f1=tuple(max(token_f1(p, gold) for gold in g) for p, g in zip(preds, golds)),
+                seconds=seconds * len(golds) / total if total else 0.0,
+            )
+        )
     return results
 
 
@@ -337,8 +349,9 @@ def atomic_folder(folder: Path) -> Iterator[Path]:
 def saved_lora(folder: Path) -> LoraConfig:
     """The LoRA settings an adapter was saved with (its ``adapter_config.json``)."""
     saved = peft.LoraConfig.from_pretrained(str(folder))
-    return LoraConfig(rank=saved.r, alpha=saved.lora_alpha, dropout=saved.lora_dropout,
-                      target_modules=sorted(saved.target_modules))
+    return LoraConfig(
+        rank=saved.r, alpha=saved.lora_alpha, dropout=saved.lora_dropout, target_modules=sorted(saved.target_modules)
+    )
 
 
 def save_adapter(model: peft.PeftModel, folder: Path) -> Path:

@@ -66,10 +66,7 @@ def make_synthetic_dataset(
 
 
 def _to_dataset(rows: list[dict[str, Any]]) -> datasets.Dataset:
-    return datasets.Dataset.from_dict(
-        {column: [row[column] for row in rows] for column in COLUMNS}, features=FEATURES
-    )
-
+    return datasets.Dataset.from_dict({column: [row[column] for row in rows] for column in COLUMNS}, features=FEATURES)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,8 +74,8 @@ def _to_dataset(rows: list[dict[str, Any]]) -> datasets.Dataset:
 # ---------------------------------------------------------------------------------------------
 
 _SQUAD_HINT = (
-    "expected SQuAD v1.1 format: {\"data\": [{\"title\": str, \"paragraphs\": [{\"context\": "
-    "str, \"qas\": [{\"question\": str, \"answers\": [{\"text\": str}, ...]}]}]}]}"
+    'expected SQuAD v1.1 format: {"data": [{"title": str, "paragraphs": [{"context": '
+    'str, "qas": [{"question": str, "answers": [{"text": str}, ...]}]}]}]}'
 )
 
 
@@ -139,16 +136,11 @@ def _squad_records(document: Any, source: Path) -> Iterator[dict[str, Any]]:
                 yield _squad_question(qa, title, context, f"{where}.qas[{q}]", source)
 
 
-def _squad_question(
-    qa: Any, title: str, context: str, where: str, source: Path
-) -> dict[str, Any]:
+def _squad_question(qa: Any, title: str, context: str, where: str, source: Path) -> dict[str, Any]:
     qa = _as_object(qa, where, source)
     question = _field(qa, "question", str, where, source)
     if not question.strip():
-        raise DatasetError(
-            f"bad SQuAD file {source}: {where}.question is empty or whitespace-only, "
-            f"got {question!r}"
-        )
+        raise DatasetError(f"bad SQuAD file {source}: {where}.question is empty or whitespace-only, got {question!r}")
     answers = _field(qa, "answers", list, where, source)
     if not answers:
         raise DatasetError(
@@ -158,16 +150,14 @@ def _squad_question(
     texts = []
     for n, answer in enumerate(answers):
         answer_where = f"{where}.answers[{n}]"
-        text = _field(_as_object(answer, answer_where, source), "text", str, answer_where,
-                      source)
+        text = _field(_as_object(answer, answer_where, source), "text", str, answer_where, source)
         if not text.strip():
             raise DatasetError(
                 f"bad SQuAD file {source}: {answer_where}.text is empty or whitespace-only, "
                 f"got {text!r}; every gold answer needs text"
             )
         texts.append(text)
-    return {"title": title, "context": context, "question": question,
-            "answers": {"text": texts}}
+    return {"title": title, "context": context, "question": question, "answers": {"text": texts}}
 
 
 def _as_object(value: Any, where: str, source: Path) -> dict[str, Any]:
@@ -182,8 +172,7 @@ def _as_object(value: Any, where: str, source: Path) -> dict[str, Any]:
 def _field(record: dict[str, Any], key: str, kind: type, where: str, source: Path) -> Any:
     if key not in record:
         raise DatasetError(
-            f"bad SQuAD file {source}: {where} has no field {key!r} (it has "
-            f"{sorted(record)}); {_SQUAD_HINT}"
+            f"bad SQuAD file {source}: {where} has no field {key!r} (it has {sorted(record)}); {_SQUAD_HINT}"
         )
     value = record[key]
     if not isinstance(value, kind):
@@ -194,8 +183,15 @@ def _field(record: dict[str, Any], key: str, kind: type, where: str, source: Pat
     return value
 
 
-_JSON_TYPES = {dict: "object", list: "list", str: "string", bool: "boolean", int: "number",
-               float: "number", type(None): "null"}
+_JSON_TYPES = {
+    dict: "object",
+    list: "list",
+    str: "string",
+    bool: "boolean",
+    int: "number",
+    float: "number",
+    type(None): "null",
+}
 
 
 def _json_type(value: Any) -> str:
@@ -224,8 +220,11 @@ def load_squad_hub(name: str = "rajpurkar/squad", split: str = "validation") -> 
     try:
         rows = datasets.load_dataset(name, split=split)
     except Exception as error:  # network, auth, missing cache: all mean "use a local file"
-        offline = [var for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
-                   if os.environ.get(var, "").upper() in ("1", "ON", "YES", "TRUE")]
+        offline = [
+            var
+            for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
+            if os.environ.get(var, "").upper() in ("1", "ON", "YES", "TRUE")
+        ]
         reason = f" ({' and '.join(offline)} set)" if offline else ""
         raise DatasetError(
             f"could not reach the Hugging Face Hub to load {name!r} split {split!r}{reason}: "
@@ -263,8 +262,11 @@ def group_squad_rows(rows: Iterable[dict[str, Any]]) -> datasets.Dataset:
         key = (row["title"], row["context"])
         if key not in passages:
             passages[key] = {
-                "id": _squad_id(*key), "title": key[0], "context": key[1],
-                "questions": [], "answers": [],
+                "id": _squad_id(*key),
+                "title": key[0],
+                "context": key[1],
+                "questions": [],
+                "answers": [],
             }
         passages[key]["questions"].append(row["question"].strip())
         passages[key]["answers"].append(answers)

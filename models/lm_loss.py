@@ -50,7 +50,9 @@ def token_losses(model: PreTrainedModel, input_ids: torch.Tensor, labels: torch.
 def _plain_head(model: PreTrainedModel, head: nn.Module | None) -> bool:
     config = model.config
     return (
-        isinstance(head, nn.Linear) and head.bias is None and not head.weight.requires_grad
+        isinstance(head, nn.Linear)
+        and head.bias is None
+        and not head.weight.requires_grad
         and hasattr(model, "get_decoder")
         and getattr(config, "final_logit_softcapping", None) is None
         and getattr(config, "logit_scale", None) in (None, 1, 1.0)

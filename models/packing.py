@@ -65,9 +65,13 @@ class PackedBatch:
         cumulative = torch.tensor([0, *self.lengths], device=self.input_ids.device).cumsum(0).to(torch.int32)
         longest = max(self.lengths)
         return {
-            "attention_mask": None, "position_ids": self.position_ids, "use_cache": False,
-            "cu_seq_lens_q": cumulative, "cu_seq_lens_k": cumulative,
-            "max_length_q": longest, "max_length_k": longest,
+            "attention_mask": None,
+            "position_ids": self.position_ids,
+            "use_cache": False,
+            "cu_seq_lens_q": cumulative,
+            "cu_seq_lens_k": cumulative,
+            "max_length_q": longest,
+            "max_length_k": longest,
         }
 
 
@@ -86,8 +90,10 @@ def pack_sequences(sequences: Sequence[Sequence[int]], device: torch.device | st
     first = torch.tensor([0, *[len(s) for s in sequences[:-1]]]).cumsum(0)
     labels[first] = IGNORE_INDEX
     return PackedBatch(
-        input_ids=input_ids[None].to(device), position_ids=position_ids[None].to(device),
-        labels=labels[None].to(device), lengths=tuple(len(s) for s in sequences),
+        input_ids=input_ids[None].to(device),
+        position_ids=position_ids[None].to(device),
+        labels=labels[None].to(device),
+        lengths=tuple(len(s) for s in sequences),
     )
 
 
@@ -118,8 +124,9 @@ def packed_sdpa_forward(
     plain SDPA with the given mask."""
     cu_seq_lens = kwargs.pop("cu_seq_lens_q", None)
     if cu_seq_lens is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     if query.shape[0] != 1:
         raise ValueError(f"packed attention needs one packed row, got a batch of {query.shape[0]}")
     rows, longest = len(cu_seq_lens) - 1, int(kwargs.get("max_length_q") or cu_seq_lens.diff().max())
@@ -129,8 +136,9 @@ def packed_sdpa_forward(
         heads, dim = states.shape[1], states.shape[3]
         return states[0, :, gather].view(heads, rows, longest, dim).transpose(0, 1)
 
-    out, _ = sdpa_attention_forward(module, padded(query), padded(key), padded(value), None,
-                                    dropout=dropout, scaling=scaling, is_causal=True)
+    out, _ = sdpa_attention_forward(
+        module, padded(query), padded(key), padded(value), None, dropout=dropout, scaling=scaling, is_causal=True
+    )
     # out: (rows, longest, heads, dim) -> the packed tokens' rows
     return out.flatten(0, 1)[cells][None], None
 

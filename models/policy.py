@@ -157,11 +157,17 @@ def update_policy(
     adapted = attach_lora(model, lora)
     try:
         losses = fit(
-            adapted, examples, lambda step: accumulate_gradients(adapted, step, tokenizer.pad_token_id),
-            learning_rate=config.learning_rate, epochs=config.epochs, batch_size=config.batch_size,
-            seed=config.seed, max_grad_norm=config.max_grad_norm,
+            adapted,
+            examples,
+            lambda step: accumulate_gradients(adapted, step, tokenizer.pad_token_id),
+            learning_rate=config.learning_rate,
+            epochs=config.epochs,
+            batch_size=config.batch_size,
+            seed=config.seed,
+            max_grad_norm=config.max_grad_norm,
             # PyTorch's default AdamW kernel, as the update has always used: fused would round differently.
-            fused=None, learning_rate_setting="policy_update.learning_rate",
+            fused=None,
+            learning_rate_setting="policy_update.learning_rate",
         )
     except BaseException:
         adapted.unload()

@@ -148,8 +148,11 @@ def generate(
     batch = {name: t.repeat_interleave(num_return_sequences, dim=0).to(model.device) for name, t in batch.items()}
     processors = LogitsProcessorList()
     if temperature is not None:
-        generators = [torch.Generator(model.device).manual_seed(row_seed(s, j))
-                      for s in seeds for j in range(num_return_sequences)]
+        generators = [
+            torch.Generator(model.device).manual_seed(row_seed(s, j))
+            for s in seeds
+            for j in range(num_return_sequences)
+        ]
         processors.append(RowSampler(generators, temperature, top_p))
     output = model.generate(
         **batch,
@@ -205,8 +208,9 @@ def answer_lines(
     tokens: list[list[int]] = [[] for _ in prompts]
     ends = None
     for step in range(max_new_tokens):
-        logits = model(input_ids=inputs, attention_mask=mask, position_ids=positions, cache=cache,
-                       use_cache=True, logits_to_keep=1).logits[:, -1]
+        logits = model(
+            input_ids=inputs, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
+        ).logits[:, -1]
         if ends is None:
             ends = _line_ends(tokenizer, logits.shape[-1]).to(model.device)
         chosen = logits.argmax(-1)
@@ -261,8 +265,16 @@ def sample_self_edits(
         ``num_samples`` self-edits; a garbled generation yields an empty one, never an error.
     """
     (edits,) = sample_self_edits_batch(
-        model, tokenizer, [(title, context)], [seed], kind=kind, num_samples=num_samples,
-        temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, max_documents=max_documents,
+        model,
+        tokenizer,
+        [(title, context)],
+        [seed],
+        kind=kind,
+        num_samples=num_samples,
+        temperature=temperature,
+        top_p=top_p,
+        max_new_tokens=max_new_tokens,
+        max_documents=max_documents,
     )
     return edits
 
@@ -291,13 +303,23 @@ def sample_self_edits_batch(
         For each passage, ``num_samples`` self-edits; a garbled generation yields an empty one.
     """
     prompts = [render_prompt(tokenizer, self_edit_prompt(kind, title, context)) for title, context in passages]
-    texts = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, num_return_sequences=num_samples,
-                     temperature=temperature, top_p=top_p, seed=seeds)
+    texts = generate(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        num_return_sequences=num_samples,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seeds,
+    )
     # A generation that used its whole budget stopped mid-line: that line is a fragment (a
     # number cut short is a wrong fact), so it is not a document.
     lengths = [len(tokenizer(text, add_special_tokens=False).input_ids) for text in texts]
-    edits = [SelfEdit(text, parse_self_edit(text, max_documents, complete=n < max_new_tokens), n)
-             for text, n in zip(texts, lengths)]
+    edits = [
+        SelfEdit(text, parse_self_edit(text, max_documents, complete=n < max_new_tokens), n)
+        for text, n in zip(texts, lengths)
+    ]
     return [edits[i * num_samples : (i + 1) * num_samples] for i in range(len(passages))]
 
 
@@ -324,8 +346,9 @@ def parse_self_edit(text: str, max_documents: int = 16, complete: bool = True) -
     return tuple(documents)
 
 
-def inner_loop_plan(self_edit: SelfEdit | None, title: str, context: str,
-                    config: InnerLoopConfig) -> tuple[list[str], InnerLoopConfig]:
+def inner_loop_plan(
+    self_edit: SelfEdit | None, title: str, context: str, config: InnerLoopConfig
+) -> tuple[list[str], InnerLoopConfig]:
     """What an inner loop trains on, and with which settings.
 
     With ``config.self_edit_epochs`` unset (the paper's), :func:`training_documents` for

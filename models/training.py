@@ -77,8 +77,10 @@ def fit(
             for first in range(0, len(order), batch_size):
                 loss = step([examples[i] for i in order[first : first + batch_size]])
                 if not math.isfinite(loss):
-                    raise NonFiniteLossError(f"loss became {loss} at epoch {epoch}, step {len(losses)}; "
-                                             f"lower {learning_rate_setting} (now {learning_rate})")
+                    raise NonFiniteLossError(
+                        f"loss became {loss} at epoch {epoch}, step {len(losses)}; "
+                        f"lower {learning_rate_setting} (now {learning_rate})"
+                    )
                 if max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
                 optimizer.step()

@@ -19,7 +19,12 @@ from models.config import EvalConfig, InnerLoopConfig, LoraConfig, ModelConfig
 from models.paths import seal_home
 from tasks.faults import maybe_fail
 from tasks.records import (
-    Context, ContinualStepRecord, EvalRecord, PolicyRef, SelfEditRecord, StaleArtifact,
+    Context,
+    ContinualStepRecord,
+    EvalRecord,
+    PolicyRef,
+    SelfEditRecord,
+    StaleArtifact,
 )
 from tasks.runtime import clear_models, release_freed_memory, use_model
 from tasks.settings import CACHED
@@ -36,15 +41,26 @@ def check_checkpoint(policy: PolicyRef) -> None:
         return
     found = weights_digest(Path(policy.path))
     if found != policy.digest:
-        raise StaleArtifact(f"checkpoint {policy.path} is missing or altered (weights digest {found}, "
-                            f"recorded {policy.digest})")
+        raise StaleArtifact(
+            f"checkpoint {policy.path} is missing or altered (weights digest {found}, recorded {policy.digest})"
+        )
 
 
 @task(cache_policy=CACHED, persist_result=True, tags=["gpu"], task_run_name="continual-step-{label}")
 def continual_step(
-    policy_ref: PolicyRef, start: PolicyRef, model: ModelConfig, contexts: list[Context],
-    edit: SelfEditRecord | None, history: list[list[str]], replay: int, replay_seed: int,
-    lora: LoraConfig, config: InnerLoopConfig, eval_config: EvalConfig, probe_prompts: int, label: str,
+    policy_ref: PolicyRef,
+    start: PolicyRef,
+    model: ModelConfig,
+    contexts: list[Context],
+    edit: SelfEditRecord | None,
+    history: list[list[str]],
+    replay: int,
+    replay_seed: int,
+    lora: LoraConfig,
+    config: InnerLoopConfig,
+    eval_config: EvalConfig,
+    probe_prompts: int,
+    label: str,
 ) -> ContinualStepRecord:
     """Merge a LoRA trained on ``edit`` plus the last of ``contexts`` (``edit`` None: the passage
     alone) into ``policy_ref``, and with ``replay`` documents drawn from ``history`` (the earlier
@@ -61,20 +77,40 @@ def continual_step(
     private = load_model(policy_ref.path, device=model.device, dtype=model.dtype)
     with use_model(start, model) as reference:
         result = continual.run_step(
-            private.model, private.tokenizer, reference.model,
+            private.model,
+            private.tokenizer,
+            reference.model,
             self_edit.SelfEdit(edit.text, tuple(edit.documents)) if edit else None,
-            [(c.title, c.context, c.questions, c.answers) for c in contexts], history, replay, replay_seed,
-            lora, config, eval_config, continual.PROBE_TEXTS[:probe_prompts],
-            root=checkpoint_root() / policy_ref.digest / label, source=f"{policy_ref.name}+{label}")
+            [(c.title, c.context, c.questions, c.answers) for c in contexts],
+            history,
+            replay,
+            replay_seed,
+            lora,
+            config,
+            eval_config,
+            continual.PROBE_TEXTS[:probe_prompts],
+            root=checkpoint_root() / policy_ref.digest / label,
+            source=f"{policy_ref.name}+{label}",
+        )
     del private
     release_freed_memory()
     merged = result.merge
-    get_run_logger().info("%s: %d documents replayed, %d steps, loss %.3f, accuracy %s, KL %.4f", label,
-                          len(result.replayed), merged.train.steps, merged.train.mean_loss,
-                          [round(s.accuracy, 2) for s in result.scores], result.kl)
+    get_run_logger().info(
+        "%s: %d documents replayed, %d steps, loss %.3f, accuracy %s, KL %.4f",
+        label,
+        len(result.replayed),
+        merged.train.steps,
+        merged.train.mean_loss,
+        [round(s.accuracy, 2) for s in result.scores],
+        result.kl,
+    )
     return ContinualStepRecord(
         checkpoint=PolicyRef(name=label, path=str(merged.path), digest=merged.digest),
-        documents=result.own_documents, replayed=len(result.replayed),
-        scores=[EvalRecord.of(s) for s in result.scores], kl=result.kl, steps=merged.train.steps,
-        mean_loss=merged.train.mean_loss, seconds=merged.train.seconds,
+        documents=result.own_documents,
+        replayed=len(result.replayed),
+        scores=[EvalRecord.of(s) for s in result.scores],
+        kl=result.kl,
+        steps=merged.train.steps,
+        mean_loss=merged.train.mean_loss,
+        seconds=merged.train.seconds,
     )

@@ -40,8 +40,13 @@ from tasks.runtime import adapter_slot, use_model
 from tasks.settings import CACHED, TRANSIENT_BACKOFF
 
 
-@task(cache_policy=CACHED, persist_result=True, retries=3, retry_delay_seconds=TRANSIENT_BACKOFF,
-      task_run_name="fetch-arc-tasks-{split}")
+@task(
+    cache_policy=CACHED,
+    persist_result=True,
+    retries=3,
+    retry_delay_seconds=TRANSIENT_BACKOFF,
+    task_run_name="fetch-arc-tasks-{split}",
+)
 def fetch_arc_tasks(fewshot: FewshotConfig, split: str, count: int, seed: int) -> list[ArcTask]:
     """``count`` ARC tasks of ``split`` (the configured ids, or all within the grid size), by ``seed``."""
     ids = fewshot.train_task_ids if split == "train" else fewshot.eval_task_ids
@@ -55,8 +60,14 @@ def demonstrations(arc: ArcTask):
 
 @task(cache_policy=CACHED, persist_result=True, task_run_name="sample-self-edits-{arc.id}")
 def sample_self_edits(
-    policy_ref: PolicyRef, model: ModelConfig, arc: ArcTask, config: SelfEditConfig, fewshot: FewshotConfig,
-    batch_size: int, seed: int, num_samples: int,
+    policy_ref: PolicyRef,
+    model: ModelConfig,
+    arc: ArcTask,
+    config: SelfEditConfig,
+    fewshot: FewshotConfig,
+    batch_size: int,
+    seed: int,
+    num_samples: int,
 ) -> list[ConfigSelfEditRecord]:
     """K test-time training configs for one task, invalid ones redrawn a bounded number of times."""
     maybe_fail("sample_self_edits", arc.id)
@@ -64,18 +75,36 @@ def sample_self_edits(
         fmt = choose_format(loaded.tokenizer)
         prompt = fewshot_self_edit.self_edit_prompt(demonstrations(arc), fmt, fewshot)
         edits = fewshot_self_edit.sample_self_edits(
-            loaded.model, loaded.tokenizer, prompt, bounds=fewshot,
-            num_demonstrations=len(arc.train_inputs), batch_size=batch_size, num_samples=num_samples,
-            temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens, seed=seed,
+            loaded.model,
+            loaded.tokenizer,
+            prompt,
+            bounds=fewshot,
+            num_demonstrations=len(arc.train_inputs),
+            batch_size=batch_size,
+            num_samples=num_samples,
+            temperature=config.temperature,
+            top_p=config.top_p,
+            max_new_tokens=config.max_new_tokens,
+            seed=seed,
         )
-    return [ConfigSelfEditRecord(index=i, text=e.text, prompt=prompt, config=e.config, failure=e.failure,
-                                 attempts=e.attempts) for i, e in enumerate(edits)]
+    return [
+        ConfigSelfEditRecord(
+            index=i, text=e.text, prompt=prompt, config=e.config, failure=e.failure, attempts=e.attempts
+        )
+        for i, e in enumerate(edits)
+    ]
 
 
 @task(cache_policy=CACHED, persist_result=True, tags=["gpu"], task_run_name="train-adapter-{arc.id}-{label}")
 def train_adapter(
-    policy_ref: PolicyRef, model: ModelConfig, arc: ArcTask, self_edit: TTTConfig | None, failure: str | None,
-    label: str, lora: LoraConfig, config: InnerLoopConfig,
+    policy_ref: PolicyRef,
+    model: ModelConfig,
+    arc: ArcTask,
+    self_edit: TTTConfig | None,
+    failure: str | None,
+    label: str,
+    lora: LoraConfig,
+    config: InnerLoopConfig,
 ) -> AdapterRecord:
     """A fresh LoRA adapter trained on the task's demonstrations as the config says (leave-one-out,
     augmented), saved under ``$SEAL_HOME/adapters``; an invalid config is recorded, not trained."""
@@ -89,8 +118,14 @@ def train_adapter(
         with adapter_slot(loaded, lora).fresh(seed=config.seed) as adapted:
             try:
                 result = ttt.train_ttt_adapter(
-                    adapted, loaded.tokenizer, demonstrations(arc), self_edit, fmt,
-                    batch_size=config.batch_size, max_length=config.max_length, seed=config.seed,
+                    adapted,
+                    loaded.tokenizer,
+                    demonstrations(arc),
+                    self_edit,
+                    fmt,
+                    batch_size=config.batch_size,
+                    max_length=config.max_length,
+                    seed=config.seed,
                 )
             except inner_loop.NonFiniteLossError as exc:
                 return AdapterRecord(path=None, failure=f"non-finite loss: {exc}")
@@ -101,14 +136,25 @@ def train_adapter(
                     torch.cuda.empty_cache()
                 raise InnerLoopOutOfMemory(f"{arc.id} {label}: {str(exc)[:200]}") from None
             inner_loop.save_adapter(adapted, folder)
-    return AdapterRecord(path=str(folder), steps=result.steps, tokens=result.tokens, mean_loss=result.mean_loss,
-                         seconds=result.seconds, digest=weights_digest(folder))
+    return AdapterRecord(
+        path=str(folder),
+        steps=result.steps,
+        tokens=result.tokens,
+        mean_loss=result.mean_loss,
+        seconds=result.seconds,
+        digest=weights_digest(folder),
+    )
 
 
 @task(cache_policy=CACHED, persist_result=True, task_run_name="evaluate-adapter-{arc.id}-{label}")
 def evaluate_adapter(
-    policy_ref: PolicyRef, model: ModelConfig, arc: ArcTask, adapter: AdapterRecord | None, label: str,
-    config: EvalConfig, voting: bool,
+    policy_ref: PolicyRef,
+    model: ModelConfig,
+    arc: ArcTask,
+    adapter: AdapterRecord | None,
+    label: str,
+    config: EvalConfig,
+    voting: bool,
 ) -> EvalRecord:
     """Greedy answers to the task's test inputs with the adapter (none: in-context learning alone);
     correct only on an exact grid, partial credit (``f1``) is the share of cells right."""
@@ -118,16 +164,18 @@ def evaluate_adapter(
     if adapter is not None:
         found = weights_digest(Path(adapter.path))
         if found is None or (adapter.digest and found != adapter.digest):
-            raise StaleArtifact(f"adapter {adapter.path} is missing or altered "
-                                f"(weights digest {found}, recorded {adapter.digest})")
+            raise StaleArtifact(
+                f"adapter {adapter.path} is missing or altered (weights digest {found}, recorded {adapter.digest})"
+            )
     start = time.perf_counter()
     tests = [as_grid(g) for g in arc.test_inputs]
     with use_model(policy_ref, model) as loaded:
         fmt = choose_format(loaded.tokenizer)
 
         def predict(m):
-            return ttt.predict_outputs(m, loaded.tokenizer, demonstrations(arc), tests, fmt,
-                                       voting=voting, batch_size=config.batch_size)
+            return ttt.predict_outputs(
+                m, loaded.tokenizer, demonstrations(arc), tests, fmt, voting=voting, batch_size=config.batch_size
+            )
 
         if adapter is None:
             predictions = predict(loaded.model)
@@ -146,10 +194,15 @@ def evaluate_adapter(
 @task(cache_policy=CACHED, persist_result=True, task_run_name="select-self-edits-{context_id}")
 def select_self_edits(context_id: str, baseline: EvalRecord, scores: list[EvalRecord]) -> SolvedSelectionRecord:
     """Reward 1 for each self-edit whose adapted model solved every test output; all of them kept."""
-    selection = rest_em.select_solving_self_edits([bool(s.correct) and all(s.correct) for s in scores],
-                                                  [s.failure for s in scores])
+    selection = rest_em.select_solving_self_edits(
+        [bool(s.correct) and all(s.correct) for s in scores], [s.failure for s in scores]
+    )
     return SolvedSelectionRecord(
-        context_id=context_id, baseline_accuracy=baseline.accuracy, accuracies=[s.accuracy for s in scores],
-        rewards=list(selection.rewards), failures=[s.failure for s in scores], kept=list(selection.kept),
+        context_id=context_id,
+        baseline_accuracy=baseline.accuracy,
+        accuracies=[s.accuracy for s in scores],
+        rewards=list(selection.rewards),
+        failures=[s.failure for s in scores],
+        kept=list(selection.kept),
         outcome=selection.outcome,
     )

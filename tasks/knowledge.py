@@ -36,8 +36,13 @@ from tasks.runtime import adapter_lanes, use_model
 from tasks.settings import CACHED, TRANSIENT_BACKOFF
 
 
-@task(cache_policy=CACHED, persist_result=True, retries=3, retry_delay_seconds=TRANSIENT_BACKOFF,
-      task_run_name="fetch-contexts-{split}")
+@task(
+    cache_policy=CACHED,
+    persist_result=True,
+    retries=3,
+    retry_delay_seconds=TRANSIENT_BACKOFF,
+    task_run_name="fetch-contexts-{split}",
+)
 def fetch_contexts(data: DataConfig, split: str, count: int, seed: int) -> list[Context]:
     """``count`` contexts of ``split``, chosen by ``seed``."""
     rows = select_contexts(load_contexts(data, split), count, seed)
@@ -46,8 +51,13 @@ def fetch_contexts(data: DataConfig, split: str, count: int, seed: int) -> list[
 
 @task(cache_policy=CACHED, persist_result=True, task_run_name="sample-self-edits-{label}")
 def sample_self_edits(
-    policy_ref: PolicyRef, model: ModelConfig, contexts: list[Context], config: SelfEditConfig,
-    seeds: list[int], num_samples: int, label: str,
+    policy_ref: PolicyRef,
+    model: ModelConfig,
+    contexts: list[Context],
+    config: SelfEditConfig,
+    seeds: list[int],
+    num_samples: int,
+    label: str,
 ) -> list[list[SelfEditRecord]]:
     """K self-edits for each context, sampled from the policy in one batched call.
 
@@ -60,22 +70,38 @@ def sample_self_edits(
         maybe_fail("sample_self_edits", context.id)
     with use_model(policy_ref, model) as loaded:
         edits = self_edit.sample_self_edits_batch(
-            loaded.model, loaded.tokenizer, [(c.title, c.context) for c in contexts], seeds,
-            kind=config.prompt, num_samples=num_samples, temperature=config.temperature, top_p=config.top_p,
-            max_new_tokens=config.max_new_tokens, max_documents=config.max_documents,
+            loaded.model,
+            loaded.tokenizer,
+            [(c.title, c.context) for c in contexts],
+            seeds,
+            kind=config.prompt,
+            num_samples=num_samples,
+            temperature=config.temperature,
+            top_p=config.top_p,
+            max_new_tokens=config.max_new_tokens,
+            max_documents=config.max_documents,
         )
     records = []
     for context, samples in zip(contexts, edits):
         prompt = self_edit.self_edit_prompt(config.prompt, context.title, context.context)
-        records.append([SelfEditRecord(index=i, text=e.text, documents=list(e.documents), prompt=prompt,
-                                       tokens=e.tokens) for i, e in enumerate(samples)])
+        records.append(
+            [
+                SelfEditRecord(index=i, text=e.text, documents=list(e.documents), prompt=prompt, tokens=e.tokens)
+                for i, e in enumerate(samples)
+            ]
+        )
     return records
 
 
 @task(cache_policy=CACHED, persist_result=True, tags=["gpu"], task_run_name="train-adapters-{label}")
 def train_adapters(
-    policy_ref: PolicyRef, model: ModelConfig, items: list[tuple[Context, SelfEditRecord | None]],
-    label: str, labels: list[str], lora: LoraConfig, config: InnerLoopConfig,
+    policy_ref: PolicyRef,
+    model: ModelConfig,
+    items: list[tuple[Context, SelfEditRecord | None]],
+    label: str,
+    labels: list[str],
+    lora: LoraConfig,
+    config: InnerLoopConfig,
 ) -> list[AdapterRecord]:
     """A fresh LoRA adapter per item, trained on its self-edit plus its context's passage (the
     passage alone when the self-edit is None), all of them together in shared batches through
@@ -96,7 +122,9 @@ def train_adapters(
     trainable = []  # (index, documents, folder)
     for i, (context, edit) in enumerate(items):
         documents, plan = self_edit.inner_loop_plan(
-            self_edit.SelfEdit(edit.text, tuple(edit.documents)) if edit else None, context.title, context.context,
+            self_edit.SelfEdit(edit.text, tuple(edit.documents)) if edit else None,
+            context.title,
+            context.context,
             config,
         )
         key = f"{stable_seed(edit.text if edit else '', lora, config):08x}"
@@ -107,8 +135,12 @@ def train_adapters(
         stacks = adapter_lanes(loaded, lora, min(len(trainable), config.group_slots), config.lanes)
         try:
             start = time.perf_counter()
-            results = stacks.train([docs for _, docs, _ in trainable], plan, [config.seed] * len(trainable),
-                                   folders=[folder for _, _, folder in trainable])
+            results = stacks.train(
+                [docs for _, docs, _ in trainable],
+                plan,
+                [config.seed] * len(trainable),
+                folders=[folder for _, _, folder in trainable],
+            )
             seconds = time.perf_counter() - start
         except torch.OutOfMemoryError as exc:
             if torch.cuda.is_available():
@@ -118,16 +150,27 @@ def train_adapters(
         if isinstance(result, inner_loop.NonFiniteLossError):
             records[i] = AdapterRecord(path=None, failure=f"non-finite loss: {result}")
             continue
-        records[i] = AdapterRecord(path=str(folder), steps=result.steps, tokens=result.tokens,
-                                   mean_loss=result.mean_loss, seconds=seconds / len(trainable),
-                                   digest=weights_digest(folder))
+        records[i] = AdapterRecord(
+            path=str(folder),
+            steps=result.steps,
+            tokens=result.tokens,
+            mean_loss=result.mean_loss,
+            seconds=seconds / len(trainable),
+            digest=weights_digest(folder),
+        )
     return records
 
 
 @task(cache_policy=CACHED, persist_result=True, task_run_name="evaluate-adapters-{label}")
 def evaluate_adapters(
-    policy_ref: PolicyRef, model: ModelConfig, contexts: list[Context], adapters: list[AdapterRecord],
-    label: str, labels: list[str], config: EvalConfig, lanes: int = 1,
+    policy_ref: PolicyRef,
+    model: ModelConfig,
+    contexts: list[Context],
+    adapters: list[AdapterRecord],
+    label: str,
+    labels: list[str],
+    config: EvalConfig,
+    lanes: int = 1,
 ) -> list[EvalRecord]:
     """Closed-book answers to each context's questions with its adapter (``adapters[i]`` for
     ``contexts[i]``), all adapters' questions in the same batched generations (rows routed to
@@ -148,15 +191,20 @@ def evaluate_adapters(
             continue
         found = weights_digest(Path(adapter.path))  # a cached record may outlive its folder
         if found is None or (adapter.digest and found != adapter.digest):
-            raise StaleArtifact(f"adapter {adapter.path} is missing or altered "
-                                f"(weights digest {found}, recorded {adapter.digest})")
+            raise StaleArtifact(
+                f"adapter {adapter.path} is missing or altered (weights digest {found}, recorded {adapter.digest})"
+            )
         usable.append((i, context, Path(adapter.path)))
     if not usable:
         return records
     with use_model(policy_ref, model) as loaded:
         stacks = adapter_lanes(loaded, inner_loop.saved_lora(usable[0][2]), 1, lanes)
-        results = stacks.evaluate_saved([folder for _, _, folder in usable], [c.questions for _, c, _ in usable],
-                                        [c.answers for _, c, _ in usable], config)
+        results = stacks.evaluate_saved(
+            [folder for _, _, folder in usable],
+            [c.questions for _, c, _ in usable],
+            [c.answers for _, c, _ in usable],
+            config,
+        )
     for (i, _, _), result in zip(usable, results):
         records[i] = EvalRecord.of(result)
     return records
@@ -164,14 +212,19 @@ def evaluate_adapters(
 
 @task(cache_policy=CACHED, persist_result=True, task_run_name="evaluate-baselines-{label}")
 def evaluate_baselines(
-    policy_ref: PolicyRef, model: ModelConfig, contexts: list[Context], config: EvalConfig, label: str,
+    policy_ref: PolicyRef,
+    model: ModelConfig,
+    contexts: list[Context],
+    config: EvalConfig,
+    label: str,
 ) -> list[EvalRecord]:
     """Closed-book answers to each context's questions by the unadapted policy, all contexts'
     questions in shared batched generations."""
     maybe_fail("evaluate_adapter", "baseline")
     with use_model(policy_ref, model) as loaded:
         results = inner_loop.evaluate_contexts(
-            loaded.model, loaded.tokenizer, [c.questions for c in contexts], [c.answers for c in contexts], config)
+            loaded.model, loaded.tokenizer, [c.questions for c in contexts], [c.answers for c in contexts], config
+        )
     return [EvalRecord.of(result) for result in results]
 
 
@@ -179,17 +232,24 @@ EMPTY_SELF_EDIT = "empty self-edit: no usable line in the generation"
 
 
 @task(cache_policy=CACHED, persist_result=True, task_run_name="select-self-edits-{context_id}")
-def select_self_edits(context_id: str, baseline: EvalRecord, scores: list[EvalRecord], edits: list[SelfEditRecord],
-                      reward: RewardConfig) -> SelectionRecord:
+def select_self_edits(
+    context_id: str, baseline: EvalRecord, scores: list[EvalRecord], edits: list[SelfEditRecord], reward: RewardConfig
+) -> SelectionRecord:
     """Rewards (``reward.kind``) against ``baseline`` (``reward.baseline``'s score) and the best
     self-edit that beat it, if any. An empty self-edit earns 0 and is never kept: the policy
     would learn to write nothing."""
-    candidates = [rest_em.Candidate(i, s.accuracy, s.mean_f1, s.failure or (None if e.documents else EMPTY_SELF_EDIT))
-                  for i, (s, e) in enumerate(zip(scores, edits, strict=True))]
+    candidates = [
+        rest_em.Candidate(i, s.accuracy, s.mean_f1, s.failure or (None if e.documents else EMPTY_SELF_EDIT))
+        for i, (s, e) in enumerate(zip(scores, edits, strict=True))
+    ]
     selection = rest_em.select_self_edits(baseline.accuracy, candidates, reward.kind)
     return SelectionRecord(
-        context_id=context_id, baseline_accuracy=baseline.accuracy,
-        accuracies=[s.accuracy for s in scores], rewards=list(selection.rewards),
-        failures=[c.failure for c in candidates], kept=selection.kept, outcome=selection.outcome,
+        context_id=context_id,
+        baseline_accuracy=baseline.accuracy,
+        accuracies=[s.accuracy for s in scores],
+        rewards=list(selection.rewards),
+        failures=[c.failure for c in candidates],
+        kept=selection.kept,
+        outcome=selection.outcome,
         tie=selection.tie,
     )

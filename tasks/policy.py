@@ -30,8 +30,12 @@ def resolve_base_policy(model: ModelConfig) -> PolicyRef:
 
 @task(cache_policy=CACHED, persist_result=True, tags=["gpu"], task_run_name="update-policy-{name}")
 def update_policy(
-    policy_ref: PolicyRef, model: ModelConfig, pairs: list[tuple[str, str]], name: str,
-    config: PolicyUpdateConfig, target_modules: list[str],
+    policy_ref: PolicyRef,
+    model: ModelConfig,
+    pairs: list[tuple[str, str]],
+    name: str,
+    config: PolicyUpdateConfig,
+    target_modules: list[str],
 ) -> PolicyRef:
     """The M-step: SFT of the policy on kept (prompt, self-edit) pairs, merged, saved."""
     maybe_fail("update_policy", name)
@@ -43,13 +47,22 @@ def update_policy(
     key = stable_seed(policy_ref.digest, pairs, config, target_modules)
     folder = seal_home() / "policies" / f"{name}-{key:08x}"
     result = policy.update_policy(
-        loaded.model, loaded.tokenizer, pairs, config, target_modules, folder,
+        loaded.model,
+        loaded.tokenizer,
+        pairs,
+        config,
+        target_modules,
+        folder,
         source=f"{policy_ref.name}+{name}",
     )
     del loaded
     release_freed_memory()
     get_run_logger().info(
         "policy %s: %d pairs, %d steps, loss %.3f, %.1fs",
-        name, result.pairs, result.steps, result.mean_loss, time.perf_counter() - start,
+        name,
+        result.pairs,
+        result.steps,
+        result.mean_loss,
+        time.perf_counter() - start,
     )
     return PolicyRef(name=name, path=str(result.path), digest=result.digest)

@@ -85,10 +85,14 @@ class EvalRecord(_Record):
     def pooled(cls, records: list[EvalRecord]) -> EvalRecord:
         """One score of several runs on the same questions (one per training seed): accuracy and
         F1 are their means, and a failure of any run is the pooled failure."""
-        return cls(predictions=[p for r in records for p in r.predictions],
-                   correct=[c for r in records for c in r.correct], f1=[f for r in records for f in r.f1],
-                   seconds=sum(r.seconds for r in records), runs=sum(r.runs for r in records),
-                   failure=next((r.failure for r in records if r.failure), None))
+        return cls(
+            predictions=[p for r in records for p in r.predictions],
+            correct=[c for r in records for c in r.correct],
+            f1=[f for r in records for f in r.f1],
+            seconds=sum(r.seconds for r in records),
+            runs=sum(r.runs for r in records),
+            failure=next((r.failure for r in records if r.failure), None),
+        )
 
     @property
     def mean_correct(self) -> float:
@@ -98,8 +102,12 @@ class EvalRecord(_Record):
     @classmethod
     def of(cls, result) -> EvalRecord:
         """The record of a graded ``models.inner_loop.EvalResult``."""
-        return cls(predictions=list(result.predictions), correct=list(result.correct), f1=list(result.f1),
-                   seconds=result.seconds)
+        return cls(
+            predictions=list(result.predictions),
+            correct=list(result.correct),
+            f1=list(result.f1),
+            seconds=result.seconds,
+        )
 
     @classmethod
     def failed(cls, questions: int, failure: str) -> EvalRecord:

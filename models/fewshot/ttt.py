@@ -36,7 +36,9 @@ TASK_INSTRUCTION = (
 )
 
 
-def task_prompt(demonstrations: Sequence[Pair], query_input: Grid, fmt: GridFormat) -> tuple[str, list[tuple[int, int]]]:
+def task_prompt(
+    demonstrations: Sequence[Pair], query_input: Grid, fmt: GridFormat
+) -> tuple[str, list[tuple[int, int]]]:
     """The user turn for a task, and the character spans of the demonstrations' output grids."""
     text, spans = TASK_INSTRUCTION, []
     for number, (grid_in, grid_out) in enumerate(demonstrations, 1):
@@ -48,8 +50,9 @@ def task_prompt(demonstrations: Sequence[Pair], query_input: Grid, fmt: GridForm
     return text, spans
 
 
-def rendered_task(tokenizer: PreTrainedTokenizerBase, demonstrations: Sequence[Pair], query_input: Grid,
-                  fmt: GridFormat) -> tuple[str, list[tuple[int, int]]]:
+def rendered_task(
+    tokenizer: PreTrainedTokenizerBase, demonstrations: Sequence[Pair], query_input: Grid, fmt: GridFormat
+) -> tuple[str, list[tuple[int, int]]]:
     """The task as the model sees it (chat template applied), with output spans shifted to match.
 
     Raises:
@@ -59,8 +62,10 @@ def rendered_task(tokenizer: PreTrainedTokenizerBase, demonstrations: Sequence[P
     rendered = render_prompt(tokenizer, content)
     offset = rendered.find(content)
     if offset < 0:
-        raise ValueError("the chat template rewrites the prompt text, so output grids cannot be located "
-                         "in it; use a model whose template inserts the user turn verbatim")
+        raise ValueError(
+            "the chat template rewrites the prompt text, so output grids cannot be located "
+            "in it; use a model whose template inserts the user turn verbatim"
+        )
     return rendered, [(start + offset, end + offset) for start, end in spans]
 
 
@@ -86,7 +91,10 @@ def build_examples(pairs: Sequence[Pair], config: TTTConfig, seed: int) -> list[
 
 
 def tokenize_example(
-    tokenizer: PreTrainedTokenizerBase, example: Example, fmt: GridFormat, output_tokens_only: bool,
+    tokenizer: PreTrainedTokenizerBase,
+    example: Example,
+    fmt: GridFormat,
+    output_tokens_only: bool,
 ) -> tuple[list[int], list[int]]:
     """Token ids of prompt + query output + EOS, and labels (-100 where no loss is taken).
 
@@ -171,19 +179,33 @@ def train_ttt_adapter(
     kept = [r for r in rows if len(r[0]) <= max_length]
     if not kept:
         shortest = min(len(r[0]) for r in rows)
-        raise ValueError(f"no training example fits inner_loop.max_length={max_length} tokens "
-                         f"(the shortest has {shortest}); raise it or pick tasks with smaller grids")
+        raise ValueError(
+            f"no training example fits inner_loop.max_length={max_length} tokens "
+            f"(the shortest has {shortest}); raise it or pick tasks with smaller grids"
+        )
     epochs = config.training.num_train_epochs
     losses = fit(
-        model, kept, lambda batch: backward_loss(model, collate(batch, tokenizer.pad_token_id)),
-        learning_rate=config.training.learning_rate, epochs=epochs, batch_size=batch_size, seed=seed,
-        max_grad_norm=None, fused=model.device.type in ("cpu", "cuda"),
+        model,
+        kept,
+        lambda batch: backward_loss(model, collate(batch, tokenizer.pad_token_id)),
+        learning_rate=config.training.learning_rate,
+        epochs=epochs,
+        batch_size=batch_size,
+        seed=seed,
+        max_grad_norm=None,
+        fused=model.device.type in ("cpu", "cuda"),
         learning_rate_setting="the self-edit's training.learning_rate",
     )
     tokens = epochs * sum(len(ids) for ids, _ in kept)  # each example once per epoch
-    return TTTResult(steps=len(losses), examples=len(kept), dropped=len(rows) - len(kept), tokens=tokens,
-                     mean_loss=sum(losses) / len(losses), final_loss=losses[-1],
-                     seconds=time.perf_counter() - start)
+    return TTTResult(
+        steps=len(losses),
+        examples=len(kept),
+        dropped=len(rows) - len(kept),
+        tokens=tokens,
+        mean_loss=sum(losses) / len(losses),
+        final_loss=losses[-1],
+        seconds=time.perf_counter() - start,
+    )
 
 
 @dataclass(frozen=True)
@@ -232,8 +254,9 @@ def predict_outputs(
     budget = max(answer_budget(pairs, q, fmt) for q in test_inputs)
     texts: list[str] = []
     for first in range(0, len(jobs), batch_size):
-        texts += generate(model, tokenizer, [prompt for _, _, prompt in jobs[first : first + batch_size]],
-                          max_new_tokens=budget)
+        texts += generate(
+            model, tokenizer, [prompt for _, _, prompt in jobs[first : first + batch_size]], max_new_tokens=budget
+        )
     predictions = []
     for index in range(len(test_inputs)):
         answers = [(name, text) for (i, name, _), text in zip(jobs, texts) if i == index]

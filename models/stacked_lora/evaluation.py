@@ -38,8 +38,13 @@ def evaluate_stacked(
             adapters = torch.tensor([k for k, _ in rows[first:stop]], device=stack.model.device)
             stack.route(adapters)
             # rows that have answered leave the batch: route those left
-            outputs = answer_lines(stack.model, tokenizer, prompts[first:stop], max_new_tokens=config.max_new_tokens,
-                                   on_rows=lambda left, adapters=adapters: stack.route(adapters[left]))
+            outputs = answer_lines(
+                stack.model,
+                tokenizer,
+                prompts[first:stop],
+                max_new_tokens=config.max_new_tokens,
+                on_rows=lambda left, adapters=adapters: stack.route(adapters[left]),
+            )
             predictions += [first_line(text) for text in outputs]
     finally:
         stack.route(None)

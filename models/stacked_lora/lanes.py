@@ -135,8 +135,9 @@ class AdapterLanes:
         self.groups: list[list[int]] = []  # the group's adapter indices in each lane, lane 0 first
 
     @classmethod
-    def attach(cls, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, lora: LoraConfig,
-               slots: int, lanes: int = 1) -> AdapterLanes:
+    def attach(
+        cls, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, lora: LoraConfig, slots: int, lanes: int = 1
+    ) -> AdapterLanes:
         """A stack on each of ``lanes`` replicas of ``model`` (the first is ``model`` itself),
         ``slots`` in all (each lane's share rounded up). ``model`` must have no adapters attached."""
         replicas = model_replicas(model, lanes)
@@ -159,8 +160,13 @@ class AdapterLanes:
         where = {index: (lane, slot) for lane, items in enumerate(self.groups) for slot, index in enumerate(items)}
         return [where[index] for index in range(len(where))]
 
-    def train(self, documents: Sequence[Sequence[str]], config: InnerLoopConfig, seeds: Sequence[int],
-              folders: Sequence[Path] | None = None) -> list[TrainResult | NonFiniteLossError]:
+    def train(
+        self,
+        documents: Sequence[Sequence[str]],
+        config: InnerLoopConfig,
+        seeds: Sequence[int],
+        folders: Sequence[Path] | None = None,
+    ) -> list[TrainResult | NonFiniteLossError]:
         """Fresh adapters (adapter i from ``seeds[i]``), adapter i trained on ``documents[i]``
         (:func:`train_slots` in each lane); one result per adapter, in order, its ``seconds``
         from its first step to its last.
@@ -178,8 +184,10 @@ class AdapterLanes:
             given = f"{len(seeds)} seeds" + ("" if folders is None else f" and {len(folders)} folders")
             raise ValueError(f"{given} for {len(documents)} adapters")
         if not documents or (folders is None and len(documents) > self.slots):
-            raise ValueError(f"a group of {len(documents)} adapters does not fit {len(self.stacks)} lane(s) "
-                             f"of {self.stacks[0].slots}")
+            raise ValueError(
+                f"a group of {len(documents)} adapters does not fit {len(self.stacks)} lane(s) "
+                f"of {self.stacks[0].slots}"
+            )
         # An adapter's work: its characters (tokens) plus, per document (a step each epoch), what
         # a step costs besides its rows (benchmarks/README.md: a step's fixed cost, in characters).
         costs = [sum(len(d) + _STEP_CHARS for d in docs) for docs in documents]
@@ -211,8 +219,13 @@ class AdapterLanes:
         run_lanes([partial(lane_work, lane) for lane in range(len(lanes))])
         return results
 
-    def evaluate_saved(self, folders: Sequence[Path], questions: Sequence[Sequence[str]],
-                       answers: Sequence[Sequence[Sequence[str]]], config: EvalConfig) -> list[EvalResult]:
+    def evaluate_saved(
+        self,
+        folders: Sequence[Path],
+        questions: Sequence[Sequence[str]],
+        answers: Sequence[Sequence[Sequence[str]]],
+        config: EvalConfig,
+    ) -> list[EvalResult]:
         """:func:`evaluate_stacked` of saved adapters (``questions[i]`` for the one in
         ``folders[i]``), in the calling thread with all its threads: as many adapters at a time
         as one generation of ``config.batch_size`` rows takes, loaded straight into lane 0's
@@ -227,8 +240,9 @@ class AdapterLanes:
         with stack.resized(max(stop - first for first, stop in chunks)):
             for first, stop in chunks:
                 stack.load(folders[first:stop])
-                results += evaluate_stacked(stack, self.tokenizers[0], questions[first:stop], answers[first:stop],
-                                            config)
+                results += evaluate_stacked(
+                    stack, self.tokenizers[0], questions[first:stop], answers[first:stop], config
+                )
         return results
 
     def save(self, index: int, folder: Path) -> Path:
@@ -239,8 +253,10 @@ class AdapterLanes:
                 folders as it trained)."""
         placement = self.placement
         if index >= len(placement):
-            raise ValueError(f"adapter {index} is not in the lanes' slots: a group larger than they hold "
-                             "is saved to its folders while it trains")
+            raise ValueError(
+                f"adapter {index} is not in the lanes' slots: a group larger than they hold "
+                "is saved to its folders while it trains"
+            )
         lane, slot = placement[index]
         return self.stacks[lane].save(slot, folder)
 

@@ -54,10 +54,14 @@ class StackedLoraLinear(nn.Module):
         if isinstance(self.rows, (TokenSpans, RowSpans)):
             spans = self.rows if isinstance(self.rows, TokenSpans) else self.rows.tokens(x.shape[1])
             flat = x.reshape(-1, x.shape[-1])
-            dropped = (nn.functional.dropout(flat.to(self.lora_A.dtype), self.dropout, training=True)
-                       if self.dropout and self.training else None)
-            out = _LinearSpans.apply(flat, dropped, self.base.weight, self.base.bias, self.lora_A, self.lora_B,
-                                     spans, self.scaling)
+            dropped = (
+                nn.functional.dropout(flat.to(self.lora_A.dtype), self.dropout, training=True)
+                if self.dropout and self.training
+                else None
+            )
+            out = _LinearSpans.apply(
+                flat, dropped, self.base.weight, self.base.bias, self.lora_A, self.lora_B, spans, self.scaling
+            )
             return out.view(*x.shape[:-1], -1)
         out = self.base(x)
         shape = x.shape
@@ -98,8 +102,9 @@ class _LoraDelta(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                rows: slice | torch.Tensor, scaling: float) -> torch.Tensor:
+    def forward(
+        ctx, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, rows: slice | torch.Tensor, scaling: float
+    ) -> torch.Tensor:
         a, b = lora_a[rows], lora_b[rows]
         xa = torch.bmm(x.to(a.dtype), a.transpose(1, 2))  # (batch, seq, rank)
         ctx.save_for_backward(x, xa, lora_a, lora_b)
@@ -163,8 +168,17 @@ class _LinearSpans(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, dropped: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
-                lora_a: torch.Tensor, lora_b: torch.Tensor, spans: TokenSpans, scaling: float) -> torch.Tensor:
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        dropped: torch.Tensor | None,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        lora_a: torch.Tensor,
+        lora_b: torch.Tensor,
+        spans: TokenSpans,
+        scaling: float,
+    ) -> torch.Tensor:
         out = nn.functional.linear(x, weight, bias)  # (tokens, out), the base's dtype
         xl = (x if dropped is None else dropped).to(lora_a.dtype)
         xa = xl.new_empty((x.shape[0], lora_a.shape[1]))  # (tokens, rank), scaled; rows outside spans unused

@@ -20,8 +20,14 @@ class StackedAdamW:
     ``torch.nn.utils.clip_grad_norm_`` would clip it alone.
     """
 
-    def __init__(self, params: list[nn.Parameter], slots: int, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, max_grad_norm: float | None = None):
+    def __init__(
+        self,
+        params: list[nn.Parameter],
+        slots: int,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        max_grad_norm: float | None = None,
+    ):
         self.params, self.slots, self.betas, self.eps = params, slots, betas, eps
         self.max_grad_norm = max_grad_norm
         self.exp_avg = [torch.zeros_like(p[:slots]) for p in params]
@@ -48,9 +54,20 @@ class StackedAdamW:
             self.steps[k] += 1
             step = torch.tensor(float(self.steps[k]), device=self.params[0].device)
             torch._fused_adamw_(
-                weights[k], grads[k], exp_avg[k], exp_avg_sq[k], [], [step] * len(weights[k]),
-                lr=float(lr), beta1=beta1, beta2=beta2, weight_decay=0.0, eps=self.eps, amsgrad=False,
-                maximize=False, grad_scale=None if scales is None else 1 / scales[k],  # divides the gradient
+                weights[k],
+                grads[k],
+                exp_avg[k],
+                exp_avg_sq[k],
+                [],
+                [step] * len(weights[k]),
+                lr=float(lr),
+                beta1=beta1,
+                beta2=beta2,
+                weight_decay=0.0,
+                eps=self.eps,
+                amsgrad=False,
+                maximize=False,
+                grad_scale=None if scales is None else 1 / scales[k],  # divides the gradient
             )
 
     @torch.no_grad()

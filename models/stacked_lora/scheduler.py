@@ -47,8 +47,13 @@ def train_stacked(
     jobs = iter([TrainJob(k, docs, seed=None) for k, docs in enumerate(documents)])
     results: list = [None] * stack.count
     start = time.perf_counter()
-    train_slots(stack, tokenizer, lambda: next(jobs, None), config,
-                lambda job, slot, result: results.__setitem__(job.index, result))
+    train_slots(
+        stack,
+        tokenizer,
+        lambda: next(jobs, None),
+        config,
+        lambda job, slot, result: results.__setitem__(job.index, result),
+    )
     seconds = time.perf_counter() - start
     return [r if isinstance(r, NonFiniteLossError) else dataclasses.replace(r, seconds=seconds) for r in results]
 
@@ -78,8 +83,13 @@ class _Slot:
     def result(self) -> TrainResult | NonFiniteLossError:
         if self.failure is not None:
             return self.failure
-        return TrainResult(steps=len(self.batches), tokens=self.tokens, mean_loss=sum(self.losses) / len(self.losses),
-                           final_loss=self.losses[-1], seconds=time.perf_counter() - self.started)
+        return TrainResult(
+            steps=len(self.batches),
+            tokens=self.tokens,
+            mean_loss=sum(self.losses) / len(self.losses),
+            final_loss=self.losses[-1],
+            seconds=time.perf_counter() - self.started,
+        )
 
 
 def train_slots(
@@ -116,8 +126,9 @@ def train_slots(
         if job.seed is not None:
             stack.reset_slot(slot, job.seed)
         optimizer.reset(slot)
-        return _Slot(job, _schedule(tokenize_documents(tokenizer, job.documents, config.max_length), config),
-                     time.perf_counter())
+        return _Slot(
+            job, _schedule(tokenize_documents(tokenizer, job.documents, config.max_length), config), time.perf_counter()
+        )
 
     slots = [start(slot) for slot in range(stack.slots)]
     model.train()
@@ -181,8 +192,9 @@ def _schedule(sequences: list[list[int]], config: InnerLoopConfig) -> list[list[
     steps = []
     for _ in range(config.epochs):
         order = torch.randperm(len(sequences), generator=generator).tolist()
-        steps += [[sequences[i] for i in order[s : s + config.batch_size]]
-                  for s in range(0, len(order), config.batch_size)]
+        steps += [
+            [sequences[i] for i in order[s : s + config.batch_size]] for s in range(0, len(order), config.batch_size)
+        ]
     return steps
 
 

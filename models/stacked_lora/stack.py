@@ -33,8 +33,14 @@ class AdapterStack:
     :meth:`close` puts the original layers back.
     """
 
-    def __init__(self, model: PreTrainedModel, layers: dict[str, StackedLoraLinear], lora: LoraConfig,
-                 slots: int, frozen: list[nn.Parameter]):
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        layers: dict[str, StackedLoraLinear],
+        lora: LoraConfig,
+        slots: int,
+        frozen: list[nn.Parameter],
+    ):
         self.model = model
         self.layers = layers
         self.lora = lora
@@ -50,7 +56,8 @@ class AdapterStack:
             ValueError: if no layer matches ``lora.target_modules``.
         """
         targets = [
-            (name, module) for name, module in model.named_modules()
+            (name, module)
+            for name, module in model.named_modules()
             if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in lora.target_modules
         ]
         if not targets:
@@ -68,7 +75,11 @@ class AdapterStack:
     def matches(self, lora: LoraConfig) -> bool:
         """Whether ``lora`` describes this stack's layers (module order aside)."""
         return (lora.rank, lora.alpha, lora.dropout, set(lora.target_modules)) == (
-            self.lora.rank, self.lora.alpha, self.lora.dropout, set(self.lora.target_modules))
+            self.lora.rank,
+            self.lora.alpha,
+            self.lora.dropout,
+            set(self.lora.target_modules),
+        )
 
     def reset(self, seeds: Sequence[int]) -> None:
         """Fresh adapters 0..len(seeds)-1 for a new group; adapter k's A comes from ``seeds[k]``
@@ -142,8 +153,9 @@ class AdapterStack:
             state = load_file(Path(folder) / "adapter_model.safetensors")
             if set(state) != expected:
                 missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-                raise ValueError(f"adapter {folder} does not fit this stack: "
-                                 f"missing {missing[:2]}, unexpected {extra[:2]}")
+                raise ValueError(
+                    f"adapter {folder} does not fit this stack: missing {missing[:2]}, unexpected {extra[:2]}"
+                )
             for name, layer in self.layers.items():
                 layer.lora_A[index].copy_(state[f"base_model.model.{name}.lora_A.weight"])
                 layer.lora_B[index].copy_(state[f"base_model.model.{name}.lora_B.weight"])

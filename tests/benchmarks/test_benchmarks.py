@@ -19,12 +19,14 @@ from models.config import load_config  # noqa: E402
 from models.inner_loop import tokenize_documents  # noqa: E402
 
 TINY = ROOT / "deployments" / "configs" / "knowledge-tiny.yaml"
-SMALL = ["inner_loop.epochs=2", "eval.max_new_tokens=4", "self_edit.max_new_tokens=16",
-         "lora.rank=4", "lora.alpha=8"]
+SMALL = ["inner_loop.epochs=2", "eval.max_new_tokens=4", "self_edit.max_new_tokens=16", "lora.rank=4", "lora.alpha=8"]
 DOCUMENTS = [
     ["Kelthrop\nOrvanne Kelthrop founded the Thessory Guild in 1873.", "Kelthrop\nIt had 412 members."],
-    ["Kelthrop\nThe guild met in Brindlecourt.", "Kelthrop\nIts founder was Orvanne Kelthrop.",
-     "Kelthrop\nOrvanne Kelthrop founded the Thessory Guild in 1873. It had 412 members."],
+    [
+        "Kelthrop\nThe guild met in Brindlecourt.",
+        "Kelthrop\nIts founder was Orvanne Kelthrop.",
+        "Kelthrop\nOrvanne Kelthrop founded the Thessory Guild in 1873. It had 412 members.",
+    ],
 ]
 QUESTIONS = ["Who founded the Thessory Guild?", "How many members did it have?"]
 ANSWERS = [["Orvanne Kelthrop"], ["412"]]
@@ -79,10 +81,23 @@ def test_three_methods_train_on_the_same_documents_and_tokens(tiny, config):
     before = {k: v.clone() for k, v in tiny.model.state_dict().items()}
     requires_grad = [p.requires_grad for p in tiny.model.parameters()]
     ours = bench.run_ours(tiny, config, [("ctx", DOCUMENTS, QUESTIONS, ANSWERS)])[0]
-    strong = baselines.run_strong(tiny.model, tiny.tokenizer, DOCUMENTS, QUESTIONS, ANSWERS,
-                                  config.lora, config.inner_loop, config.eval)
-    reference = [baselines.run_reference(tiny.model, tiny.tokenizer, docs, QUESTIONS, ANSWERS, config.lora,
-                                         config.inner_loop, config.eval, timed_steps=1) for docs in DOCUMENTS]
+    strong = baselines.run_strong(
+        tiny.model, tiny.tokenizer, DOCUMENTS, QUESTIONS, ANSWERS, config.lora, config.inner_loop, config.eval
+    )
+    reference = [
+        baselines.run_reference(
+            tiny.model,
+            tiny.tokenizer,
+            docs,
+            QUESTIONS,
+            ANSWERS,
+            config.lora,
+            config.inner_loop,
+            config.eval,
+            timed_steps=1,
+        )
+        for docs in DOCUMENTS
+    ]
     _unchanged(tiny, before, requires_grad)
     for k, docs in enumerate(DOCUMENTS):
         ids = tokenize_documents(tiny.tokenizer, docs, config.inner_loop.max_length)
@@ -115,15 +130,24 @@ def test_strong_masks_padding_in_labels_and_the_reference_keeps_it(tiny):
     assert torch.equal(batch["labels"][~padding], batch["input_ids"][~padding])
 
 
-def test_baseline_answers_once_per_context_for_strong_and_per_self_edit_for_reference(
-        tiny, config, generate_calls):
-    baselines.run_strong(tiny.model, tiny.tokenizer, DOCUMENTS, QUESTIONS, ANSWERS,
-                         config.lora, config.inner_loop, config.eval)
+def test_baseline_answers_once_per_context_for_strong_and_per_self_edit_for_reference(tiny, config, generate_calls):
+    baselines.run_strong(
+        tiny.model, tiny.tokenizer, DOCUMENTS, QUESTIONS, ANSWERS, config.lora, config.inner_loop, config.eval
+    )
     assert generate_calls == [len(QUESTIONS)] * (1 + len(DOCUMENTS))  # shared baseline, then one per self-edit
     generate_calls.clear()
     for docs in DOCUMENTS:
-        baselines.run_reference(tiny.model, tiny.tokenizer, docs, QUESTIONS, ANSWERS, config.lora,
-                                config.inner_loop, config.eval, timed_steps=1)
+        baselines.run_reference(
+            tiny.model,
+            tiny.tokenizer,
+            docs,
+            QUESTIONS,
+            ANSWERS,
+            config.lora,
+            config.inner_loop,
+            config.eval,
+            timed_steps=1,
+        )
     assert generate_calls == [1] * (2 * len(QUESTIONS) * len(DOCUMENTS))  # one question at a time, twice
 
 
@@ -145,19 +169,40 @@ def test_ours_answers_every_contexts_baseline_in_one_call_and_lanes_change_no_re
     assert runs[2][1][0].tokens == runs[2][0][1].tokens  # the same documents, the same work
 
 
-@pytest.mark.parametrize("train_s, steps_seconds, steps, expected", [
-    (10.0, [4.0, 2.0, 2.0], 10, 10.0 - (2.0 + 2.0) + 2.0 * 9),  # setup and first step once, later steps' mean
-    (10.0, [4.0, 2.0, 2.0], 3, 10.0),  # all steps timed
-    (5.0, [3.0], 4, 5.0 - 3.0 + 3.0 * 4),  # one step stands for every step
-])
+@pytest.mark.parametrize(
+    "train_s, steps_seconds, steps, expected",
+    [
+        (10.0, [4.0, 2.0, 2.0], 10, 10.0 - (2.0 + 2.0) + 2.0 * 9),  # setup and first step once, later steps' mean
+        (10.0, [4.0, 2.0, 2.0], 3, 10.0),  # all steps timed
+        (5.0, [3.0], 4, 5.0 - 3.0 + 3.0 * 4),  # one step stands for every step
+    ],
+)
 def test_extrapolate(train_s, steps_seconds, steps, expected):
     assert baselines.extrapolate(train_s, steps_seconds, steps) == pytest.approx(expected)
 
 
 def test_script_reports_measured_numbers(seal_home, tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert bench.main(["--config", str(TINY), "--contexts", "1", "--k", "2", "--reference-steps", "2",
-                       "--matmul-size", "128", "--json", str(out), *SMALL]) == 0
+    assert (
+        bench.main(
+            [
+                "--config",
+                str(TINY),
+                "--contexts",
+                "1",
+                "--k",
+                "2",
+                "--reference-steps",
+                "2",
+                "--matmul-size",
+                "128",
+                "--json",
+                str(out),
+                *SMALL,
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     report = json.loads(out.read_text())
 
@@ -169,14 +214,24 @@ def test_script_reports_measured_numbers(seal_home, tmp_path, capsys):
     for method, summary in report["summary"].items():
         records = report["records"][method]
         assert summary["self_edits"] == len(records) == (1 if method == "reference" else 2)
-        for key in ("per_self_edit_s", "baseline_s", "train_s", "eval_s", "self_edits_per_min",
-                    "tokens_per_self_edit", "train_gflops_per_s", "train_fraction_of_peak"):
+        for key in (
+            "per_self_edit_s",
+            "baseline_s",
+            "train_s",
+            "eval_s",
+            "self_edits_per_min",
+            "tokens_per_self_edit",
+            "train_gflops_per_s",
+            "train_fraction_of_peak",
+        ):
             assert summary[key] > 0, (method, key)
         assert summary["per_self_edit_s"] == pytest.approx(sum(r["total_s"] for r in records) / len(records))
         assert summary["train_gflops_per_s"] == pytest.approx(
-            4 * report["parameters"] * sum(r["tokens"] for r in records) / sum(r["train_s"] for r in records) / 1e9)
+            4 * report["parameters"] * sum(r["tokens"] for r in records) / sum(r["train_s"] for r in records) / 1e9
+        )
         assert summary["train_fraction_of_peak"] == pytest.approx(
-            summary["train_gflops_per_s"] / report["matmul"]["peak_gflops"])
+            summary["train_gflops_per_s"] / report["matmul"]["peak_gflops"]
+        )
     for name in ("strong", "reference"):
         ratio = report["summary"][name]["per_self_edit_s"] / report["summary"]["ours"]["per_self_edit_s"]
         assert report["speedup"][name] == pytest.approx(ratio)
@@ -203,9 +258,30 @@ def test_step_scaling_script_times_each_count_and_fits_the_line(seal_home, tmp_p
     from benchmarks import step_scaling
 
     out = tmp_path / "scaling.json"
-    assert step_scaling.main(["--config", str(TINY), "--adapters", "1", "3", "--tokens", "12", "--steps", "2",
-                              "--repeats", "1", "--matmul-size", "128", "--json", str(out),
-                              "lora.rank=4", "lora.alpha=8"]) == 0
+    assert (
+        step_scaling.main(
+            [
+                "--config",
+                str(TINY),
+                "--adapters",
+                "1",
+                "3",
+                "--tokens",
+                "12",
+                "--steps",
+                "2",
+                "--repeats",
+                "1",
+                "--matmul-size",
+                "128",
+                "--json",
+                str(out),
+                "lora.rank=4",
+                "lora.alpha=8",
+            ]
+        )
+        == 0
+    )
     report = json.loads(out.read_text())
     assert [p["adapters"] for p in report["points"]] == [1, 3]
     assert all(p["ms_per_step"] > 0 and p["tokens_per_row"] >= 12 for p in report["points"])
@@ -246,9 +322,31 @@ def test_step_ceiling_script_times_ours_and_the_frozen_model_on_the_same_rows(se
     from benchmarks import step_ceiling
 
     out = tmp_path / "ceiling.json"
-    assert step_ceiling.main(["--config", str(TINY), "--rows", "1", "2", "--tokens", "12", "--steps", "2",
-                              "--repeats", "1", "--matmul-size", "128", "--json", str(out),
-                              "lora.rank=4", "lora.alpha=8", "inner_loop.lanes=2"]) == 0
+    assert (
+        step_ceiling.main(
+            [
+                "--config",
+                str(TINY),
+                "--rows",
+                "1",
+                "2",
+                "--tokens",
+                "12",
+                "--steps",
+                "2",
+                "--repeats",
+                "1",
+                "--matmul-size",
+                "128",
+                "--json",
+                str(out),
+                "lora.rank=4",
+                "lora.alpha=8",
+                "inner_loop.lanes=2",
+            ]
+        )
+        == 0
+    )
     report = json.loads(out.read_text())
     printed = capsys.readouterr().out
     assert report["lanes"] == 2 and report["matmul_peak_gflops"] > 0
@@ -260,7 +358,9 @@ def test_step_ceiling_script_times_ours_and_the_frozen_model_on_the_same_rows(se
             gflops = 4 * report["parameters"] * tokens / (point[f"{method}_ms_per_step"] / 1000) / 1e9
             assert point[f"{method}_gflops"] == pytest.approx(gflops)
             assert point[f"{method}_fraction_of_peak"] == pytest.approx(gflops / report["matmul_peak_gflops"])
-        assert point["ours_fraction_of_frozen"] == pytest.approx(point["frozen_ms_per_step"] / point["ours_ms_per_step"])
+        assert point["ours_fraction_of_frozen"] == pytest.approx(
+            point["frozen_ms_per_step"] / point["ours_ms_per_step"]
+        )
         assert f"ours at {point['ours_fraction_of_frozen']:.0%} of the frozen model's rate" in printed
 
 
@@ -268,8 +368,20 @@ def test_learning_study_writes_table_2_with_intervals_after_every_iteration(pref
     from benchmarks import learning_study
 
     out = tmp_path / "study.json"
-    assert learning_study.main(["--config", str(TINY), "--json", str(out), "rl.iterations=2",
-                                "tracking.experiment=study", "tracking.registered_model=study-policy"]) == 0
+    assert (
+        learning_study.main(
+            [
+                "--config",
+                str(TINY),
+                "--json",
+                str(out),
+                "rl.iterations=2",
+                "tracking.experiment=study",
+                "tracking.registered_model=study-policy",
+            ]
+        )
+        == 0
+    )
     report = json.loads(out.read_text())
     assert len(report["held_out"]) == 3 and report["held_out"][0]["policy"] == "base"  # after each iteration
     for row in report["held_out"]:
@@ -308,10 +420,29 @@ def test_continual_benchmark_writes_each_variant_with_its_matrix(prefect_env, tm
 
     out = tmp_path / "continual.json"
     squad = _squad(tmp_path / "squad-continual-bench.json")
-    assert continual.main(["--config", str(TINY), "--json", str(out), "--variants", "self_edit,replay",
-                           "--replay", "1", "--rerun", "data.source=squad", f"data.path={squad}",
-                           "data.validation_fraction=0.95", "continual.sequences=1", "continual.passages=2",
-                           "continual.probe_prompts=1", "tracking.experiment=continual-bench"]) == 0
+    assert (
+        continual.main(
+            [
+                "--config",
+                str(TINY),
+                "--json",
+                str(out),
+                "--variants",
+                "self_edit,replay",
+                "--replay",
+                "1",
+                "--rerun",
+                "data.source=squad",
+                f"data.path={squad}",
+                "data.validation_fraction=0.95",
+                "continual.sequences=1",
+                "continual.passages=2",
+                "continual.probe_prompts=1",
+                "tracking.experiment=continual-bench",
+            ]
+        )
+        == 0
+    )
     report = json.loads(out.read_text())
     assert list(report["variants"]) == ["self_edit", "replay"]
     for name, variant in report["variants"].items():
@@ -326,10 +457,15 @@ def test_continual_benchmark_writes_each_variant_with_its_matrix(prefect_env, tm
     assert report["machine"]["cpus"] and "== replay" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("variant, expected", [
-    ("self_edit", []), ("passage_only", ["continual.training=passage_only"]), ("replay", ["continual.replay=3"]),
-    ("policy", ["continual.policy=models:/seal-policy@best"]),
-])
+@pytest.mark.parametrize(
+    "variant, expected",
+    [
+        ("self_edit", []),
+        ("passage_only", ["continual.training=passage_only"]),
+        ("replay", ["continual.replay=3"]),
+        ("policy", ["continual.policy=models:/seal-policy@best"]),
+    ],
+)
 def test_continual_benchmark_variants_are_config_switches(variant, expected):
     import argparse
 

@@ -10,9 +10,13 @@ import pytest
 from compose import MissingVariable, interpolate, load_compose
 
 ROOT = Path(__file__).parents[2]
-SECRETS = {"POSTGRES_PASSWORD": "pg-secret", "PREFECT_API_AUTH_STRING": "team:prefect-secret",
-           "MLFLOW_AUTH_ADMIN_USERNAME": "boss", "MLFLOW_AUTH_ADMIN_PASSWORD": "mlflow-secret",
-           "MLFLOW_FLASK_SERVER_SECRET_KEY": "flask-secret"}
+SECRETS = {
+    "POSTGRES_PASSWORD": "pg-secret",
+    "PREFECT_API_AUTH_STRING": "team:prefect-secret",
+    "MLFLOW_AUTH_ADMIN_USERNAME": "boss",
+    "MLFLOW_AUTH_ADMIN_PASSWORD": "mlflow-secret",
+    "MLFLOW_FLASK_SERVER_SECRET_KEY": "flask-secret",
+}
 COMPOSE = load_compose(SECRETS)
 SERVICES = COMPOSE["services"]
 
@@ -113,15 +117,18 @@ def test_every_service_requires_its_credentials():
     assert "WORKDIR /app" in (ROOT / "Dockerfile").read_text()
 
 
-@pytest.mark.parametrize("text, env, expected", [
-    ("${A}", {"A": "1"}, "1"),
-    ("${A}", {}, ""),
-    ("${A:-x}", {"A": ""}, "x"),
-    ("${A-x}", {"A": ""}, ""),
-    ("${A:+--flag $A}", {"A": "v"}, "--flag v"),
-    ("${A:+--flag $A}", {}, ""),
-    ("$$A", {"A": "v"}, "$A"),
-])
+@pytest.mark.parametrize(
+    "text, env, expected",
+    [
+        ("${A}", {"A": "1"}, "1"),
+        ("${A}", {}, ""),
+        ("${A:-x}", {"A": ""}, "x"),
+        ("${A-x}", {"A": ""}, ""),
+        ("${A:+--flag $A}", {"A": "v"}, "--flag v"),
+        ("${A:+--flag $A}", {}, ""),
+        ("$$A", {"A": "v"}, "$A"),
+    ],
+)
 def test_interpolation_follows_the_compose_specification(text, env, expected):
     assert interpolate(text, env) == expected
 

@@ -9,11 +9,20 @@ from conftest import TINY, squad_file
 def _flow_config(root: Path):
     from models.config import load_config
 
-    return load_config(TINY, [
-        "data.source=squad", f"data.path={squad_file(root / 'squad-clean.json')}",
-        "data.num_train_contexts=1", "data.num_eval_contexts=1", "self_edit.num_samples=1",
-        "rl.iterations=1", "seed=7", "tracking.experiment=clean", "tracking.log_adapters=false",
-    ])
+    return load_config(
+        TINY,
+        [
+            "data.source=squad",
+            f"data.path={squad_file(root / 'squad-clean.json')}",
+            "data.num_train_contexts=1",
+            "data.num_eval_contexts=1",
+            "self_edit.num_samples=1",
+            "rl.iterations=1",
+            "seed=7",
+            "tracking.experiment=clean",
+            "tracking.log_adapters=false",
+        ],
+    )
 
 
 def test_clean_lists_then_deletes_only_what_no_run_references(prefect_env, capsys):

@@ -9,7 +9,7 @@ def test_inner_loop_demo_prints_the_three_columns_with_counts(seal_home, capsys)
     assert main(["inner-loop", TINY, "--contexts", "2"]) == 0
     out = capsys.readouterr().out
     assert out.count("passage + self-edit") >= 3  # two context lines and the table
-    table = out[out.index("condition"):]
+    table = out[out.index("condition") :]
     for label in ("no adaptation", "passage only", "passage + self-edit"):
         line = next(line for line in table.splitlines() if line.startswith(label))
         correct, total = line.split()[-2].split("/")

@@ -21,9 +21,15 @@ def test_continual_flow_logs_the_matrix_and_reruns_from_cache(prefect_env, monke
     from models import continual, inner_loop, self_edit
     from models.config import load_config
 
-    config = load_config(TINY, continual_overrides(_squad(prefect_env / "squad-continual.json"),
-                                          "continual.sequences=2", "continual.passages=3",
-                                          "tracking.experiment=continual"))
+    config = load_config(
+        TINY,
+        continual_overrides(
+            _squad(prefect_env / "squad-continual.json"),
+            "continual.sequences=2",
+            "continual.passages=3",
+            "tracking.experiment=continual",
+        ),
+    )
     first = seal_continual(config)
     assert [r.matrix.shape for r in first.sequences] == [(4, 3), (4, 3)]
     matrix = first.sequences[0].matrix
@@ -41,8 +47,14 @@ def test_continual_flow_logs_the_matrix_and_reruns_from_cache(prefect_env, monke
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     run = client.get_run(first.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["seal.flow"] == "continual"
-    for name in ("continual/newest_accuracy", "continual/forgetting", "continual/backward_transfer",
-                 "continual/gain_over_base", "continual/kl", "sequence_1/kl"):
+    for name in (
+        "continual/newest_accuracy",
+        "continual/forgetting",
+        "continual/backward_transfer",
+        "continual/gain_over_base",
+        "continual/kl",
+        "sequence_1/kl",
+    ):
         assert name in run.data.metrics, name
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "continual/kl")) == [1, 2, 3]
     lag = client.get_metric_history(run.info.run_id, "continual/accuracy_after_more_merges")
@@ -59,8 +71,12 @@ def test_continual_flow_logs_the_matrix_and_reruns_from_cache(prefect_env, monke
 
     # Same config, new flow run: nothing is sampled, trained or evaluated again.
     calls = []
-    for module, name in [(continual, "merge_self_edit"), (inner_loop, "evaluate_contexts"),
-                         (continual, "evaluate_contexts"), (self_edit, "sample_self_edits_batch")]:
+    for module, name in [
+        (continual, "merge_self_edit"),
+        (inner_loop, "evaluate_contexts"),
+        (continual, "evaluate_contexts"),
+        (self_edit, "sample_self_edits_batch"),
+    ]:
         real = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
     second = seal_continual(config)
@@ -74,7 +90,9 @@ def test_continual_flow_logs_the_matrix_and_reruns_from_cache(prefect_env, monke
     third = seal_continual(changed)
     assert calls.count("evaluate_contexts") == 2 * (1 + 3)  # per sequence: the unedited row, 3 steps
     assert "sample_self_edits_batch" not in calls
-    assert [s.checkpoint.digest for s in third.sequences[0].steps] == [s.checkpoint.digest for s in first.sequences[0].steps]
+    assert [s.checkpoint.digest for s in third.sequences[0].steps] == [
+        s.checkpoint.digest for s in first.sequences[0].steps
+    ]
 
 
 def test_passage_only_row_and_replay(prefect_env, monkeypatch):
@@ -86,15 +104,33 @@ def test_passage_only_row_and_replay(prefect_env, monkeypatch):
     sampled = []
     real = self_edit.sample_self_edits_batch
     monkeypatch.setattr(self_edit, "sample_self_edits_batch", lambda *a, **k: sampled.append(1) or real(*a, **k))
-    passage_only = seal_continual(load_config(TINY, continual_overrides(
-        squad, "continual.sequences=1", "continual.passages=2", "continual.training=passage_only",
-        "tracking.experiment=continual-variants")))
+    passage_only = seal_continual(
+        load_config(
+            TINY,
+            continual_overrides(
+                squad,
+                "continual.sequences=1",
+                "continual.passages=2",
+                "continual.training=passage_only",
+                "tracking.experiment=continual-variants",
+            ),
+        )
+    )
     (sequence,) = passage_only.sequences
     assert sampled == [] and sequence.edits == [None, None]
     assert all(len(step.documents) == 1 for step in sequence.steps)  # the passage alone
 
-    replay = seal_continual(load_config(TINY, continual_overrides(
-        squad, "continual.sequences=1", "continual.passages=3", "continual.replay=2",
-        "tracking.experiment=continual-variants")))
+    replay = seal_continual(
+        load_config(
+            TINY,
+            continual_overrides(
+                squad,
+                "continual.sequences=1",
+                "continual.passages=3",
+                "continual.replay=2",
+                "tracking.experiment=continual-variants",
+            ),
+        )
+    )
     steps = replay.sequences[0].steps
     assert [s.replayed for s in steps][0] == 0 and all(s.replayed == 2 for s in steps[1:])

@@ -111,17 +111,28 @@ def _worker(name: str, seconds_ago: float, status: str = "ONLINE") -> dict:
     return {"name": name, "status": status, "last_heartbeat_time": beat, "heartbeat_interval_seconds": 30}
 
 
-@pytest.mark.parametrize("pool, workers, status, message", [
-    ({"missing": True}, [], FAIL, "no work pool 'seal' on"),
-    ({"is_paused": True}, [], FAIL, "is paused: runs wait until `prefect work-pool resume seal`"),
-    ({}, [], FAIL, "has never had a worker: runs will wait. Start one: prefect worker start --pool seal"),
-    ({}, [_worker("gpu-1", 600, "OFFLINE")], FAIL, "no live worker: the last, gpu-1, was seen 600s ago"),
-    ({}, [_worker("gpu-1", 600, "OFFLINE"), _worker("gpu-2", 12)], OK, "1 live worker(s), e.g. gpu-2 (heartbeat 12s ago)"),
-])
+@pytest.mark.parametrize(
+    "pool, workers, status, message",
+    [
+        ({"missing": True}, [], FAIL, "no work pool 'seal' on"),
+        ({"is_paused": True}, [], FAIL, "is paused: runs wait until `prefect work-pool resume seal`"),
+        ({}, [], FAIL, "has never had a worker: runs will wait. Start one: prefect worker start --pool seal"),
+        ({}, [_worker("gpu-1", 600, "OFFLINE")], FAIL, "no live worker: the last, gpu-1, was seen 600s ago"),
+        (
+            {},
+            [_worker("gpu-1", 600, "OFFLINE"), _worker("gpu-2", 12)],
+            OK,
+            "1 live worker(s), e.g. gpu-2 (heartbeat 12s ago)",
+        ),
+    ],
+)
 def test_work_pool_messages(answers, pool, workers, status, message):
     routes, url = answers
     if not pool.get("missing"):
-        routes[("GET", "/api/work_pools/seal", None)] = (200, {"name": "seal", "is_paused": pool.get("is_paused", False)})
+        routes[("GET", "/api/work_pools/seal", None)] = (
+            200,
+            {"name": "seal", "is_paused": pool.get("is_paused", False)},
+        )
     routes[("POST", "/api/work_pools/seal/workers/filter", None)] = (200, workers)
     check = check_work_pool(f"{url}/api", None, "seal", now=NOW)
     assert check.status == status and message in check.message, check.message
@@ -129,7 +140,11 @@ def test_work_pool_messages(answers, pool, workers, status, message):
 
 def test_seal_home_unset_relative_unwritable_and_results_elsewhere(tmp_path):
     check = only(check_seal_home({}, ray_cluster=False))
-    assert check.status == FAIL and "SEAL_HOME is unset" in check.message and "export SEAL_HOME=/an/absolute/path" in check.message
+    assert (
+        check.status == FAIL
+        and "SEAL_HOME is unset" in check.message
+        and "export SEAL_HOME=/an/absolute/path" in check.message
+    )
     check = only(check_seal_home({"SEAL_HOME": "rel/home"}, ray_cluster=False))
     assert check.status == FAIL and "'rel/home'" in check.message
     blocker = tmp_path / "a-file"
@@ -139,7 +154,10 @@ def test_seal_home_unset_relative_unwritable_and_results_elsewhere(tmp_path):
     home = tmp_path / "home"
     ok, warning = check_seal_home({"SEAL_HOME": str(home), "PREFECT_LOCAL_STORAGE_PATH": str(tmp_path / "s")}, False)
     assert ok.status == OK and warning.status == WARN and "outside SEAL_HOME" in warning.message
-    assert only(check_seal_home({"SEAL_HOME": str(home), "PREFECT_LOCAL_STORAGE_PATH": str(home / "s")}, False)).status == OK
+    assert (
+        only(check_seal_home({"SEAL_HOME": str(home), "PREFECT_LOCAL_STORAGE_PATH": str(home / "s")}, False)).status
+        == OK
+    )
 
 
 def test_seal_home_must_be_shared_for_a_ray_cluster(tmp_path):
@@ -148,7 +166,9 @@ def test_seal_home_must_be_shared_for_a_ray_cluster(tmp_path):
     assert check.status == FAIL and "on a ext4 filesystem, local to this machine" in check.message
     assert "Mount a shared filesystem" in check.message
     home = tmp_path / "seal"  # the longest mount point holding it wins: the NFS one, not /
-    _, check = check_seal_home({"SEAL_HOME": str(home)}, ray_cluster=True, mounts=local + f"fs:/export {home} nfs4 rw 0 0\n")
+    _, check = check_seal_home(
+        {"SEAL_HOME": str(home)}, ray_cluster=True, mounts=local + f"fs:/export {home} nfs4 rw 0 0\n"
+    )
     assert check.status == OK and "nfs4" in check.message
 
 

@@ -20,13 +20,26 @@ def test_the_config_picks_the_domain(name, domain):
 def test_each_domain_describes_its_own_self_edits():
     from tasks.records import ArcTask, Context
 
-    context = Context(id="c", title="T", context="Orvanne Kelthrop founded the guild in 1873.",
-                      questions=["Who founded it?", "When?"], answers=[["Orvanne Kelthrop"], ["1873"]])
-    knowledge_edit = SelfEditRecord(index=0, text="Kelthrop founded\nthe guild in 1873 long ago", prompt="p",
-                                    documents=["Kelthrop founded", "the guild in 1873 long ago"], tokens=9)
+    context = Context(
+        id="c",
+        title="T",
+        context="Orvanne Kelthrop founded the guild in 1873.",
+        questions=["Who founded it?", "When?"],
+        answers=[["Orvanne Kelthrop"], ["1873"]],
+    )
+    knowledge_edit = SelfEditRecord(
+        index=0,
+        text="Kelthrop founded\nthe guild in 1873 long ago",
+        prompt="p",
+        documents=["Kelthrop founded", "the guild in 1873 long ago"],
+        tokens=9,
+    )
     described = KNOWLEDGE.describe(context, knowledge_edit)
     assert {k: described[k] for k in ("documents", "tokens", "answer_coverage")} == {
-        "documents": 2, "tokens": 9, "answer_coverage": 0.5}
+        "documents": 2,
+        "tokens": 9,
+        "answer_coverage": 0.5,
+    }
     assert described["fact_recall"] == pytest.approx(2 / 3)  # Kelthrop, 1873; not Orvanne
     assert set(described) == {"documents", "tokens", *KNOWLEDGE.edit_measures}
     arc = ArcTask(id="t", train_inputs=[[[1]]], train_outputs=[[[2]]], test_inputs=[[[1]]], test_outputs=[[[2]]])
@@ -35,8 +48,14 @@ def test_each_domain_describes_its_own_self_edits():
 
 
 def test_kept_indices_read_the_same_in_both_domains():
-    common = dict(context_id="c", baseline_accuracy=0.0, accuracies=[1.0, 0.0, 1.0], rewards=[1, 0, 1],
-                  failures=[None] * 3, outcome="kept")
+    common = dict(
+        context_id="c",
+        baseline_accuracy=0.0,
+        accuracies=[1.0, 0.0, 1.0],
+        rewards=[1, 0, 1],
+        failures=[None] * 3,
+        outcome="kept",
+    )
     assert SelectionRecord(**common, kept=2, tie=True).kept_indices == [2]
     assert SelectionRecord(**common, kept=None, tie=False).kept_indices == []
     assert SolvedSelectionRecord(**common, kept=[0, 2]).kept_indices == [0, 2]
@@ -46,7 +65,9 @@ def test_oracle_configs_over_the_step_cap_are_rejected_for_that_task():
     from tasks.records import ArcTask
 
     config = load_config(None, ["domain=fewshot", "fewshot.max_steps=10"])
-    arc = ArcTask(id="t", train_inputs=[[[1]]] * 3, train_outputs=[[[2]]] * 3, test_inputs=[[[1]]], test_outputs=[[[2]]])
+    arc = ArcTask(
+        id="t", train_inputs=[[[1]]] * 3, train_outputs=[[[2]]] * 3, test_inputs=[[[1]]], test_outputs=[[[2]]]
+    )
     records = FEWSHOT.oracle_self_edits(config, arc)
     assert len(records) == len(config.fewshot.oracle_configs)
     assert records[0].config is not None and records[0].failure is None  # 3 examples x 3 epochs = 9 steps

@@ -9,23 +9,43 @@ import datasets
 ROOT = Path(__file__).parents[2]
 FEWSHOT_TINY = ROOT / "deployments" / "configs" / "fewshot-tiny.yaml"
 # What the stand-in policy writes: a valid config the tiny model can learn from, or no config.
-CONFIG_TEXT = json.dumps({
-    "data_generation": {"use_basic_augmentations": False, "use_size_augmentations": False,
-                        "use_chain_augmentations": False, "use_repeat_augmentations": False},
-    "training": {"strategy": "train_using_output_tokens", "learning_rate": 1e-2, "num_train_epochs": 10},
-})
-OVERRIDES = ["data.num_train_contexts=2", "data.num_eval_contexts=2", "fewshot.max_steps=64",
-             "fewshot.train_task_ids=[]", "fewshot.eval_task_ids=[]", "data.seed=7",
-             "tracking.experiment=fewshot-flow", "tracking.registered_model=fewshot-flow-policy"]
+CONFIG_TEXT = json.dumps(
+    {
+        "data_generation": {
+            "use_basic_augmentations": False,
+            "use_size_augmentations": False,
+            "use_chain_augmentations": False,
+            "use_repeat_augmentations": False,
+        },
+        "training": {"strategy": "train_using_output_tokens", "learning_rate": 1e-2, "num_train_epochs": 10},
+    }
+)
+OVERRIDES = [
+    "data.num_train_contexts=2",
+    "data.num_eval_contexts=2",
+    "fewshot.max_steps=64",
+    "fewshot.train_task_ids=[]",
+    "fewshot.eval_task_ids=[]",
+    "data.seed=7",
+    "tracking.experiment=fewshot-flow",
+    "tracking.registered_model=fewshot-flow-policy",
+]
 
 
 def constant_tasks(split, task_ids=(), max_grid_size=30):
     """Tasks whose every output is the 1x1 grid "1": learnable by the tiny model in a few steps."""
     from models.fewshot.data import FEATURES
 
-    rows = [{"id": f"{split[:5]}-{n}", "train_inputs": [[[n + 1, 0]], [[0, 2]], [[3, 3]]],
-             "train_outputs": [[[1]]] * 3, "test_inputs": [[[4, n]]], "test_outputs": [[[1]]]}
-            for n in range(2)]
+    rows = [
+        {
+            "id": f"{split[:5]}-{n}",
+            "train_inputs": [[[n + 1, 0]], [[0, 2]], [[3, 3]]],
+            "train_outputs": [[[1]]] * 3,
+            "test_inputs": [[[4, n]]],
+            "test_outputs": [[[1]]],
+        }
+        for n in range(2)
+    ]
     return datasets.Dataset.from_list(rows, features=FEATURES)
 
 
@@ -37,7 +57,8 @@ def stand_in_policy(model, tokenizer, prompts, *, num_return_sequences, **kwargs
 
 
 def test_fewshot_flow_rewards_solving_configs_updates_the_policy_and_reruns_from_cache(
-        prefect_env, monkeypatch, capsys):
+    prefect_env, monkeypatch, capsys
+):
     from mlflow import MlflowClient
 
     import tasks.fewshot
@@ -76,8 +97,14 @@ def test_fewshot_flow_rewards_solving_configs_updates_the_policy_and_reruns_from
     run = client.get_run(first.run_id)
     assert run.info.status == "FINISHED" and run.data.params["domain"] == "fewshot"
     assert run.data.metrics["held_out/seal_correct"] == 2 and run.data.metrics["held_out/seal_total"] == 4
-    for name in ("reward_mean", "kept_count", "held_out/in_context", "held_out/oracle_ttt",
-                 "held_out/ttt_self_edits", "held_out/oracle_ttt_total"):
+    for name in (
+        "reward_mean",
+        "kept_count",
+        "held_out/in_context",
+        "held_out/oracle_ttt",
+        "held_out/ttt_self_edits",
+        "held_out/oracle_ttt_total",
+    ):
         assert name in run.data.metrics, name
     assert {"self_edits", "held_out", "curves.png"} <= {a.path for a in client.list_artifacts(first.run_id)}
     assert len(client.search_model_versions("name='fewshot-flow-policy'")) == 1

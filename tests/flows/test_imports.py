@@ -34,7 +34,7 @@ def test_the_flows_import_graph_has_no_loop():
 
     def visit(module: str) -> None:
         if module in visiting:
-            loop = visiting[visiting.index(module):] + [module]
+            loop = visiting[visiting.index(module) :] + [module]
             raise AssertionError(f"import loop between flows modules: {' -> '.join(loop)}")
         if module in done:
             return
@@ -52,12 +52,16 @@ def test_every_flows_module_imports_first_in_a_fresh_interpreter():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 
     def import_alone(module: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-c", f"import {module}"], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=300)
+        return subprocess.run(
+            [sys.executable, "-c", f"import {module}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+        )
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         results = dict(zip(MODULES, pool.map(import_alone, MODULES)))
-    failed = {module: (r.stderr.strip().splitlines() or ["no output"])[-1]
-              for module, r in results.items() if r.returncode != 0}
+    failed = {
+        module: (r.stderr.strip().splitlines() or ["no output"])[-1]
+        for module, r in results.items()
+        if r.returncode != 0
+    }
     assert not failed, f"modules that fail to import on their own: {failed}"
     assert {"flows.domains", "flows.inner_loop", "flows.knowledge", "flows.training"} <= set(MODULES)

@@ -9,18 +9,23 @@ import pytest
 from conftest import TINY, squad_file as _squad
 
 
-@pytest.mark.parametrize("before, after, expected", [
-    ([(1, 2), (0, 2)], [(2, 2), (0, 2)], 0.25),
-    ([(1, 2), (0, 2)], [(0, 2), (0, 2)], -0.25),
-    ([(1, 2), (1, 2)], [(1, 2), (1, 2)], 0.0),
-])
+@pytest.mark.parametrize(
+    "before, after, expected",
+    [
+        ([(1, 2), (0, 2)], [(2, 2), (0, 2)], 0.25),
+        ([(1, 2), (0, 2)], [(0, 2), (0, 2)], -0.25),
+        ([(1, 2), (1, 2)], [(1, 2), (1, 2)], 0.0),
+    ],
+)
 def test_held_out_change_is_after_minus_before_on_the_same_contexts(before, after, expected):
     from flows.held_out import HeldOutResult
     from flows.nightly import held_out_change
     from tasks.records import PolicyRef
 
     ref = PolicyRef(name="p", path="/p", digest="d")
-    table = lambda counts: HeldOutResult(ref, {"policy_self_edits": counts}, 0.0, ("policy_self_edits", "policy_self_edits"))  # noqa: E731
+    table = lambda counts: HeldOutResult(
+        ref, {"policy_self_edits": counts}, 0.0, ("policy_self_edits", "policy_self_edits")
+    )  # noqa: E731
     change = held_out_change(table(before), table(after), "policy_self_edits")
     assert change.value == pytest.approx(expected) and change.low <= change.value <= change.high
 
@@ -32,12 +37,21 @@ def test_nightly_continues_latest_on_unseen_contexts_and_registers_only_without_
     from models.config import load_config
     from models.stats import Estimate
 
-    config = load_config(TINY, [
-        "data.source=squad", f"data.path={_squad(prefect_env / 'squad-nightly.json')}",
-        "data.num_train_contexts=2", "data.num_eval_contexts=2", "self_edit.num_samples=2", "rl.iterations=1",
-        "inner_loop.epochs=8", "inner_loop.learning_rate=3e-2", "tracking.experiment=nightly",
-        "tracking.registered_model=nightly-policy",
-    ])
+    config = load_config(
+        TINY,
+        [
+            "data.source=squad",
+            f"data.path={_squad(prefect_env / 'squad-nightly.json')}",
+            "data.num_train_contexts=2",
+            "data.num_eval_contexts=2",
+            "self_edit.num_samples=2",
+            "rl.iterations=1",
+            "inner_loop.epochs=8",
+            "inner_loop.learning_rate=3e-2",
+            "tracking.experiment=nightly",
+            "tracking.registered_model=nightly-policy",
+        ],
+    )
     uri = "models:/nightly-policy@latest"
     client = MlflowClient(f"sqlite:///{prefect_env}/mlflow.db")
 

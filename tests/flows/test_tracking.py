@@ -41,8 +41,14 @@ def names() -> dict[str, str]:
 
 
 def make_tracker(store: str, names: dict[str, str], **kwargs) -> MlflowTracker:
-    return MlflowTracker(store, names["experiment"], names["registered_model"], run_name="test",
-                         tags={"seal.model": "tiny-random"}, **kwargs)
+    return MlflowTracker(
+        store,
+        names["experiment"],
+        names["registered_model"],
+        run_name="test",
+        tags={"seal.model": "tiny-random"},
+        **kwargs,
+    )
 
 
 def policy_folder(root: Path, name: str, marker: str) -> Path:
@@ -135,9 +141,12 @@ def test_table_text_figure_and_folder_are_listed(store, names, tmp_path):
     assert listed("self_edits") == {"self_edits/iteration-1.json"}
     assert listed("notes") == {"notes/readme.txt"}
     assert listed("adapters/iteration-1/c1") == {
-        "adapters/iteration-1/c1/config.json", "adapters/iteration-1/c1/model.safetensors"}
-    table = json.loads(Path(client.download_artifacts(tracker.run_id, "self_edits/iteration-1.json",
-                                                      str(tmp_path / "dl"))).read_text())
+        "adapters/iteration-1/c1/config.json",
+        "adapters/iteration-1/c1/model.safetensors",
+    }
+    table = json.loads(
+        Path(client.download_artifacts(tracker.run_id, "self_edits/iteration-1.json", str(tmp_path / "dl"))).read_text()
+    )
     assert table["columns"] == ["context_id", "reward", "text"]
     assert table["data"] == [["c1", 1.0, "a"], ["c2", 0.0, None]]
 
@@ -171,7 +180,8 @@ def test_register_policy_versions_aliases_and_resolution(store, names, tmp_path)
     assert marker(f"models:/{model}/2") == "two"
     # The registry points at the run's artifacts: nothing was copied to a second place.
     assert resolve_policy_uri(store, f"models:/{model}/1").is_relative_to(
-        Path(tracker.artifact_uri.removeprefix("file://")))
+        Path(tracker.artifact_uri.removeprefix("file://"))
+    )
 
     tracker.set_alias("2", "best")
     assert marker(f"models:/{model}@best") == "two"
@@ -182,8 +192,9 @@ def test_resolve_downloads_a_version_that_is_not_a_local_folder(store, names, tm
     tracker.log_artifacts(policy_folder(tmp_path, "policy", "remote"), "elsewhere/policy")
     client = MlflowClient(store)
     client.create_registered_model(names["registered_model"])
-    client.create_model_version(names["registered_model"], source=f"runs:/{tracker.run_id}/elsewhere/policy",
-                                run_id=tracker.run_id)
+    client.create_model_version(
+        names["registered_model"], source=f"runs:/{tracker.run_id}/elsewhere/policy", run_id=tracker.run_id
+    )
     folder = resolve_policy_uri(store, f"models:/{names['registered_model']}/1", download_dir=tmp_path / "dl")
     assert folder.is_relative_to(tmp_path / "dl")
     assert json.loads((folder / "config.json").read_text())["marker"] == "remote"
@@ -272,9 +283,18 @@ def test_find_resumable_run(store, names):
     from flows.tracking import find_resumable_run
 
     def run(status, digest, pid, flow_run="f0"):
-        tracker = MlflowTracker(store, names["experiment"], names["registered_model"], run_name="r",
-                                tags={"seal.config_digest": digest, "seal.host": socket.gethostname(),
-                                      "seal.pid": str(pid), "prefect.flow_run_id": flow_run})
+        tracker = MlflowTracker(
+            store,
+            names["experiment"],
+            names["registered_model"],
+            run_name="r",
+            tags={
+                "seal.config_digest": digest,
+                "seal.host": socket.gethostname(),
+                "seal.pid": str(pid),
+                "prefect.flow_run_id": flow_run,
+            },
+        )
         if status != "RUNNING":
             tracker.finish(status)
         return tracker.run_id
@@ -322,7 +342,10 @@ def test_transient_tracking_failures_are_retried_with_backoff_and_answers_are_no
         client.get_run("r1")
     assert sleeps == [0.5, 1.0]  # "not found" is an answer: no retry
     calls.clear()
-    always = tracking.RetryingClient(type("Down", (), {"log_batch": lambda self, r: (_ for _ in ()).throw(OSError("down"))})(),
-                                     attempts=3, first_delay=0.1)
+    always = tracking.RetryingClient(
+        type("Down", (), {"log_batch": lambda self, r: (_ for _ in ()).throw(OSError("down"))})(),
+        attempts=3,
+        first_delay=0.1,
+    )
     with pytest.raises(OSError, match="down"):
         always.log_batch("r1")

@@ -13,12 +13,20 @@ def test_training_flow_tracks_everything_and_reruns_from_cache(prefect_env, monk
     from models.config import load_config
     from models.stacked_lora import lanes
 
-    config = load_config(TINY, [
-        "data.source=squad", f"data.path={_squad(prefect_env / 'squad.json')}",
-        "data.num_train_contexts=2", "data.num_eval_contexts=2", "self_edit.num_samples=2",
-        "rl.iterations=1", "inner_loop.epochs=8", "inner_loop.learning_rate=3e-2",
-        "tracking.registered_model=flow-test-policy",
-    ])
+    config = load_config(
+        TINY,
+        [
+            "data.source=squad",
+            f"data.path={_squad(prefect_env / 'squad.json')}",
+            "data.num_train_contexts=2",
+            "data.num_eval_contexts=2",
+            "self_edit.num_samples=2",
+            "rl.iterations=1",
+            "inner_loop.epochs=8",
+            "inner_loop.learning_rate=3e-2",
+            "tracking.registered_model=flow-test-policy",
+        ],
+    )
     first = seal_training(config)
 
     client = MlflowClient(f"sqlite:///{prefect_env}/mlflow.db")
@@ -26,8 +34,15 @@ def test_training_flow_tracks_everything_and_reruns_from_cache(prefect_env, monk
     assert run.info.run_id == first.run_id and run.info.status == "FINISHED"
     assert run.data.params["lora.rank"] == "4" and run.data.params["model.name"] == "tiny-random"
     assert run.data.tags["prefect.flow_run_id"]
-    for name in ("reward_mean", "positive_fraction", "kept_count", "baseline_accuracy",
-                 "adapted_accuracy", "e_step_seconds", *(f"held_out/{c}" for c in HELD_OUT_COLUMNS)):
+    for name in (
+        "reward_mean",
+        "positive_fraction",
+        "kept_count",
+        "baseline_accuracy",
+        "adapted_accuracy",
+        "e_step_seconds",
+        *(f"held_out/{c}" for c in HELD_OUT_COLUMNS),
+    ):
         assert name in run.data.metrics, name
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"self_edits", "held_out", "curves.png"} <= artifacts
@@ -37,8 +52,12 @@ def test_training_flow_tracks_everything_and_reruns_from_cache(prefect_env, monk
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     with get_client(sync_client=True) as prefect:
-        for key in ("progress-held-out-base", "progress-iteration-1", "progress-held-out-iteration-1",
-                    "self-edits-iteration-1"):
+        for key in (
+            "progress-held-out-base",
+            "progress-iteration-1",
+            "progress-held-out-iteration-1",
+            "self-edits-iteration-1",
+        ):
             (artifact, *_) = prefect.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
             if key.startswith("progress"):
                 assert artifact.type == "progress" and float(artifact.data) == 100.0, key
@@ -61,8 +80,12 @@ def test_training_flow_tracks_everything_and_reruns_from_cache(prefect_env, monk
 
     # Same config, new flow run: no sampling, training or evaluation runs again.
     calls = []
-    for module, name in [(lanes, "train_slots"), (lanes, "evaluate_stacked"),
-                         (inner_loop, "evaluate_contexts"), (self_edit, "sample_self_edits_batch")]:
+    for module, name in [
+        (lanes, "train_slots"),
+        (lanes, "evaluate_stacked"),
+        (inner_loop, "evaluate_contexts"),
+        (self_edit, "sample_self_edits_batch"),
+    ]:
         real = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
     second = seal_training(config)
@@ -75,7 +98,9 @@ def test_training_flow_tracks_everything_and_reruns_from_cache(prefect_env, monk
     # and the new policy's column (2 contexts: both self-edits in one sampling call; train and
     # evaluate both adapters together, one group) run again.
     calls.clear()
-    changed = config.model_copy(update={"policy_update": config.policy_update.model_copy(update={"learning_rate": 5e-3})})
+    changed = config.model_copy(
+        update={"policy_update": config.policy_update.model_copy(update={"learning_rate": 5e-3})}
+    )
     third = seal_training(changed)
     assert sorted(calls) == sorted(["sample_self_edits_batch", "train_slots", "evaluate_stacked"])
     assert [r.metrics["reward_mean"] for r in third.iterations] == [r.metrics["reward_mean"] for r in first.iterations]
@@ -85,9 +110,16 @@ def test_training_flow_tracks_everything_and_reruns_from_cache(prefect_env, monk
 def test_seal_run_then_eval_a_registered_policy(prefect_env, capsys):
     from flows.cli import main
 
-    data = [f"data.path={_squad(prefect_env / 'squad-cli.json')}", "data.source=squad",
-            "data.num_train_contexts=2", "data.num_eval_contexts=2", "rl.iterations=1",
-            "inner_loop.epochs=8", "inner_loop.learning_rate=3e-2", "tracking.experiment=cli"]
+    data = [
+        f"data.path={_squad(prefect_env / 'squad-cli.json')}",
+        "data.source=squad",
+        "data.num_train_contexts=2",
+        "data.num_eval_contexts=2",
+        "rl.iterations=1",
+        "inner_loop.epochs=8",
+        "inner_loop.learning_rate=3e-2",
+        "tracking.experiment=cli",
+    ]
     assert main(["run", str(TINY), *data]) == 0
     out = capsys.readouterr().out
     assert "held-out closed-book accuracy" in out and "no adaptation" in out
@@ -102,6 +134,7 @@ def test_seal_run_then_eval_a_registered_policy(prefect_env, capsys):
         printed = capsys.readouterr().out
         assert "policy self edits" in printed and "[" in printed and "policy self edits - passage only" in printed
         tables[policy] = printed.split("\n", 1)[1]
+
     # The registered policy is the folder the run trained.
     def scores(policy):  # the table's row, less its label
         return tables[policy].splitlines()[2].split(None, 1)[1]
@@ -111,8 +144,10 @@ def test_seal_run_then_eval_a_registered_policy(prefect_env, capsys):
     from mlflow import MlflowClient
 
     client = MlflowClient(f"sqlite:///{prefect_env}/mlflow.db")
-    runs = client.search_runs([client.get_experiment_by_name("cli").experiment_id],
-                              "tags.`seal.evaluated_policy` = 'models:/seal-policy@best'")
+    runs = client.search_runs(
+        [client.get_experiment_by_name("cli").experiment_id],
+        "tags.`seal.evaluated_policy` = 'models:/seal-policy@best'",
+    )
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     metrics = runs[0].data.metrics
     assert metrics["held_out/policy_self_edits_low"] <= metrics["held_out/policy_self_edits"]
@@ -153,13 +188,25 @@ def test_seeds_passage_only_rewards_and_several_held_out_self_edits(prefect_env)
     from flows.training import seal_training
     from models.config import load_config
 
-    config = load_config(TINY, [
-        "data.source=squad", f"data.path={_squad(prefect_env / 'squad-variants.json')}",
-        "data.num_train_contexts=2", "data.num_eval_contexts=2", "self_edit.num_samples=2",
-        "rl.iterations=1", "inner_loop.epochs=8", "inner_loop.learning_rate=3e-2", "inner_loop.seeds=2",
-        "reward.baseline=passage_only", "reward.kind=graded", "eval.num_self_edits=2",
-        "tracking.experiment=variants", "tracking.registered_model=variants-policy",
-    ])
+    config = load_config(
+        TINY,
+        [
+            "data.source=squad",
+            f"data.path={_squad(prefect_env / 'squad-variants.json')}",
+            "data.num_train_contexts=2",
+            "data.num_eval_contexts=2",
+            "self_edit.num_samples=2",
+            "rl.iterations=1",
+            "inner_loop.epochs=8",
+            "inner_loop.learning_rate=3e-2",
+            "inner_loop.seeds=2",
+            "reward.baseline=passage_only",
+            "reward.kind=graded",
+            "eval.num_self_edits=2",
+            "tracking.experiment=variants",
+            "tracking.registered_model=variants-policy",
+        ],
+    )
     adapters = Path(os.environ["SEAL_HOME"]) / "adapters"
 
     def folders() -> set[Path]:  # other tests share SEAL_HOME and these context ids
@@ -182,6 +229,13 @@ def test_seeds_passage_only_rewards_and_several_held_out_self_edits(prefect_env)
         assert all(len(counts) == 2 for counts in held_out.counts.values())
         assert held_out.difference() is not None
     run = MlflowClient(f"sqlite:///{prefect_env}/mlflow.db").get_run(result.run_id)
-    for name in ("self_edit/documents", "self_edit/tokens", "self_edit/fact_recall", "self_edit/answer_coverage",
-                 "self_edit/copied_fraction", "held_out/difference", "held_out/passage_only_high"):
+    for name in (
+        "self_edit/documents",
+        "self_edit/tokens",
+        "self_edit/fact_recall",
+        "self_edit/answer_coverage",
+        "self_edit/copied_fraction",
+        "held_out/difference",
+        "held_out/passage_only_high",
+    ):
         assert name in run.data.metrics, name

@@ -16,8 +16,16 @@ from pathlib import Path
 import pytest
 
 CHROMIUM = Path(os.environ.get("SEAL_CHROMIUM", "/usr/bin/chromium"))
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @pytest.fixture
@@ -69,7 +77,9 @@ def test_a_run_started_in_the_prefect_ui_shows_up_in_mlflow(served, browser, tmp
 
     def field(label: str, value: str) -> None:
         # The first field so labelled, in the config's order: lora.rank comes before policy_update.rank.
-        box = page.locator(f"xpath=//*[normalize-space(text())='{label} (Optional)']/following::*[self::input or self::textarea][1]").first
+        box = page.locator(
+            f"xpath=//*[normalize-space(text())='{label} (Optional)']/following::*[self::input or self::textarea][1]"
+        ).first
         box.fill(value)
 
     field("Rank", "2")

@@ -19,14 +19,25 @@ def test_two_runs_at_once_share_results_without_corrupting_them(prefect_env, tmp
     from safetensors.torch import load_file
 
     squad = squad_file(tmp_path / "squad.json")
-    overrides = [f"data.path={squad}", "data.source=squad", "data.num_train_contexts=2",
-                 "data.num_eval_contexts=2", "self_edit.num_samples=2", "rl.iterations=1",
-                 "inner_loop.epochs=8", "inner_loop.learning_rate=3e-2", "seed=21",
-                 "tracking.experiment=concurrent", "tracking.registered_model=concurrent-policy"]
+    overrides = [
+        f"data.path={squad}",
+        "data.source=squad",
+        "data.num_train_contexts=2",
+        "data.num_eval_contexts=2",
+        "self_edit.num_samples=2",
+        "rl.iterations=1",
+        "inner_loop.epochs=8",
+        "inner_loop.learning_rate=3e-2",
+        "seed=21",
+        "tracking.experiment=concurrent",
+        "tracking.registered_model=concurrent-policy",
+    ]
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}  # both on the test server
     command = [sys.executable, "-m", "flows.cli", "run", str(TINY), *overrides]
-    runs = [subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for _ in range(2)]
+    runs = [
+        subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
     outputs = [run.communicate(timeout=600) for run in runs]
     for run, (out, err) in zip(runs, outputs):
         assert run.returncode == 0, err[-3000:]

@@ -16,14 +16,26 @@ ROOT = Path(__file__).parents[2]
 def test_sigkill_at_step_5_then_rerun_recomputes_only_from_step_5(tmp_path):
     squad = _squad(tmp_path / "squad.json")
     home = tmp_path / "home"
-    env = {**os.environ, "SEAL_HOME": str(home), "PREFECT_HOME": str(home / "prefect"),
-           "PREFECT_LOCAL_STORAGE_PATH": str(home / "prefect" / "storage"),
-           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "PREFECT_LOGGING_LEVEL": "INFO"}
-    command = [sys.executable, "-m", "flows.cli", "continual", str(TINY),
-               *continual_overrides(squad, "continual.sequences=1", "continual.passages=7", "tracking.experiment=kill")]
+    env = {
+        **os.environ,
+        "SEAL_HOME": str(home),
+        "PREFECT_HOME": str(home / "prefect"),
+        "PREFECT_LOCAL_STORAGE_PATH": str(home / "prefect" / "storage"),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
+        "PREFECT_LOGGING_LEVEL": "INFO",
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "flows.cli",
+        "continual",
+        str(TINY),
+        *continual_overrides(squad, "continual.sequences=1", "continual.passages=7", "tracking.experiment=kill"),
+    ]
     # Its own session, so the kill takes the run's temporary Prefect server with it (tests/integration/test_resume.py).
-    process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
+    process = subprocess.Popen(
+        command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     checkpoints = home / "continual"
     deadline = time.monotonic() + 300
     # Step 5 has merged its checkpoint: steps 0..4 are finished and persisted, step 5 is running.

@@ -32,8 +32,12 @@ def s3_bucket(monkeypatch):
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    for key, value in {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "seal",
-                       "AWS_SECRET_ACCESS_KEY": "seal", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+    for key, value in {
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+        "AWS_ACCESS_KEY_ID": "seal",
+        "AWS_SECRET_ACCESS_KEY": "seal",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
         monkeypatch.setenv(key, value)
     import s3fs
 
@@ -43,8 +47,9 @@ def s3_bucket(monkeypatch):
     server.stop()
 
 
-def test_two_ray_workers_give_the_local_runners_rewards_and_share_its_cache(prefect_env, tmp_path, monkeypatch,
-                                                                            s3_bucket):
+def test_two_ray_workers_give_the_local_runners_rewards_and_share_its_cache(
+    prefect_env, tmp_path, monkeypatch, s3_bucket
+):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterTimestamp
     from prefect.types import DateTime
@@ -56,10 +61,16 @@ def test_two_ray_workers_give_the_local_runners_rewards_and_share_its_cache(pref
 
     monkeypatch.setenv("SEAL_HOME", str(tmp_path / "home"))  # adapters of this test only
     common = [
-        "data.source=squad", f"data.path={squad_file(tmp_path / 'squad.json')}",
-        "data.num_train_contexts=2", "data.num_eval_contexts=1", "self_edit.num_samples=2",
-        "rl.iterations=1", "inner_loop.epochs=8", "inner_loop.learning_rate=3e-2",
-        "tracking.experiment=ray-runner", "tracking.registered_model=ray-runner-policy",
+        "data.source=squad",
+        f"data.path={squad_file(tmp_path / 'squad.json')}",
+        "data.num_train_contexts=2",
+        "data.num_eval_contexts=1",
+        "self_edit.num_samples=2",
+        "rl.iterations=1",
+        "inner_loop.epochs=8",
+        "inner_loop.learning_rate=3e-2",
+        "tracking.experiment=ray-runner",
+        "tracking.registered_model=ray-runner-policy",
     ]
     local = seal_training(load_config(TINY, [*common, f"runner.result_storage={tmp_path / 'local-results'}"]))
 
@@ -67,15 +78,27 @@ def test_two_ray_workers_give_the_local_runners_rewards_and_share_its_cache(pref
     started = DateTime.now("UTC")
     s3, bucket = s3_bucket
     ray_storage = f"runner.result_storage={bucket}/results"
-    on_ray = seal_training(load_config(TINY, [
-        *common, "runner.kind=ray", "runner.num_workers=2", "runner.cpus_per_task=1", ray_storage,
-    ]))
+    on_ray = seal_training(
+        load_config(
+            TINY,
+            [
+                *common,
+                "runner.kind=ray",
+                "runner.num_workers=2",
+                "runner.cpus_per_task=1",
+                ray_storage,
+            ],
+        )
+    )
 
     # The same self-edits, rewards, kept self-edits and held-out scores, computed again (the two
     # runs share no results) by other processes.
     def rows(result):
-        return [(r["context_id"], r["self_edit"], r["text"], r["reward"], r["kept"], r["accuracy"])
-                for it in result.iterations for r in it.rows]
+        return [
+            (r["context_id"], r["self_edit"], r["text"], r["reward"], r["kept"], r["accuracy"])
+            for it in result.iterations
+            for r in it.rows
+        ]
 
     assert rows(on_ray) == rows(local) and len(rows(local)) == 4
     assert [h.correct for _, h in on_ray.held_out] == [h.correct for _, h in local.held_out]
@@ -85,8 +108,9 @@ def test_two_ray_workers_give_the_local_runners_rewards_and_share_its_cache(pref
     # Two workers did the work, each loading a policy once, with one torch thread (1 CPU each).
     with get_client(sync_client=True) as client:
         logs = client.read_logs(log_filter=LogFilter(timestamp=LogFilterTimestamp(after_=started)))
-    loads = [re.search(r"loaded policy (\S+) .* in worker \S+:(\d+) in .*, (\d+) torch threads", log.message)
-             for log in logs]
+    loads = [
+        re.search(r"loaded policy (\S+) .* in worker \S+:(\d+) in .*, (\d+) torch threads", log.message) for log in logs
+    ]
     loads = [(m[1], int(m[2]), int(m[3])) for m in loads if m]
     workers = {pid for _, pid, _ in loads}
     assert len(workers) >= 2 and os.getpid() not in workers, loads
@@ -103,21 +127,28 @@ def test_two_ray_workers_give_the_local_runners_rewards_and_share_its_cache(pref
     # The local runner finds everything the Ray workers computed: no sampling, training or
     # evaluation runs again.
     calls = []
-    for module, name in [(lanes, "train_slots"), (lanes, "evaluate_stacked"),
-                         (inner_loop, "evaluate_contexts"), (self_edit, "sample_self_edits_batch")]:
+    for module, name in [
+        (lanes, "train_slots"),
+        (lanes, "evaluate_stacked"),
+        (inner_loop, "evaluate_contexts"),
+        (self_edit, "sample_self_edits_batch"),
+    ]:
         real = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
     again = seal_training(load_config(TINY, [*common, ray_storage]))
     assert calls == [] and rows(again) == rows(on_ray)
 
 
-@pytest.mark.parametrize("overrides, expected", [
-    (["runner.address=auto"], "runner.kind is 'local'"),
-    (["runner.gpus_per_task=1"], "only applies to runner.kind=ray"),
-    (["runner.kind=ray", "runner.gpus_per_task=1", "model.device=cpu"], "model.device is 'cpu'"),
-    (["runner.result_storage=nosuchprotocol://bucket/results"], "fsspec cannot open"),
-    (["runner.num_workers=0"], "runner.num_workers"),
-])
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["runner.address=auto"], "runner.kind is 'local'"),
+        (["runner.gpus_per_task=1"], "only applies to runner.kind=ray"),
+        (["runner.kind=ray", "runner.gpus_per_task=1", "model.device=cpu"], "model.device is 'cpu'"),
+        (["runner.result_storage=nosuchprotocol://bucket/results"], "fsspec cannot open"),
+        (["runner.num_workers=0"], "runner.num_workers"),
+    ],
+)
 def test_inconsistent_runner_settings_fail_when_the_config_loads(overrides, expected):
     from models.config import load_config
     from models.errors import ConfigError
@@ -145,7 +176,9 @@ def test_local_instance_workers_share_the_machines_cores_and_this_seal_home(monk
     local = ray_init_kwargs(RunnerConfig(kind="ray", num_workers=4))
     assert local["address"] == "local"  # never whatever instance already runs on the machine
     assert local["num_cpus"] == 16 and local["runtime_env"]["env_vars"] == {
-        "SEAL_HOME": str(tmp_path), "OMP_NUM_THREADS": "4"}
+        "SEAL_HOME": str(tmp_path),
+        "OMP_NUM_THREADS": "4",
+    }
     cluster = ray_init_kwargs(RunnerConfig(kind="ray", address="ray://head:10001", gpus_per_task=1))
     assert cluster["address"] == "ray://head:10001" and "num_cpus" not in cluster
     assert cluster["runtime_env"]["env_vars"]["OMP_NUM_THREADS"] == "1"
@@ -166,10 +199,23 @@ def ray_cluster_address():
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(Path(__file__).parents[2])}
     before = {p.pid for p in psutil.process_iter()}
     temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's socket paths must stay under 108 bytes
-    subprocess.run([str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={gcs}",
-                    f"--ray-client-server-port={client}", "--num-cpus=2", "--include-dashboard=false",
-                    "--disable-usage-stats", f"--temp-dir={temp}"],
-                   env=env, check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [
+            str(Path(sys.executable).parent / "ray"),
+            "start",
+            "--head",
+            f"--port={gcs}",
+            f"--ray-client-server-port={client}",
+            "--num-cpus=2",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+            f"--temp-dir={temp}",
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     started = [p for p in psutil.process_iter() if p.pid not in before and str(gcs) in " ".join(p.cmdline())]
     yield f"ray://127.0.0.1:{client}"
     family = [q for p in started if p.is_running() for q in (p, *p.children(recursive=True))]
@@ -182,18 +228,31 @@ def ray_cluster_address():
 
 
 @pytest.mark.slow  # starts its own Ray cluster and runs the tiny flow through Ray Client: ~1 min
-def test_the_flow_runs_on_an_existing_cluster_through_ray_client(prefect_env, tmp_path, monkeypatch,
-                                                                 ray_cluster_address):
+def test_the_flow_runs_on_an_existing_cluster_through_ray_client(
+    prefect_env, tmp_path, monkeypatch, ray_cluster_address
+):
     from flows.training import seal_training
     from models.config import load_config
 
     monkeypatch.setenv("SEAL_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    result = seal_training(load_config(TINY, [
-        "data.source=squad", f"data.path={squad_file(tmp_path / 'squad.json')}", "data.num_eval_contexts=1",
-        "rl.iterations=1", "inner_loop.epochs=8", "inner_loop.learning_rate=3e-2", "tracking.experiment=ray-client",
-        "runner.kind=ray", f"runner.address={ray_cluster_address}", f"runner.result_storage={tmp_path / 'results'}",
-    ]))
+    result = seal_training(
+        load_config(
+            TINY,
+            [
+                "data.source=squad",
+                f"data.path={squad_file(tmp_path / 'squad.json')}",
+                "data.num_eval_contexts=1",
+                "rl.iterations=1",
+                "inner_loop.epochs=8",
+                "inner_loop.learning_rate=3e-2",
+                "tracking.experiment=ray-client",
+                "runner.kind=ray",
+                f"runner.address={ray_cluster_address}",
+                f"runner.result_storage={tmp_path / 'results'}",
+            ],
+        )
+    )
     (iteration,) = result.iterations
     assert len(iteration.rows) == 4  # 2 contexts x 2 self-edits, trained and scored on the cluster
     assert iteration.metrics["adapted_accuracy"] > iteration.metrics["baseline_accuracy"]

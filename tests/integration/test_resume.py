@@ -15,10 +15,19 @@ ROOT = Path(__file__).parents[2]
 
 
 def _overrides(path: Path, seed: int) -> list[str]:
-    return [f"data.path={path}", "data.source=squad", "data.num_train_contexts=2", "data.num_eval_contexts=2",
-            "self_edit.num_samples=2", "rl.iterations=2", "inner_loop.epochs=8", "inner_loop.learning_rate=3e-2",
-            "inner_loop.group_size=2",  # an iteration's inner loops: a group per context
-            f"seed={seed}", f"tracking.experiment=resume-{seed}"]
+    return [
+        f"data.path={path}",
+        "data.source=squad",
+        "data.num_train_contexts=2",
+        "data.num_eval_contexts=2",
+        "self_edit.num_samples=2",
+        "rl.iterations=2",
+        "inner_loop.epochs=8",
+        "inner_loop.learning_rate=3e-2",
+        "inner_loop.group_size=2",  # an iteration's inner loops: a group per context
+        f"seed={seed}",
+        f"tracking.experiment=resume-{seed}",
+    ]
 
 
 def test_a_failed_task_reruns_alone_and_the_mlflow_run_continues(prefect_env, monkeypatch):
@@ -67,18 +76,24 @@ def _saved_adapters(root: Path) -> int:
 
 def test_sigkill_mid_iteration_then_rerun_matches_an_uninterrupted_run(tmp_path):
     squad = _squad(tmp_path / "squad.json")
+
     def environment(name: str) -> dict[str, str]:
         home = tmp_path / name
-        return {**os.environ, "SEAL_HOME": str(home), "PREFECT_HOME": str(home / "prefect"),
-                "PREFECT_LOCAL_STORAGE_PATH": str(home / "prefect" / "storage"),
-                "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/{name}.db"}
+        return {
+            **os.environ,
+            "SEAL_HOME": str(home),
+            "PREFECT_HOME": str(home / "prefect"),
+            "PREFECT_LOCAL_STORAGE_PATH": str(home / "prefect" / "storage"),
+            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/{name}.db",
+        }
 
     env = environment("killed")
     command = [sys.executable, "-m", "flows.cli", "run", str(TINY), *_overrides(squad, seed=3)]
     # A session of its own: the kill takes the run's Prefect server with it, as a killed machine or
     # container would (SIGKILL to the flow process alone left that server running after the test).
-    process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
+    process = subprocess.Popen(
+        command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     adapters = tmp_path / "killed" / "adapters"
     deadline = time.monotonic() + 300
     # Kill once the first iteration has trained a few adapters (held-out ones come first).
@@ -94,12 +109,17 @@ def test_sigkill_mid_iteration_then_rerun_matches_an_uninterrupted_run(tmp_path)
     rerun = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     uninterrupted = subprocess.run(
-        command, env=environment("clean"), cwd=ROOT, capture_output=True, text=True, timeout=300,
+        command,
+        env=environment("clean"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-2000:]
 
     def table(output: str) -> str:
-        return output[output.index("held-out closed-book accuracy"):output.index("final policy")]
+        return output[output.index("held-out closed-book accuracy") : output.index("final policy")]
 
     assert table(rerun.stdout) == table(uninterrupted.stdout)
     assert finished_before >= 6

@@ -21,14 +21,20 @@ def test_serve_runs_a_deployment_with_changed_parameters_and_stops_cleanly(serve
     env["PREFECT_API_URL"] = f"http://127.0.0.1:{prefect}/api"
     client = subprocess.run(
         [sys.executable, "-c", f"from test_serve import run_tiny_deployment; run_tiny_deployment({mlflow})"],
-        env=env, cwd=Path(__file__).parent, capture_output=True, text=True, timeout=300,
+        env=env,
+        cwd=Path(__file__).parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert client.returncode == 0, client.stdout[-2000:] + client.stderr[-3000:]
 
     served["process"].send_signal(signal.SIGTERM)
     assert served["process"].wait(timeout=60) is not None
     time.sleep(1)
-    assert not [p for p in served["children"] if p.is_running() and p.status() != "zombie"], "a server outlived seal serve"
+    assert not [p for p in served["children"] if p.is_running() and p.status() != "zombie"], (
+        "a server outlived seal serve"
+    )
 
 
 def run_tiny_deployment(mlflow_port: int) -> None:
@@ -48,10 +54,13 @@ def run_tiny_deployment(mlflow_port: int) -> None:
             time.sleep(1)
         (tiny,) = [d for d in client.read_deployments() if d.name == "knowledge-tiny"]
         assert "config" in tiny.parameter_openapi_schema["properties"]  # the UI's form
-    config = load_config(ROOT / "deployments/configs/knowledge-tiny.yaml",
-                         ["rl.iterations=1", "lora.rank=2", "tracking.experiment=served"])
-    run = run_deployment("seal-training/knowledge-tiny", parameters={"config": config.model_dump(mode="json")},
-                         timeout=240)
+    config = load_config(
+        ROOT / "deployments/configs/knowledge-tiny.yaml",
+        ["rl.iterations=1", "lora.rank=2", "tracking.experiment=served"],
+    )
+    run = run_deployment(
+        "seal-training/knowledge-tiny", parameters={"config": config.model_dump(mode="json")}, timeout=240
+    )
     assert run.state.is_completed(), run.state
 
     client = MlflowClient(f"http://127.0.0.1:{mlflow_port}")

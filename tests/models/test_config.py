@@ -30,8 +30,13 @@ def test_overrides_are_typed_and_win_over_the_file(tmp_path):
     path.write_text("lora:\n  rank: 8\n")
     config = load_config(
         path,
-        ["lora.rank=4", "inner_loop.learning_rate=3e-4", "lora.target_modules=[q_proj, v_proj]",
-         "data.source=squad", "data.path=x.json"],
+        [
+            "lora.rank=4",
+            "inner_loop.learning_rate=3e-4",
+            "lora.target_modules=[q_proj, v_proj]",
+            "data.source=squad",
+            "data.path=x.json",
+        ],
     )
     assert config.lora.rank == 4
     assert config.inner_loop.learning_rate == pytest.approx(3e-4)
@@ -100,8 +105,9 @@ def test_parse_overrides_nests():
 
 def test_few_shot_refuses_what_only_the_knowledge_domain_does():
     with pytest.raises(ConfigError) as raised:
-        load_config(None, ["domain=fewshot", "reward.baseline=passage_only", "inner_loop.seeds=3",
-                           "fewshot.eval_task_ids=[]"])
+        load_config(
+            None, ["domain=fewshot", "reward.baseline=passage_only", "inner_loop.seeds=3", "fewshot.eval_task_ids=[]"]
+        )
     message = str(raised.value)
     assert "reward.baseline" in message and "inner_loop.seeds" in message
     assert load_config(None, ["reward.baseline=passage_only", "inner_loop.seeds=3"]).inner_loop.seeds == 3

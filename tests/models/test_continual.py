@@ -13,12 +13,14 @@ from models.self_edit import SelfEdit
 
 NAN = math.nan
 # Three passages; row r: after r merges. Passage 0 learns (0.2 -> 0.8), then decays to 0.4.
-MATRIX = np.array([
-    [0.2, 0.0, 0.4],
-    [0.8, NAN, NAN],
-    [0.6, 1.0, NAN],
-    [0.4, 0.5, 0.9],
-])
+MATRIX = np.array(
+    [
+        [0.2, 0.0, 0.4],
+        [0.8, NAN, NAN],
+        [0.6, 1.0, NAN],
+        [0.4, 0.5, 0.9],
+    ]
+)
 
 MEASURES = [
     # (measure, matrix, expected)
@@ -37,8 +39,9 @@ MEASURES = [
 ]
 
 
-@pytest.mark.parametrize("measure, matrix, expected", MEASURES,
-                         ids=[f"{m.__name__}-{i}" for i, (m, _, _) in enumerate(MEASURES)])
+@pytest.mark.parametrize(
+    "measure, matrix, expected", MEASURES, ids=[f"{m.__name__}-{i}" for i, (m, _, _) in enumerate(MEASURES)]
+)
 def test_measures(measure, matrix, expected):
     assert measure(matrix) == pytest.approx(expected)
 
@@ -61,12 +64,15 @@ def test_lag_curve_and_step_drops():
     assert continual.step_drops(MATRIX) == pytest.approx([0.2, (0.4 + 0.5) / 2])
 
 
-@pytest.mark.parametrize("xs, ys, expected", [
-    ([1, 2, 3], [2, 4, 6], 1.0),
-    ([1, 2, 3], [3, 2, 1], -1.0),
-    ([1, 2, 3], [5, 5, 5], None),  # constant: undefined, not NaN
-    ([1, 2], [1, 2], None),  # too few points
-])
+@pytest.mark.parametrize(
+    "xs, ys, expected",
+    [
+        ([1, 2, 3], [2, 4, 6], 1.0),
+        ([1, 2, 3], [3, 2, 1], -1.0),
+        ([1, 2, 3], [5, 5, 5], None),  # constant: undefined, not NaN
+        ([1, 2], [1, 2], None),  # too few points
+    ],
+)
 def test_pearson(xs, ys, expected):
     result = continual.pearson(xs, ys)
     assert result == (None if expected is None else pytest.approx(expected))
@@ -91,12 +97,15 @@ def test_summarize_means_over_sequences_and_correlates_drift_with_drops():
     assert "p2" in continual.format_matrix(single.mean, single.std)
 
 
-@pytest.mark.parametrize("history, count, expected", [
-    ([], 3, 0),
-    ([["a", "b"], ["c"]], 0, 0),
-    ([["a", "b"], ["c"]], 2, 2),
-    ([["a", "b"], ["c"]], 10, 3),  # bounded by what there is
-])
+@pytest.mark.parametrize(
+    "history, count, expected",
+    [
+        ([], 3, 0),
+        ([["a", "b"], ["c"]], 0, 0),
+        ([["a", "b"], ["c"]], 2, 2),
+        ([["a", "b"], ["c"]], 10, 3),  # bounded by what there is
+    ],
+)
 def test_replay_sample_is_bounded_and_seeded(history, count, expected):
     drawn = continual.replay_sample(history, count, seed=1)
     assert len(drawn) == expected and len(set(drawn)) == expected
@@ -132,8 +141,9 @@ def test_merge_self_edit_changes_the_weights_and_saves_them_with_their_digest(pr
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     lora = LoraConfig(rank=4, alpha=8, target_modules=["q_proj", "v_proj"])
     config = InnerLoopConfig(epochs=2, learning_rate=1e-2, max_grad_norm=None, max_length=64)
-    result = continual.merge_self_edit(model, tokenizer, ["T\nzq zq zq", "T\nthe passage"], lora, config,
-                                       tmp_path / "merged", source="test")
+    result = continual.merge_self_edit(
+        model, tokenizer, ["T\nzq zq zq", "T\nthe passage"], lora, config, tmp_path / "merged", source="test"
+    )
     assert result.digest == weights_digest(tmp_path / "merged") and result.train.steps == 4
     moved = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
     assert moved and all(("q_proj" in n or "v_proj" in n) for n in moved)  # merged into those layers only
@@ -162,10 +172,13 @@ def test_remove_checkpoint_only_deletes_under_its_root(tmp_path):
     assert not continual.remove_checkpoint(inside, root)  # already gone
 
 
-@pytest.mark.parametrize("policy, fragment", [
-    ("models:/seal-policy", "not a registry URI"),
-    ("/no/such/folder", "neither 'base'"),
-])
+@pytest.mark.parametrize(
+    "policy, fragment",
+    [
+        ("models:/seal-policy", "not a registry URI"),
+        ("/no/such/folder", "neither 'base'"),
+    ],
+)
 def test_continual_policy_is_checked_when_the_config_loads(policy, fragment):
     with pytest.raises(ConfigError, match=fragment):
         load_config(None, [f"continual.policy={policy}", "continual.replay=-1"])
@@ -182,19 +195,30 @@ def test_run_step_merges_scores_every_passage_and_names_the_checkpoint_by_conten
     edit = SelfEdit("zq is b\nb is zq", ("zq is b", "b is zq"))
     lora = LoraConfig(rank=4, alpha=8, target_modules=["q_proj", "v_proj"])
     config = InnerLoopConfig(epochs=2, learning_rate=1e-2, max_grad_norm=None, max_length=64)
-    step = dict(history=[["A\nzq zq zq"]], replay=1, replay_seed=0, lora=lora, config=config,
-                eval_config=EvalConfig(max_new_tokens=4), probe_texts=continual.PROBE_TEXTS[:2], source="t")
-    result = continual.run_step(private_tiny.model, private_tiny.tokenizer, reference.model, edit, contexts,
-                                root=tmp_path / "a", **step)
+    step = dict(
+        history=[["A\nzq zq zq"]],
+        replay=1,
+        replay_seed=0,
+        lora=lora,
+        config=config,
+        eval_config=EvalConfig(max_new_tokens=4),
+        probe_texts=continual.PROBE_TEXTS[:2],
+        source="t",
+    )
+    result = continual.run_step(
+        private_tiny.model, private_tiny.tokenizer, reference.model, edit, contexts, root=tmp_path / "a", **step
+    )
     assert result.own_documents == ["B\nzq is b", "B\nb is zq", "B\nzq zq"] and result.replayed == ["A\nzq zq zq"]
     assert [s.total for s in result.scores] == [1, 2] and result.kl > 0
     assert result.merge.path.parent == tmp_path / "a" and result.merge.train.steps == 2 * 4
     # The same documents and settings name the same folder; another self-edit, another one.
     fresh = load_model("tiny-random", home=tmp_path / "home", device="cpu", dtype="float32")
-    again = continual.run_step(fresh.model, fresh.tokenizer, reference.model, edit, contexts, root=tmp_path / "b",
-                               **step)
+    again = continual.run_step(
+        fresh.model, fresh.tokenizer, reference.model, edit, contexts, root=tmp_path / "b", **step
+    )
     assert again.merge.path.name == result.merge.path.name and again.merge.digest == result.merge.digest
     other = load_model("tiny-random", home=tmp_path / "home", device="cpu", dtype="float32")
-    alone = continual.run_step(other.model, other.tokenizer, reference.model, None, contexts, root=tmp_path / "a",
-                               **step)
+    alone = continual.run_step(
+        other.model, other.tokenizer, reference.model, None, contexts, root=tmp_path / "a", **step
+    )
     assert alone.merge.path.name != result.merge.path.name and alone.own_documents == ["B\nzq zq"]

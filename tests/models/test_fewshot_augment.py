@@ -19,15 +19,18 @@ def test_every_basic_transform_is_undone_by_its_inverse(name):
     assert forward(GRID) != GRID  # and it does something
 
 
-@pytest.mark.parametrize("name, expected", [
-    ("rotate90", ((4, 1), (5, 2), (6, 3))),
-    ("rotate180", ((6, 5, 4), (3, 2, 1))),
-    ("rotate270", ((3, 6), (2, 5), (1, 4))),
-    ("flip_lr", ((3, 2, 1), (6, 5, 4))),
-    ("flip_ud", ((4, 5, 6), (1, 2, 3))),
-    ("transpose", ((1, 4), (2, 5), (3, 6))),
-    ("anti_transpose", ((6, 3), (5, 2), (4, 1))),
-])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("rotate90", ((4, 1), (5, 2), (6, 3))),
+        ("rotate180", ((6, 5, 4), (3, 2, 1))),
+        ("rotate270", ((3, 6), (2, 5), (1, 4))),
+        ("flip_lr", ((3, 2, 1), (6, 5, 4))),
+        ("flip_ud", ((4, 5, 6), (1, 2, 3))),
+        ("transpose", ((1, 4), (2, 5), (3, 6))),
+        ("anti_transpose", ((6, 3), (5, 2), (4, 1))),
+    ],
+)
 def test_basic_transforms(name, expected):
     assert BASIC[name][0](GRID) == expected
 
@@ -48,11 +51,17 @@ def test_size_and_repeat_transforms():
     assert augment.CHAIN["rotate90+upscale"](((1, 2),)) == ((1, 1), (1, 1), (2, 2), (2, 2))
 
 
-@pytest.mark.parametrize("switches, count", [
-    ({}, 0), ({"use_basic_augmentations": True}, 7), ({"use_size_augmentations": True}, 3),
-    ({"use_chain_augmentations": True}, 7), ({"use_repeat_augmentations": True}, 3),
-    (dict.fromkeys(augment.FAMILIES, True), 20),
-])
+@pytest.mark.parametrize(
+    "switches, count",
+    [
+        ({}, 0),
+        ({"use_basic_augmentations": True}, 7),
+        ({"use_size_augmentations": True}, 3),
+        ({"use_chain_augmentations": True}, 7),
+        ({"use_repeat_augmentations": True}, 3),
+        (dict.fromkeys(augment.FAMILIES, True), 20),
+    ],
+)
 def test_the_switches_select_families(switches, count):
     switches = dict.fromkeys(augment.FAMILIES, False) | switches
     assert len(augment.selected_transforms(switches)) == augment.count_transforms(switches) == count
@@ -87,6 +96,7 @@ def test_augmented_copies_shuffle_the_demonstrations():
         assert sorted(widths) == [1, 2, 3, 4, 5]
         orders.add(widths)
     assert len(orders) > 1
+
 
 def test_an_example_that_would_outgrow_30x30_is_left_out():
     big = tuple(tuple([1] * 16) for _ in range(16))

@@ -24,21 +24,27 @@ def test_tasks_by_grid_size():
     assert select_tasks(small, 3, seed=1)["id"] == select_tasks(small, 3, seed=1)["id"]
 
 
-@pytest.mark.parametrize("split, ids, size, fragment", [
-    ("train", ["66e6c45b"], 30, "train split has no task 66e6c45b"),   # an evaluation task
-    ("validation", ["358ba94e"], 6, "larger than fewshot.max_grid_size=6"),
-])
+@pytest.mark.parametrize(
+    "split, ids, size, fragment",
+    [
+        ("train", ["66e6c45b"], 30, "train split has no task 66e6c45b"),  # an evaluation task
+        ("validation", ["358ba94e"], 6, "larger than fewshot.max_grid_size=6"),
+    ],
+)
 def test_unknown_or_too_large_tasks_are_errors(split, ids, size, fragment):
     with pytest.raises(UnknownTaskError, match=fragment):
         load_arc_tasks(split, ids, size)
 
 
-@pytest.mark.parametrize("overrides, fragment", [
-    (["fewshot.eval_task_ids=[nope]"], "validation split has no task nope"),
-    (["fewshot.min_learning_rate=1e-2", "fewshot.max_learning_rate=1e-3"], "is above fewshot.max_learning_rate"),
-    (["fewshot.max_epochs=1"], "fewshot.oracle_configs.0"),
-    (["fewshot.max_grid_size=31"], "fewshot.max_grid_size"),
-])
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (["fewshot.eval_task_ids=[nope]"], "validation split has no task nope"),
+        (["fewshot.min_learning_rate=1e-2", "fewshot.max_learning_rate=1e-3"], "is above fewshot.max_learning_rate"),
+        (["fewshot.max_epochs=1"], "fewshot.oracle_configs.0"),
+        (["fewshot.max_grid_size=31"], "fewshot.max_grid_size"),
+    ],
+)
 def test_fewshot_config_problems_are_found_when_it_loads(overrides, fragment):
     with pytest.raises(ConfigError, match=fragment):
         load_config(None, ["domain=fewshot", *overrides])

@@ -6,7 +6,13 @@ from pathlib import Path
 import pytest
 
 from models.fewshot.grids import (
-    MalformedGrid, as_grid, cell_accuracy, cells_per_token_problems, choose_format, encode_grid, parse_grid,
+    MalformedGrid,
+    as_grid,
+    cell_accuracy,
+    cells_per_token_problems,
+    choose_format,
+    encode_grid,
+    parse_grid,
 )
 
 GRID = ((0, 1, 2), (3, 4, 5))
@@ -19,19 +25,22 @@ def test_encode_then_parse_round_trips(fmt, text):
     assert parse_grid(f"\n {text}\n\n", fmt) == GRID  # surrounding whitespace only
 
 
-@pytest.mark.parametrize("fmt, text, fragment", [
-    ("compact", "", "empty"),
-    ("compact", "012\n34", "different widths"),
-    ("compact", "012\n\n345", "line 2"),
-    ("compact", "012\n3a5", "line 2"),
-    ("compact", "0 1 2\n3 4 5", "line 1"),          # spaced text is not compact
-    ("spaced", "012\n345", "line 1"),               # nor the other way round
-    ("spaced", "0  1 2\n3 4 5", "line 1"),          # two spaces
-    ("compact", "[[0, 1], [2, 3]]", "line 1"),      # Python literals are never evaluated
-    ("compact", "012\n345\nThe answer is above.", "line 3"),
-    ("compact", "\n".join(["0" * 31] * 2), "larger than 30x30"),
-    ("compact", "012\n345<|im_end|>", "line 2"),
-])
+@pytest.mark.parametrize(
+    "fmt, text, fragment",
+    [
+        ("compact", "", "empty"),
+        ("compact", "012\n34", "different widths"),
+        ("compact", "012\n\n345", "line 2"),
+        ("compact", "012\n3a5", "line 2"),
+        ("compact", "0 1 2\n3 4 5", "line 1"),  # spaced text is not compact
+        ("spaced", "012\n345", "line 1"),  # nor the other way round
+        ("spaced", "0  1 2\n3 4 5", "line 1"),  # two spaces
+        ("compact", "[[0, 1], [2, 3]]", "line 1"),  # Python literals are never evaluated
+        ("compact", "012\n345\nThe answer is above.", "line 3"),
+        ("compact", "\n".join(["0" * 31] * 2), "larger than 30x30"),
+        ("compact", "012\n345<|im_end|>", "line 2"),
+    ],
+)
 def test_malformed_text_is_an_error_not_a_guess(fmt, text, fragment):
     with pytest.raises(MalformedGrid, match=fragment):
         parse_grid(text, fmt)

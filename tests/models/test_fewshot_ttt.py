@@ -20,10 +20,17 @@ PAIRS = (
 
 
 def config(strategy="train_using_output_tokens", basic=False, lr=1e-2, epochs=2):
-    return TTTConfig.model_validate({
-        "data_generation": {"use_basic_augmentations": basic, "use_size_augmentations": False,
-                            "use_chain_augmentations": False, "use_repeat_augmentations": False},
-        "training": {"strategy": strategy, "learning_rate": lr, "num_train_epochs": epochs}})
+    return TTTConfig.model_validate(
+        {
+            "data_generation": {
+                "use_basic_augmentations": basic,
+                "use_size_augmentations": False,
+                "use_chain_augmentations": False,
+                "use_repeat_augmentations": False,
+            },
+            "training": {"strategy": strategy, "learning_rate": lr, "num_train_epochs": epochs},
+        }
+    )
 
 
 def test_leave_one_out_holds_out_each_demonstration_once():
@@ -66,8 +73,9 @@ def test_test_time_training_moves_the_adapter_not_the_base(tiny):
     base = {n: p.detach().clone() for n, p in tiny.model.named_parameters()}
     with fresh_adapter(tiny.model, LoraConfig(rank=4, alpha=8, target_modules=["q_proj", "v_proj"]), seed=0) as adapted:
         before = {n: p.detach().clone() for n, p in adapted.named_parameters() if p.requires_grad}
-        result = ttt.train_ttt_adapter(adapted, tiny.tokenizer, PAIRS, config(basic=True), "compact",
-                                       batch_size=4, max_length=512, seed=0)
+        result = ttt.train_ttt_adapter(
+            adapted, tiny.tokenizer, PAIRS, config(basic=True), "compact", batch_size=4, max_length=512, seed=0
+        )
         after = {n: p.detach() for n, p in adapted.named_parameters() if p.requires_grad}
         assert result.examples == 24 and result.steps == 6 * 2 and result.dropped == 0
         assert any(not torch.equal(before[n], after[n]) for n in before)
@@ -78,8 +86,9 @@ def test_test_time_training_moves_the_adapter_not_the_base(tiny):
 def test_examples_longer_than_max_length_are_dropped_and_none_left_is_an_error(tiny):
     with fresh_adapter(tiny.model, LoraConfig(rank=4, alpha=8, target_modules=["q_proj"]), seed=0) as adapted:
         with pytest.raises(ValueError, match="no training example fits inner_loop.max_length=16"):
-            ttt.train_ttt_adapter(adapted, tiny.tokenizer, PAIRS, config(), "compact",
-                                  batch_size=1, max_length=16, seed=0)
+            ttt.train_ttt_adapter(
+                adapted, tiny.tokenizer, PAIRS, config(), "compact", batch_size=1, max_length=16, seed=0
+            )
 
 
 def echo_test_input(model, tokenizer, prompts, **kwargs):
@@ -102,18 +111,22 @@ def answers_in_view_order(answers):
     return lambda model, tokenizer, prompts, **kwargs: [next(remaining) for _ in prompts]
 
 
-@pytest.mark.parametrize("answers, grid, votes", [
-    # identity, rotate90, rotate180, then five views agreeing on a grid symmetric under all of them
-    (["12\n34", "garbage", "12\n34"] + ["99\n99"] * 5, ((9, 9), (9, 9)), 5),
-    # all different: the identity view's answer wins the tie
-    (["12\n34", "56\n78", "11\n22", "33\n44", "55\n66", "77\n88", "19\n29", "57\n68"], ((1, 2), (3, 4)), 1),
-    # nothing well-formed: no grid, a wrong answer
-    (["The answer is 12"] * 8, None, 0),
-])
+@pytest.mark.parametrize(
+    "answers, grid, votes",
+    [
+        # identity, rotate90, rotate180, then five views agreeing on a grid symmetric under all of them
+        (["12\n34", "garbage", "12\n34"] + ["99\n99"] * 5, ((9, 9), (9, 9)), 5),
+        # all different: the identity view's answer wins the tie
+        (["12\n34", "56\n78", "11\n22", "33\n44", "55\n66", "77\n88", "19\n29", "57\n68"], ((1, 2), (3, 4)), 1),
+        # nothing well-formed: no grid, a wrong answer
+        (["The answer is 12"] * 8, None, 0),
+    ],
+)
 def test_the_majority_wins_and_malformed_answers_do_not_vote(tiny, monkeypatch, answers, grid, votes):
     monkeypatch.setattr(ttt, "generate", answers_in_view_order(answers))
-    (prediction,) = ttt.predict_outputs(tiny.model, tiny.tokenizer, PAIRS, [((1, 2), (3, 4))], "compact",
-                                        voting=True, batch_size=8)
+    (prediction,) = ttt.predict_outputs(
+        tiny.model, tiny.tokenizer, PAIRS, [((1, 2), (3, 4))], "compact", voting=True, batch_size=8
+    )
     assert (prediction.grid, prediction.votes, prediction.views) == (grid, votes, 8)
     assert prediction.text == answers[0]
 

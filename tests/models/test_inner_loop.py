@@ -93,7 +93,9 @@ def test_saved_adapter_reloads_to_the_same_answers(tiny, tmp_path):
 
 
 def test_evaluate_batches_and_grades(tiny):
-    result = evaluate_adapter(tiny.model, tiny.tokenizer, QUESTIONS * 3, ANSWERS * 3, EvalConfig(batch_size=4, max_new_tokens=4))
+    result = evaluate_adapter(
+        tiny.model, tiny.tokenizer, QUESTIONS * 3, ANSWERS * 3, EvalConfig(batch_size=4, max_new_tokens=4)
+    )
     assert result.total == 6 and len(result.predictions) == 6
     assert result.accuracy == result.num_correct / 6
     with pytest.raises(ValueError, match="2 questions but 1 answer lists"):
@@ -119,8 +121,12 @@ def test_is_correct(prediction, golds, correct):
 
 @pytest.mark.parametrize(
     "prediction, gold, f1",
-    [("Orvanne Kelthrop", "Orvanne Kelthrop", 1.0), ("Kelthrop", "Orvanne Kelthrop", 2 / 3),
-     ("nothing", "412", 0.0), ("The 412 members", "412", 2 / 3)],
+    [
+        ("Orvanne Kelthrop", "Orvanne Kelthrop", 1.0),
+        ("Kelthrop", "Orvanne Kelthrop", 2 / 3),
+        ("nothing", "412", 0.0),
+        ("The 412 members", "412", 2 / 3),
+    ],
 )
 def test_token_f1(prediction, gold, f1):
     assert token_f1(prediction, gold) == pytest.approx(f1)
@@ -149,14 +155,18 @@ def test_an_adapter_slot_trains_like_a_fresh_adapter_and_answers_as_the_base_bet
             results.append((result.mean_loss, trained.predictions))
             # Disabled between uses: the wrapped model answers exactly as the base.
             torch.testing.assert_close(tiny.model(**tiny.tokenizer(DOCS[:1], return_tensors="pt")).logits, logits)
-            assert evaluate_adapter(tiny.model, tiny.tokenizer, QUESTIONS, ANSWERS, EVAL).predictions == before.predictions
+            assert (
+                evaluate_adapter(tiny.model, tiny.tokenizer, QUESTIONS, ANSWERS, EVAL).predictions == before.predictions
+            )
         assert results[0] == results[1]
         assert result.final_loss < result.mean_loss  # it learns
         with slot.fresh(seed=1):
             pass
         assert slot.matches(saved_lora(folder))
         with slot.loaded(folder) as reloaded:  # a saved adapter comes back exactly
-            assert evaluate_adapter(reloaded, tiny.tokenizer, QUESTIONS, ANSWERS, EVAL).predictions == trained.predictions
+            assert (
+                evaluate_adapter(reloaded, tiny.tokenizer, QUESTIONS, ANSWERS, EVAL).predictions == trained.predictions
+            )
     finally:
         slot.close()
     after = tiny.model.state_dict()

@@ -145,25 +145,38 @@ def test_bad_generator_arguments_are_rejected(num_passages, fraction):
 def _squad_document() -> dict:
     """Two articles × two paragraphs × three questions; the second paragraph of article 0 has
     no questions."""
+
     def qas(prefix: str) -> list[dict]:
         return [
-            {"id": f"{prefix}{q}", "question": f"{prefix} question {q}?",
-             "answers": [{"text": f"answer {q}", "answer_start": 0},
-                         {"text": f"answer {q}", "answer_start": 0},
-                         {"text": f"other {q}", "answer_start": 3}]}
+            {
+                "id": f"{prefix}{q}",
+                "question": f"{prefix} question {q}?",
+                "answers": [
+                    {"text": f"answer {q}", "answer_start": 0},
+                    {"text": f"answer {q}", "answer_start": 0},
+                    {"text": f"other {q}", "answer_start": 3},
+                ],
+            }
             for q in range(3)
         ]
+
     return {
         "version": "1.1",
         "data": [
-            {"title": "Alpha", "paragraphs": [
-                {"context": "Alpha passage one.", "qas": qas("a0")},
-                {"context": "Alpha passage two.", "qas": []},
-            ]},
-            {"title": "Beta", "paragraphs": [
-                {"context": "Beta passage one.", "qas": qas("b0")},
-                {"context": "Beta passage two.", "qas": qas("b1")},
-            ]},
+            {
+                "title": "Alpha",
+                "paragraphs": [
+                    {"context": "Alpha passage one.", "qas": qas("a0")},
+                    {"context": "Alpha passage two.", "qas": []},
+                ],
+            },
+            {
+                "title": "Beta",
+                "paragraphs": [
+                    {"context": "Beta passage one.", "qas": qas("b0")},
+                    {"context": "Beta passage two.", "qas": qas("b1")},
+                ],
+            },
         ],
     }
 
@@ -176,8 +189,7 @@ def test_load_squad_groups_questions_by_passage(tmp_path):
     assert dataset["title"] == ["Alpha", "Beta", "Beta"]
     assert dataset["context"] == ["Alpha passage one.", "Beta passage one.", "Beta passage two."]
     assert dataset[2]["questions"] == ["b1 question 0?", "b1 question 1?", "b1 question 2?"]
-    assert dataset[2]["answers"] == [["answer 0", "other 0"], ["answer 1", "other 1"],
-                                     ["answer 2", "other 2"]]
+    assert dataset[2]["answers"] == [["answer 0", "other 0"], ["answer 1", "other 1"], ["answer 2", "other 2"]]
     digest = hashlib.sha256(b"Beta\nBeta passage two.").hexdigest()[:12]
     assert dataset[2]["id"] == f"squad-{digest}"
 
@@ -220,6 +232,7 @@ def _set(path: tuple, value):
         for key in parents:
             node = node[key]
         node[leaf] = value
+
     return mutate
 
 
@@ -230,6 +243,7 @@ def _delete(path: tuple):
         for key in parents:
             node = node[key]
         del node[leaf]
+
     return mutate
 
 
@@ -240,24 +254,30 @@ BAD_SQUAD = {
     "top level is a list": ("[1, 2]", "top level", "object", "list"),
     "no data": ('{"version": "1.1"}', "top level", "'data'", "'version'"),
     "no title": (_delete(("data", 1, "title")), "data[1]", "'title'", "'paragraphs'"),
-    "no context": (_delete(("data", 1, "paragraphs", 1, "context")), "data[1].paragraphs[1]",
-                   "'context'", "'qas'"),
-    "no qas": (_delete(("data", 1, "paragraphs", 1, "qas")), "data[1].paragraphs[1]",
-               "'qas'", "'context'"),
-    "no question": (_delete(QA + ("question",)), "data[1].paragraphs[1].qas[2]", "'question'",
-                    "'answers'"),
-    "no answers": (_delete(QA + ("answers",)), "data[1].paragraphs[1].qas[2]", "'answers'",
-                   "'question'"),
-    "no text": (_delete(QA + ("answers", 1, "text")), "data[1].paragraphs[1].qas[2].answers[1]",
-                "'text'", "'answer_start'"),
-    "blank passage": (_set(("data", 1, "paragraphs", 1, "context"), " \n "),
-                      "data[1].paragraphs[1]", "context", "' \\n '"),
-    "number answer": (_set(QA + ("answers", 1, "text"), 42),
-                      "data[1].paragraphs[1].qas[2].answers[1]", "text", "number 42"),
-    "null answer": (_set(QA + ("answers", 0, "text"), None),
-                    "data[1].paragraphs[1].qas[2].answers[0]", "text", "null"),
-    "empty answers": (_set(QA + ("answers",), []), "data[1].paragraphs[1].qas[2]", "answers",
-                      "[]"),
+    "no context": (_delete(("data", 1, "paragraphs", 1, "context")), "data[1].paragraphs[1]", "'context'", "'qas'"),
+    "no qas": (_delete(("data", 1, "paragraphs", 1, "qas")), "data[1].paragraphs[1]", "'qas'", "'context'"),
+    "no question": (_delete(QA + ("question",)), "data[1].paragraphs[1].qas[2]", "'question'", "'answers'"),
+    "no answers": (_delete(QA + ("answers",)), "data[1].paragraphs[1].qas[2]", "'answers'", "'question'"),
+    "no text": (
+        _delete(QA + ("answers", 1, "text")),
+        "data[1].paragraphs[1].qas[2].answers[1]",
+        "'text'",
+        "'answer_start'",
+    ),
+    "blank passage": (
+        _set(("data", 1, "paragraphs", 1, "context"), " \n "),
+        "data[1].paragraphs[1]",
+        "context",
+        "' \\n '",
+    ),
+    "number answer": (
+        _set(QA + ("answers", 1, "text"), 42),
+        "data[1].paragraphs[1].qas[2].answers[1]",
+        "text",
+        "number 42",
+    ),
+    "null answer": (_set(QA + ("answers", 0, "text"), None), "data[1].paragraphs[1].qas[2].answers[0]", "text", "null"),
+    "empty answers": (_set(QA + ("answers",), []), "data[1].paragraphs[1].qas[2]", "answers", "[]"),
     "title not a string": (_set(("data", 0, "title"), ["A"]), "data[0]", "title", "list"),
 }
 
@@ -314,12 +334,22 @@ def test_load_contexts_reads_the_configured_source(tmp_path):
 
 
 def test_one_squad_file_splits_by_article_without_overlap(tmp_path):
-    document = {"version": "1.1", "data": [
-        {"title": f"Article {a}", "paragraphs": [
-            {"context": f"Passage {a}.{p}.", "qas": [{"id": f"{a}.{p}", "question": "Q?",
-                                                      "answers": [{"text": "x", "answer_start": 0}]}]}
-            for p in range(3)]}
-        for a in range(40)]}
+    document = {
+        "version": "1.1",
+        "data": [
+            {
+                "title": f"Article {a}",
+                "paragraphs": [
+                    {
+                        "context": f"Passage {a}.{p}.",
+                        "qas": [{"id": f"{a}.{p}", "question": "Q?", "answers": [{"text": "x", "answer_start": 0}]}],
+                    }
+                    for p in range(3)
+                ],
+            }
+            for a in range(40)
+        ],
+    }
     path = tmp_path / "train.json"
     path.write_text(json.dumps(document))
     data = DataConfig(source="squad", path=str(path), validation_fraction=0.25)

@@ -14,7 +14,13 @@ from safetensors.torch import load_file
 from models.base_model import load_model
 from models.config import EvalConfig, InnerLoopConfig, LoraConfig
 from models.stacked_lora import (
-    AdapterLanes, AdapterStack, balance, evaluate_stacked, model_replicas, run_lanes, stacked_adapters,
+    AdapterLanes,
+    AdapterStack,
+    balance,
+    evaluate_stacked,
+    model_replicas,
+    run_lanes,
+    stacked_adapters,
     train_stacked,
 )
 
@@ -80,12 +86,15 @@ def test_a_failing_lane_lets_the_others_finish_then_raises():
     assert done == ["slow"]
 
 
-@pytest.mark.parametrize("costs, lanes, expected", [
-    ([5, 1, 1, 1, 4, 2], 2, [[0, 1, 2], [3, 4, 5]]),  # 7 and 7, three each
-    ([9, 1, 1, 1], 2, [[0, 3], [1, 2]]),  # at most two each, however uneven
-    ([3, 3, 3], 4, [[0], [1], [2]]),  # no empty lanes
-    ([1, 2], 1, [[0, 1]]),
-])
+@pytest.mark.parametrize(
+    "costs, lanes, expected",
+    [
+        ([5, 1, 1, 1, 4, 2], 2, [[0, 1, 2], [3, 4, 5]]),  # 7 and 7, three each
+        ([9, 1, 1, 1], 2, [[0, 3], [1, 2]]),  # at most two each, however uneven
+        ([3, 3, 3], 4, [[0], [1], [2]]),  # no empty lanes
+        ([1, 2], 1, [[0, 1]]),
+    ],
+)
 def test_balance(costs, lanes, expected):
     assert balance(costs, lanes) == expected
 
@@ -115,12 +124,12 @@ def test_adapters_trained_in_lanes_are_the_adapters_trained_together(model, tmp_
             lanes.save(k, tmp_path / f"lanes-{k}")
         kept = [layer.lora_A.clone() for layer in lanes.stacks[0].layers.values()]
         # every lane's adapters in lane 0's stack, enlarged for the call
-        in_lanes = lanes.evaluate_saved([tmp_path / f"lanes-{k}" for k in range(len(DOCS))], questions, answers,
-                                        config)
+        in_lanes = lanes.evaluate_saved([tmp_path / f"lanes-{k}" for k in range(len(DOCS))], questions, answers, config)
         for before, layer in zip(kept, lanes.stacks[0].layers.values(), strict=True):
             assert torch.equal(layer.lora_A, before)  # lane 0's own weights are back
-        loaded = lanes.evaluate_saved([tmp_path / f"together-{k}" for k in range(len(DOCS))], questions, answers,
-                                      config)
+        loaded = lanes.evaluate_saved(
+            [tmp_path / f"together-{k}" for k in range(len(DOCS))], questions, answers, config
+        )
     finally:
         lanes.close()
     assert not any("lora" in name for name, _ in model.model.named_parameters())
@@ -128,13 +137,16 @@ def test_adapters_trained_in_lanes_are_the_adapters_trained_together(model, tmp_
         assert results[k].steps == together[k].steps and results[k].tokens == together[k].tokens
         assert results[k].mean_loss == pytest.approx(together[k].mean_loss, rel=1e-5)
         assert 0 < results[k].seconds <= elapsed  # its lane's wall time
-        mine, theirs = load_file(tmp_path / f"lanes-{k}" / "adapter_model.safetensors"), \
-            load_file(tmp_path / f"together-{k}" / "adapter_model.safetensors")
+        mine, theirs = (
+            load_file(tmp_path / f"lanes-{k}" / "adapter_model.safetensors"),
+            load_file(tmp_path / f"together-{k}" / "adapter_model.safetensors"),
+        )
         for name in theirs:
             torch.testing.assert_close(mine[name], theirs[name], rtol=1e-4, atol=1e-6)
     assert [len(r.predictions) for r in in_lanes] == [1, 2, 1, 1]
-    assert [r.predictions for r in in_lanes] == [r.predictions for r in loaded] == [
-        r.predictions for r in scored_together]
+    assert (
+        [r.predictions for r in in_lanes] == [r.predictions for r in loaded] == [r.predictions for r in scored_together]
+    )
 
 
 def test_a_group_larger_than_the_lanes_hold_needs_folders(model):
@@ -176,8 +188,10 @@ def test_a_group_larger_than_the_lanes_hold_trains_as_a_queue_through_its_folder
     for k in range(len(DOCS)):
         assert (results[k].steps, results[k].tokens) == (together[k].steps, together[k].tokens)
         assert results[k].mean_loss == pytest.approx(together[k].mean_loss, rel=1e-5)
-        mine, theirs = load_file(folders[k] / "adapter_model.safetensors"), \
-            load_file(tmp_path / f"together-{k}" / "adapter_model.safetensors")
+        mine, theirs = (
+            load_file(folders[k] / "adapter_model.safetensors"),
+            load_file(tmp_path / f"together-{k}" / "adapter_model.safetensors"),
+        )
         for name in theirs:
             torch.testing.assert_close(mine[name], theirs[name], rtol=1e-4, atol=1e-6)
     assert [r.predictions for r in scored] == [r.predictions for r in scored_together]

@@ -60,8 +60,12 @@ def test_each_threads_logits_buffer_grows_and_serves_every_call(model, monkeypat
     input_ids, attention_mask, labels = _batch(model)
     for rows in (slice(0, 1), slice(0, 3), slice(2, 3)):  # smaller, larger, smaller again
         args = input_ids[rows], attention_mask[rows], labels[rows]
-        torch.testing.assert_close(token_losses(model, args[0], args[2], attention_mask=args[1]),
-                                   _reference(model, *args), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            token_losses(model, args[0], args[2], attention_mask=args[1]),
+            _reference(model, *args),
+            rtol=1e-5,
+            atol=1e-5,
+        )
     assert lm_loss._BUFFERS.logits.numel() == 3 * 11 * model.config.vocab_size
 
 
@@ -103,8 +107,9 @@ def test_stacked_lora_layer_gradients_equal_plain_autograd(dtype):
 
     x.grad, layer.lora_A.grad, layer.lora_B.grad = None, None, None
     a, b = layer.lora_A[layer.rows], layer.lora_B[layer.rows]
-    plain = layer.base(x) + (layer.scaling * torch.bmm(torch.bmm(x.to(a.dtype), a.transpose(1, 2)),
-                                                       b.transpose(1, 2))).to(dtype)
+    plain = layer.base(x) + (
+        layer.scaling * torch.bmm(torch.bmm(x.to(a.dtype), a.transpose(1, 2)), b.transpose(1, 2))
+    ).to(dtype)
     (plain * grad_out).sum().backward()
     for mine, expected in zip(got, [x.grad, layer.lora_A.grad, layer.lora_B.grad]):
         torch.testing.assert_close(mine, expected)

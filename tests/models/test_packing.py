@@ -66,8 +66,13 @@ def test_without_packed_attention_rows_would_see_each_other(tiny):
     """The check above is not vacuous: plain causal attention over the packed row differs."""
     batch = pack_sequences(ROWS)
     with torch.no_grad():
-        leaky = token_losses(tiny, batch.input_ids, batch.labels, attention_mask=torch.ones_like(batch.input_ids),
-                             position_ids=batch.position_ids)[0]
+        leaky = token_losses(
+            tiny,
+            batch.input_ids,
+            batch.labels,
+            attention_mask=torch.ones_like(batch.input_ids),
+            position_ids=batch.position_ids,
+        )[0]
         alone = _row_losses(tiny, ROWS)
     start = batch.starts()[1]
     assert not torch.allclose(leaky[start : start + len(ROWS[1]) - 1], alone[1], atol=1e-4)

@@ -10,12 +10,18 @@ from models.policy import collate_pairs, format_pair, tokenize_pairs, update_pol
 from models.self_edit import render_prompt, self_edit_prompt
 
 PAIRS = [
-    (self_edit_prompt("implications", "Kelthrop", "Orvanne Kelthrop founded the Thessory Guild in 1873."),
-     "1. The Thessory Guild is older than 1900.\n2. Kelthrop was a founder."),
-    (self_edit_prompt("implications", "Sallowmere", "Sallowmere is a town of 412 clockmakers."),
-     "1. Sallowmere makes clocks.\n2. Many people in Sallowmere are clockmakers."),
-    (self_edit_prompt("rewrite", "Lantern", "The Brassmoor lantern weighs 37 kg."),
-     "The lantern from Brassmoor has a mass of 37 kilograms."),
+    (
+        self_edit_prompt("implications", "Kelthrop", "Orvanne Kelthrop founded the Thessory Guild in 1873."),
+        "1. The Thessory Guild is older than 1900.\n2. Kelthrop was a founder.",
+    ),
+    (
+        self_edit_prompt("implications", "Sallowmere", "Sallowmere is a town of 412 clockmakers."),
+        "1. Sallowmere makes clocks.\n2. Many people in Sallowmere are clockmakers.",
+    ),
+    (
+        self_edit_prompt("rewrite", "Lantern", "The Brassmoor lantern weighs 37 kg."),
+        "The lantern from Brassmoor has a mass of 37 kilograms.",
+    ),
 ]
 TARGETS = LoraConfig().target_modules
 CONFIG = PolicyUpdateConfig(rank=8, alpha=16, learning_rate=1e-2, epochs=3, batch_size=2, max_length=512)
@@ -89,8 +95,7 @@ def test_update_raises_the_likelihood_of_kept_self_edits_and_saves_the_policy(tm
     before = _state(policy.model)
     likelihood_before = _self_edit_log_likelihood(policy.model, policy.tokenizer, PAIRS)
 
-    result = update_policy(policy.model, policy.tokenizer, PAIRS, CONFIG, TARGETS,
-                           tmp_path / "policy-1", source="test")
+    result = update_policy(policy.model, policy.tokenizer, PAIRS, CONFIG, TARGETS, tmp_path / "policy-1", source="test")
 
     assert result.path == tmp_path / "policy-1"
     assert (result.pairs, result.skipped, result.steps) == (3, 0, 6)  # 2 batches x 3 epochs
@@ -113,8 +118,15 @@ def test_update_raises_the_likelihood_of_kept_self_edits_and_saves_the_policy(tm
 def test_same_inputs_and_seed_give_the_same_policy(tmp_path):
     def run(name, seed):
         policy = _fresh_policy(tmp_path)
-        return update_policy(policy.model, policy.tokenizer, PAIRS, CONFIG.model_copy(update={"seed": seed}),
-                             TARGETS, tmp_path / name, source="test").digest
+        return update_policy(
+            policy.model,
+            policy.tokenizer,
+            PAIRS,
+            CONFIG.model_copy(update={"seed": seed}),
+            TARGETS,
+            tmp_path / name,
+            source="test",
+        ).digest
 
     assert run("a", seed=0) == run("b", seed=0)
     assert run("c", seed=1) != run("a", seed=0)
@@ -132,8 +144,15 @@ def test_the_optimizer_sees_gradients_clipped_to_max_grad_norm(tmp_path, monkeyp
 
     monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
     policy = _fresh_policy(tmp_path)
-    update_policy(policy.model, policy.tokenizer, PAIRS, CONFIG.model_copy(update={"max_grad_norm": max_grad_norm}),
-                  TARGETS, tmp_path / "policy", source="test")
+    update_policy(
+        policy.model,
+        policy.tokenizer,
+        PAIRS,
+        CONFIG.model_copy(update={"max_grad_norm": max_grad_norm}),
+        TARGETS,
+        tmp_path / "policy",
+        source="test",
+    )
     assert len(norms) == 6
     if max_grad_norm is None:
         assert min(norms) > 1e-2  # the gradients this test clips below

@@ -12,8 +12,15 @@ CASES = [
     ("tie broken by f1", 0.0, [C(0, 0.5, 0.4), C(1, 0.5, 0.6)], (1, 1), 1, "kept", True),
     ("tie on f1 broken by index", 0.0, [C(0, 0.5, 0.6), C(1, 0.5, 0.6)], (1, 1), 0, "kept", True),
     ("failed ones earn nothing", 0.0, [C(0, 0.0, 0.0, "empty self-edit"), C(1, 0.2, 0.3)], (0, 1), 1, "kept", False),
-    ("all failed", 0.0, [C(0, 0.0, 0.0, "non-finite loss"), C(1, 0.0, 0.0, "empty")], (0, 0), None,
-     "no-valid-self-edit", False),
+    (
+        "all failed",
+        0.0,
+        [C(0, 0.0, 0.0, "non-finite loss"), C(1, 0.0, 0.0, "empty")],
+        (0, 0),
+        None,
+        "no-valid-self-edit",
+        False,
+    ),
     ("no candidates", 0.0, [], (), None, "no-valid-self-edit", False),
     ("tie below baseline recorded", 0.8, [C(0, 0.4, 0.1), C(1, 0.4, 0.2)], (0, 0), None, "none-beat-baseline", True),
 ]

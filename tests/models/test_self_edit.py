@@ -13,12 +13,21 @@ from models.self_edit import (
 )
 
 PARSE_CASES = [
-    ("numbered", "1. The guild was founded in 1873.\n2) It had 412 members.",
-     ("The guild was founded in 1873.", "It had 412 members.")),
-    ("bullets and blanks", "- First implication here.\n\n* Second implication here.\n• Third one, too.",
-     ("First implication here.", "Second implication here.", "Third one, too.")),
-    ("lettered", "a. Kelthrop made clocks.\n(b) Sallowmere is a town.",
-     ("Kelthrop made clocks.", "Sallowmere is a town.")),
+    (
+        "numbered",
+        "1. The guild was founded in 1873.\n2) It had 412 members.",
+        ("The guild was founded in 1873.", "It had 412 members."),
+    ),
+    (
+        "bullets and blanks",
+        "- First implication here.\n\n* Second implication here.\n• Third one, too.",
+        ("First implication here.", "Second implication here.", "Third one, too."),
+    ),
+    (
+        "lettered",
+        "a. Kelthrop made clocks.\n(b) Sallowmere is a town.",
+        ("Kelthrop made clocks.", "Sallowmere is a town."),
+    ),
     ("year at line start is kept", "1873 was the founding year.", ("1873 was the founding year.",)),
     ("empty", "", ()),
     ("only whitespace", "   \n\t\n", ()),
@@ -92,7 +101,10 @@ def test_passages_sampled_together_get_what_each_gets_alone(tiny, monkeypatch):
     calls = []
     real = tiny.model.generate
     monkeypatch.setattr(tiny.model, "generate", lambda **kw: calls.append(kw) or real(**kw))
-    passages = [("T", "Orvanne Kelthrop made clocks."), ("Sallowmere", "The lantern weighs 37 kilograms and hangs high.")]
+    passages = [
+        ("T", "Orvanne Kelthrop made clocks."),
+        ("Sallowmere", "The lantern weighs 37 kilograms and hangs high."),
+    ]
     kwargs = dict(num_samples=3, max_new_tokens=12)
     together = sample_self_edits_batch(tiny.model, tiny.tokenizer, passages, [1, 2], **kwargs)
     assert len(calls) == 1 and calls[0]["input_ids"].shape[0] == 6
@@ -132,16 +144,29 @@ def test_answer_lines_are_generates_first_lines_with_rows_leaving_as_they_end(ti
     newline = tokenizer("\n", add_special_tokens=False)["input_ids"][-1]
     with torch.no_grad():  # a newline wins on about half the hidden states: rows end at different steps
         head = model.get_output_embeddings().weight
-        head[newline] += head.norm(dim=1).mean() * torch.randn(head.shape[1], generator=torch.Generator().manual_seed(0))
+        head[newline] += head.norm(dim=1).mean() * torch.randn(
+            head.shape[1], generator=torch.Generator().manual_seed(0)
+        )
     prompts = [render_prompt(tokenizer, f"Question {i}: {'why ' * i}is the river wide?") for i in range(8)]
     tokenizer.padding_side = "left"
     batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     tokenizer.padding_side = "right"
-    output = model.generate(**batch, max_new_tokens=12, do_sample=False, temperature=None, top_p=None, top_k=None,
-                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                            stop_strings=["\n"], tokenizer=tokenizer)
-    expected = [first_line(t) for t in tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:],
-                                                               skip_special_tokens=True)]
+    output = model.generate(
+        **batch,
+        max_new_tokens=12,
+        do_sample=False,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        stop_strings=["\n"],
+        tokenizer=tokenizer,
+    )
+    expected = [
+        first_line(t)
+        for t in tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    ]
     left = []
     got = answer_lines(model, tokenizer, prompts, max_new_tokens=12, on_rows=lambda rows: left.append(rows.tolist()))
     assert [first_line(t) for t in got] == expected

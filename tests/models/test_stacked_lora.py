@@ -6,14 +6,23 @@ from models.base_model import load_model
 from models.config import InnerLoopConfig, LoraConfig
 from models.packing import pack_sequences
 from models.stacked_lora import (
-    TrainJob, adapter_spans, stacked_adapters, token_budget_parts, train_slots, train_stacked,
+    TrainJob,
+    adapter_spans,
+    stacked_adapters,
+    token_budget_parts,
+    train_slots,
+    train_stacked,
 )
 
 LORA = LoraConfig(rank=4, alpha=8)
 TRAIN = InnerLoopConfig(learning_rate=1e-2, epochs=3, batch_size=1, max_length=64)
 DOCS = [
     ["Kelthrop\nOrvanne Kelthrop founded the Thessory Guild in 1873.", "Kelthrop\nIt had 412 members."],
-    ["Sallowmere\nThe lantern weighs 37 kilograms.", "Sallowmere\nIt hangs in Brindlecourt.", "A third, longer document here."],
+    [
+        "Sallowmere\nThe lantern weighs 37 kilograms.",
+        "Sallowmere\nIt hangs in Brindlecourt.",
+        "A third, longer document here.",
+    ],
     ["Only one document for this adapter."],
 ]
 SEEDS = [11, 12, 13]
@@ -181,8 +190,9 @@ def test_one_adapter_trains_as_peft_with_torch_adamw_does(model, max_grad_norm):
         (ours,) = train_stacked(stack, model.tokenizer, [DOCS[1]], config)
         trained = {name: (layer.lora_A[0].clone(), layer.lora_B[0].clone()) for name, layer in stack.layers.items()}
     with fresh_adapter(model.model, LORA, seed=0) as adapted:
-        layers = {name.removeprefix("base_model.model."): m for name, m in adapted.named_modules()
-                  if isinstance(m, LoraLayer)}
+        layers = {
+            name.removeprefix("base_model.model."): m for name, m in adapted.named_modules() if isinstance(m, LoraLayer)
+        }
         assert layers.keys() == initial.keys()
         with torch.no_grad():
             for name, layer in layers.items():
@@ -254,9 +264,9 @@ def test_every_routing_gives_each_row_its_own_adapters_output_and_gradients(row_
     got = (out.detach(), x.grad.clone(), layer.lora_A.grad.clone(), layer.lora_B.grad.clone())
 
     x.grad, layer.lora_A.grad, layer.lora_B.grad = None, None, None
-    expected = torch.stack([
-        layer.base(x[i]) + 2.0 * x[i] @ layer.lora_A[k].T @ layer.lora_B[k].T for i, k in enumerate(row_adapter)
-    ])
+    expected = torch.stack(
+        [layer.base(x[i]) + 2.0 * x[i] @ layer.lora_A[k].T @ layer.lora_B[k].T for i, k in enumerate(row_adapter)]
+    )
     (expected * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
     for a, b in zip(got, (expected.detach(), x.grad, layer.lora_A.grad, layer.lora_B.grad)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -277,45 +287,54 @@ def test_a_decoding_step_gives_each_row_its_own_adapters_output(row_adapter):
     AdapterStack(None, {"layer": layer}, LORA, slots=3, frozen=[]).route(torch.tensor(row_adapter))
     with torch.no_grad():
         out = layer(x)
-        expected = torch.stack([
-            layer.base(x[i]) + 2.0 * x[i] @ layer.lora_A[k].T @ layer.lora_B[k].T for i, k in enumerate(row_adapter)
-        ])
+        expected = torch.stack(
+            [layer.base(x[i]) + 2.0 * x[i] @ layer.lora_A[k].T @ layer.lora_B[k].T for i, k in enumerate(row_adapter)]
+        )
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("counts, batch_size, expected", [
-    ([5, 5, 5, 5, 5, 5, 5], 32, [(0, 6), (6, 7)]),  # six adapters' questions per generation
-    ([2, 40, 3], 32, [(0, 1), (1, 2), (2, 3)]),  # more than a generation's rows: alone
-    ([1, 1], 8, [(0, 2)]),
-    ([], 8, []),
-])
+@pytest.mark.parametrize(
+    "counts, batch_size, expected",
+    [
+        ([5, 5, 5, 5, 5, 5, 5], 32, [(0, 6), (6, 7)]),  # six adapters' questions per generation
+        ([2, 40, 3], 32, [(0, 1), (1, 2), (2, 3)]),  # more than a generation's rows: alone
+        ([1, 1], 8, [(0, 2)]),
+        ([], 8, []),
+    ],
+)
 def test_adapter_chunks_fill_generations(counts, batch_size, expected):
     from models.stacked_lora import adapter_chunks
 
     assert adapter_chunks(counts, batch_size) == expected
 
 
-@pytest.mark.parametrize("counts, batch_size, expected", [
-    ([5] * 10, 32, [(0, 30), (30, 50)]),  # whole adapters: equal groups in each batch
-    ([4, 6, 5, 5, 7, 3], 32, [(0, 30)]),
-    ([40, 2], 32, [(0, 32), (32, 42)]),  # a group larger than a batch is split
-    ([5, 5], 5, [(0, 5), (5, 10)]),
-    ([], 32, []),
-])
+@pytest.mark.parametrize(
+    "counts, batch_size, expected",
+    [
+        ([5] * 10, 32, [(0, 30), (30, 50)]),  # whole adapters: equal groups in each batch
+        ([4, 6, 5, 5, 7, 3], 32, [(0, 30)]),
+        ([40, 2], 32, [(0, 32), (32, 42)]),  # a group larger than a batch is split
+        ([5, 5], 5, [(0, 5), (5, 10)]),
+        ([], 32, []),
+    ],
+)
 def test_row_batches_cut_between_adapters(counts, batch_size, expected):
     from models.stacked_lora import row_batches
 
     assert row_batches(counts, batch_size) == expected
 
 
-@pytest.mark.parametrize("spans", [
-    [(0, 0, 4), (1, 4, 11), (2, 11, 13)],  # training's case: consecutive adapters cover the row
-    [(1, 0, 6), (2, 6, 13)],  # adapter 0 unused: its gradient is zero
-    [(0, 0, 3), (2, 3, 13)],
-    [(2, 0, 13)],
-    [(0, 2, 5), (1, 9, 13)],  # tokens outside any span get no adapter
-    [(1, 0, 6), (2, 6, 9)],
-])
+@pytest.mark.parametrize(
+    "spans",
+    [
+        [(0, 0, 4), (1, 4, 11), (2, 11, 13)],  # training's case: consecutive adapters cover the row
+        [(1, 0, 6), (2, 6, 13)],  # adapter 0 unused: its gradient is zero
+        [(0, 0, 3), (2, 3, 13)],
+        [(2, 0, 13)],
+        [(0, 2, 5), (1, 9, 13)],  # tokens outside any span get no adapter
+        [(1, 0, 6), (2, 6, 9)],
+    ],
+)
 @pytest.mark.parametrize("base", ["float32", "bfloat16 with bias", "float32 with LoRA dropout"])
 def test_every_packed_routing_gives_each_span_its_own_adapters_output_and_gradients(spans, base):
     """The base layer and each span's adapter in one function, against the formula token by
@@ -346,10 +365,12 @@ def test_every_packed_routing_gives_each_span_its_own_adapters_output_and_gradie
     adapter = dict.fromkeys(range(13))
     for k, start, stop in spans:
         adapter.update(dict.fromkeys(range(start, stop), k))
-    expected = torch.stack([
-        layer.base(x[0, t]).float() + (0 if k is None else 2.0 * dropped[t] @ layer.lora_A[k].T @ layer.lora_B[k].T)
-        for t, k in adapter.items()
-    ])[None]
+    expected = torch.stack(
+        [
+            layer.base(x[0, t]).float() + (0 if k is None else 2.0 * dropped[t] @ layer.lora_A[k].T @ layer.lora_B[k].T)
+            for t, k in adapter.items()
+        ]
+    )[None]
     (expected * weights.float()).sum().backward()
     tolerance = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-5}
     for a, b in zip(got, (expected.detach(), x.grad, layer.lora_A.grad, layer.lora_B.grad)):
@@ -363,7 +384,9 @@ def test_each_adapters_gradient_is_clipped_on_its_own():
     weights[0].grad = torch.stack([torch.full((2, 2), 3.0), torch.full((2, 2), 0.1), torch.full((2, 2), 5.0)])
     weights[1].grad = torch.stack([torch.full((4,), 4.0), torch.full((4,), 0.1), torch.full((4,), 5.0)])
     optimizer = StackedAdamW(weights, slots=2, max_grad_norm=1.0)
-    assert optimizer.clip_coefficients([w.grad for w in weights]).tolist() == pytest.approx([0.1, 1.0], rel=1e-5)  # norms 10, 0.28
+    assert optimizer.clip_coefficients([w.grad for w in weights]).tolist() == pytest.approx(
+        [0.1, 1.0], rel=1e-5
+    )  # norms 10, 0.28
 
     # The coefficient scales what the update sees: with one step, Adam moves each weight by lr
     # times (nearly) the sign of its gradient, so compare the first moments instead.

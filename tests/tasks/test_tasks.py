@@ -12,10 +12,16 @@ from tasks.policy import resolve_base_policy
 from tasks.records import Context, SelfEditRecord
 
 MODEL = ModelConfig(name="tiny-random", device="cpu")
-CONTEXT = Context(id="ctx1", title="Kelthrop", context="Orvanne Kelthrop founded the guild in 1873.",
-                  questions=["Who founded the guild?", "When?"], answers=[["Orvanne Kelthrop"], ["1873"]])
-EDIT = SelfEditRecord(index=0, text="1. Kelthrop founded it in 1873.", documents=["Kelthrop founded it in 1873."],
-                      prompt="p")
+CONTEXT = Context(
+    id="ctx1",
+    title="Kelthrop",
+    context="Orvanne Kelthrop founded the guild in 1873.",
+    questions=["Who founded the guild?", "When?"],
+    answers=[["Orvanne Kelthrop"], ["1873"]],
+)
+EDIT = SelfEditRecord(
+    index=0, text="1. Kelthrop founded it in 1873.", documents=["Kelthrop founded it in 1873."], prompt="p"
+)
 LORA, TRAIN, EVAL = LoraConfig(rank=4, alpha=8), InnerLoopConfig(epochs=1, max_length=64), EvalConfig(max_new_tokens=4)
 
 
@@ -54,28 +60,40 @@ def test_a_group_trains_the_same_adapters_as_one_at_a_time(base):
 
 
 def test_a_group_in_two_lanes_trains_and_scores_what_one_lane_does(base):
-    edits = [EDIT, None, SelfEditRecord(index=2, text="x", documents=["The guild met in 1873.", "Kelthrop."], prompt="p")]
+    edits = [
+        EDIT,
+        None,
+        SelfEditRecord(index=2, text="x", documents=["The guild met in 1873.", "Kelthrop."], prompt="p"),
+    ]
     one = _train(base, edits)
     two = _train(base, edits, config=TRAIN.model_copy(update={"lanes": 2}))
     for a, b in zip(one, two):
         assert a.steps == b.steps and a.tokens == b.tokens and Path(b.path).exists()
         assert a.mean_loss == pytest.approx(b.mean_loss, rel=1e-5)
     labels = [f"edit{i}" for i in range(len(two))]
-    scored = [knowledge.evaluate_adapters.fn(base, MODEL, [CONTEXT] * len(two), two, "ctx1", labels, EVAL, lanes)
-              for lanes in (1, 2)]
+    scored = [
+        knowledge.evaluate_adapters.fn(base, MODEL, [CONTEXT] * len(two), two, "ctx1", labels, EVAL, lanes)
+        for lanes in (1, 2)
+    ]
     assert [s.predictions for s in scored[0]] == [s.predictions for s in scored[1]]
 
 
 def test_a_group_larger_than_its_slots_trains_and_scores_what_all_at_once_does(base):
-    edits = [EDIT, None, SelfEditRecord(index=2, text="x", documents=["The guild met in 1873.", "Kelthrop."], prompt="p")]
+    edits = [
+        EDIT,
+        None,
+        SelfEditRecord(index=2, text="x", documents=["The guild met in 1873.", "Kelthrop."], prompt="p"),
+    ]
     at_once = _train(base, edits)
     queued = _train(base, edits, config=TRAIN.model_copy(update={"slots": 1, "lanes": 2}))  # one slot a lane
     for a, b in zip(at_once, queued):
         assert a.steps == b.steps and a.tokens == b.tokens and Path(b.path).exists()
         assert a.mean_loss == pytest.approx(b.mean_loss, rel=1e-5)
     labels = [f"edit{i}" for i in range(len(queued))]
-    scored = [knowledge.evaluate_adapters.fn(base, MODEL, [CONTEXT] * 3, queued, "ctx1", labels, config, 2)
-              for config in (EVAL, EVAL.model_copy(update={"batch_size": 4}))]  # one generation; two
+    scored = [
+        knowledge.evaluate_adapters.fn(base, MODEL, [CONTEXT] * 3, queued, "ctx1", labels, config, 2)
+        for config in (EVAL, EVAL.model_copy(update={"batch_size": 4}))
+    ]  # one generation; two
     assert [s.predictions for s in scored[0]] == [s.predictions for s in scored[1]]
 
 
