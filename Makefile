@@ -14,7 +14,7 @@ export HF_DATASETS_OFFLINE=1
 # glibc: few malloc arenas, so memory freed by one thread serves the next (tasks/runtime.py)
 export MALLOC_ARENA_MAX=2
 
-.PHONY: install run serve test test-fast test-slow test-stack bench clean-venv
+.PHONY: install run serve lint format test test-fast test-slow test-stack bench clean-venv
 
 install: $(STAMP)
 
@@ -33,7 +33,14 @@ run: install  ## the SEAL training flow on the bundled SmolLM2 (CONFIG=... to ch
 serve: install  ## Prefect UI :4200 and MLflow UI :5000 with the flows as deployments (Ctrl-C stops)
 	$(BIN)/seal serve
 
-test: install
+lint: install  ## ruff: lint errors and formatting (`make format` fixes the formatting)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff format .
+
+test: lint
 	$(BIN)/python -m pytest -q
 
 test-fast: install  ## the unit tests only: tests/{models,tasks,flows,...} without tests/integration/

@@ -231,7 +231,7 @@ def serve(endpoints: Endpoints, home: Path, print_=print) -> int:
 
     signal.signal(signal.SIGTERM, terminate)
     try:
-        with servers(endpoints, home) as ready:
+        with servers(endpoints, home):
             print_(
                 f"Prefect UI: {endpoints.prefect_ui}   MLflow UI: {endpoints.mlflow_ui}   "
                 f"(both healthy after {time.monotonic() - start:.1f}s; SEAL home {home})",

@@ -187,7 +187,8 @@ def answer_lines(
     ``max_new_tokens``, and ``model.generate`` would decode every row until the longest is
     done (benchmarks/README.md, "Evaluation"). ``on_rows`` is called with the
     indices (into ``prompts``) of the rows left whenever some leave, before the next step (to
-    route them, as :func:`models.stacked_lora.evaluate_stacked` does). Prompts are rendered (:func:`render_prompt`) and left-padded as in :func:`generate`.
+    route them, as :func:`models.stacked_lora.evaluate_stacked` does). Prompts are rendered
+    (:func:`render_prompt`) and left-padded as in :func:`generate`.
 
     Returns:
         One completion per prompt, special tokens removed; text after its first line is not

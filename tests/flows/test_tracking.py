@@ -300,7 +300,7 @@ def test_find_resumable_run(store, names):
         return tracker.run_id
 
     assert find_resumable_run(store, "no-such-experiment", "f", "d") is None
-    finished = run("FINISHED", "d1", 1)
+    run("FINISHED", "d1", 1)
     assert find_resumable_run(store, names["experiment"], "new", "d1") is None
     failed = run("FAILED", "d1", 1)
     assert find_resumable_run(store, names["experiment"], "new", "d1") == failed

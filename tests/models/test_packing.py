@@ -44,7 +44,7 @@ def test_packed_rows_get_the_losses_and_gradients_of_rows_alone(tiny, implementa
     embeddings.requires_grad_(True)
     try:
         alone = _row_losses(tiny, ROWS)
-        torch.stack([l.sum() for l in alone]).sum().backward()
+        torch.stack([loss.sum() for loss in alone]).sum().backward()
         expected_grad, embeddings.grad = embeddings.grad.clone(), None
 
         batch = pack_sequences(ROWS)

@@ -52,7 +52,7 @@ def test_a_new_policy_frees_the_previous_model_and_its_adapters(tmp_path, monkey
             runtime.adapter_lanes(loaded, LoraConfig(rank=2, alpha=4), slots=2, lanes=2)
             old = weakref.ref(loaded.model)
             del loaded
-        with runtime.use_model(second, config) as loaded:
+        with runtime.use_model(second, config):
             assert old() is None
             assert list(runtime._models) == [(second.path, "another", "cpu", "float32")]
     finally:
