@@ -11,7 +11,9 @@ Runs the continual flow (``flows/continual.py``) once per variant, in this proce
 - ``self_edit``: the config as it is (target on a 2-core CPU with the bundled SmolLM2: <= 30 min
   for 8 sequences x 8 passages);
 - ``passage_only``: the comparison row, each step trained on its passage alone;
-- ``replay``: the mitigation, ``continual.replay=--replay``;
+- ``replay``: a mitigation, ``continual.replay=--replay``;
+- ``routed``: a mitigation, ``continual.adapters=routed`` (each step's adapter kept apart, each
+  question routed to one);
 - ``policy``: the self-edits written by ``--policy`` (a folder or ``models:/NAME@ALIAS``).
 
 Each variant reports its wall time (a second run of the same config comes from the cache: use a
@@ -46,11 +48,13 @@ def variant_overrides(variant: str, args: argparse.Namespace) -> list[str]:
         return ["continual.training=passage_only"]
     if variant == "replay":
         return [f"continual.replay={args.replay}"]
+    if variant == "routed":
+        return ["continual.adapters=routed"]
     if variant == "policy":
         if not args.policy:
             raise SystemExit("--variants policy needs --policy (a folder or models:/NAME@ALIAS)")
         return [f"continual.policy={args.policy}"]
-    raise SystemExit(f"unknown variant {variant!r}; choose self_edit, passage_only, replay or policy")
+    raise SystemExit(f"unknown variant {variant!r}; choose self_edit, passage_only, replay, routed or policy")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         "--variants",
         type=lambda text: text.split(","),
         default=["self_edit"],
-        help="comma-separated: self_edit (default), passage_only, replay, policy",
+        help="comma-separated: self_edit (default), passage_only, replay, routed, policy",
     )
     parser.add_argument("--replay", type=int, default=4, help="documents replayed per step (variant replay)")
     parser.add_argument("--policy", help="the trained writer of variant policy")

@@ -22,7 +22,9 @@ Departures from the reference code, on purpose:
 - The passages come from the held-out split (``data``), so a trained policy never saw them.
 - A self-edit with no usable line trains on the passage alone, as the inner loop does; the
   reference code fell back to the passage as its own self-edit.
-- Replay (``continual.replay``, off by default) is this project's mitigation, not the paper's.
+- Replay (``continual.replay``) and routed adapters (``continual.adapters=routed``: each step's
+  LoRA trained on the starting model and kept apart, each question answered by the adapter under
+  which it is most likely) are this project's mitigations, not the paper's; both off by default.
 
 Each step is one cached task keyed by the incoming checkpoint's digest, the passage and the
 self-edit (and the settings): a killed run resumes at the step it was in, a rerun recomputes
@@ -96,9 +98,14 @@ class _Sequence:
         self.edits: list[SelfEditRecord | None] = []
         self.steps: list[ContinualStepRecord] = []
 
+    @property
+    def routed(self) -> bool:
+        return self.config.continual.adapters == "routed"
+
     def before(self, k: int) -> PolicyRef:
-        """The checkpoint step k starts from (and that writes its self-edit)."""
-        return self.start if k == 0 else self.steps[k - 1].checkpoint
+        """The checkpoint step k starts from (and that writes its self-edit): routed adapters
+        are all trained on the starting model."""
+        return self.start if k == 0 or self.routed else self.steps[k - 1].checkpoint
 
     def label(self, k: int) -> str:
         return f"seq{self.sequence}-step{k}"
@@ -141,6 +148,7 @@ class _Sequence:
             [s.documents for s in self.steps[:k]],
             cont.replay,
             stable_seed(cont.seed, "replay", self.sequence, k),
+            [s.checkpoint for s in self.steps[:k]] if self.routed else None,
             config.lora,
             config.inner_loop,
             config.eval,
@@ -174,10 +182,11 @@ def run_sequence(config: SealConfig, start: PolicyRef, sequence: int, keep_final
             chain.edits.append(edit)
             chain.steps.append(record)
             progress.advance("steps")
-            if k > 0:  # step k has used checkpoint k-1; no later step needs it
+            if k > 0 and not chain.routed:  # step k has used checkpoint k-1; no later step needs it
                 remove_checkpoint(chain.steps[k - 1].checkpoint.path, root)
-        # Also any earlier checkpoint a rebuild brought back.
-        for step in chain.steps[:-1] if keep_final else chain.steps:
+        # Also any earlier checkpoint a rebuild brought back; routed adapters are all the final model.
+        kept = (len(chain.steps) if chain.routed else 1) if keep_final else 0
+        for step in chain.steps[: len(chain.steps) - kept]:
             remove_checkpoint(step.checkpoint.path, root)
         progress.close()
         return SequenceResult(sequence, contexts, row0, chain.edits, chain.steps)
@@ -236,10 +245,14 @@ def _continual(config: SealConfig, tracker: Tracker, keep_final: bool) -> Contin
                     f"sequence_{s}/kl": step.kl,
                     f"sequence_{s}/newest_accuracy": step.scores[-1].accuracy,
                     f"sequence_{s}/mean_accuracy": float(np.mean([x.accuracy for x in step.scores])),
+                    **({} if step.routed is None else {f"sequence_{s}/routed_to_own_adapter": step.routed}),
                 },
                 step=k + 1,
             )
     summary = summarize([r.matrix for r in sequences], [[step.kl for step in r.steps] for r in sequences])
+    routed = [step.routed for r in sequences for step in r.steps if step.routed is not None]
+    if routed:
+        summary.metrics["routed_to_own_adapter"] = float(np.mean(routed))
     _report(tracker, sequences, summary)
     return ContinualResult(start, sequences, summary, tracker.run_id, "")
 
@@ -283,6 +296,7 @@ def _report(tracker: Tracker, sequences: list[SequenceResult], summary: Continua
                 "accuracies": [s.accuracy for s in step.scores],
                 "documents": len(step.documents),
                 "replayed": step.replayed,
+                "routed_to_own_adapter": step.routed,
                 "train_steps": step.steps,
                 "mean_loss": step.mean_loss,
                 "train_seconds": step.seconds,
@@ -343,6 +357,11 @@ def format_summary(summary: ContinualSummary, sequences: int, markdown: bool = F
         f"after d more merges (d = 0..K-1):       {' '.join(f'{a:.2f}' for a in summary.lag)}",
         f"probe KL after the last merge:          {m['kl_final']:.4f}",
         "correlation of KL with forgetting:      " + ("undefined" if correlation is None else f"{correlation:+.2f}"),
+        *(
+            [f"questions routed to their own adapter: {m['routed_to_own_adapter']:.3f}"]
+            if "routed_to_own_adapter" in m
+            else []
+        ),
         *fence,
     ]
     return "\n".join(lines)

@@ -402,6 +402,13 @@ class ContinualConfig(_Section):
         "documents drawn (seeded) from the earlier steps' training documents, each weighed as one "
         "self-edit line.",
     )
+    adapters: Literal["merged", "routed"] = Field(
+        "merged",
+        description="Mitigation, off at 'merged' (the paper's: each step's LoRA merged into the "
+        "weights). 'routed': each step's LoRA is trained on the starting model and kept apart, and "
+        "each question is answered by the adapter under which it is most likely; the starting model "
+        "writes every self-edit.",
+    )
     probe_prompts: int = Field(
         8,
         ge=1,

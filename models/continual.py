@@ -25,6 +25,12 @@ Measures over a matrix (:func:`summarize`), every one a mean over passages:
 Drift (:func:`probe_kl`): after each merge, the KL divergence of the merged model's next-token
 distributions from the step-0 model's on fixed probe texts unrelated to the passages
 (:data:`PROBE_TEXTS`), a signal that needs no questions.
+
+Routed adapters (:func:`run_routed_step`), the mitigation: each step's LoRA is trained on the
+step-0 model and kept apart instead of merged; every question (and probe text) is answered by
+the one adapter under which it is most likely (:func:`route_by_likelihood`), so a later step
+can only take an earlier passage's questions by explaining them better. No passage text is
+kept: the router reads the adapters alone. Its cost is an adapter per passage on disk.
 """
 
 from __future__ import annotations
@@ -44,8 +50,16 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from models.base_model import resolve_model, save_model
 from models.config import EvalConfig, InnerLoopConfig, LoraConfig
-from models.inner_loop import EvalResult, TrainResult, attach_lora, evaluate_contexts, train_adapter
+from models.inner_loop import (
+    EvalResult,
+    TrainResult,
+    attach_lora,
+    evaluate_contexts,
+    save_adapter,
+    train_adapter,
+)
 from models.self_edit import SelfEdit, inner_loop_plan
+from models.stacked_lora import AdapterStack, evaluate_stacked
 
 # Fixed texts far from any passage (recipes, code, weather, arithmetic, ...): the drift probe.
 PROBE_TEXTS = (
@@ -181,6 +195,7 @@ class StepResult:
     merge: MergeResult
     scores: list[EvalResult]  # on each context, in order
     kl: float
+    routed: float | None = None  # routed adapters: the share of questions sent to their own passage's adapter
 
 
 def run_step(
@@ -217,13 +232,146 @@ def run_step(
     title, passage, _, _ = contexts[-1]
     drawn = replay_sample(history, replay, replay_seed)
     documents, own, plan = continual_documents(self_edit, title, passage, drawn, config)
-    key = hashlib.sha256(
-        json.dumps([documents, lora.model_dump(mode="json"), plan.model_dump(mode="json")]).encode()
-    ).hexdigest()[:12]
-    merged = merge_self_edit(model, tokenizer, documents, lora, plan, Path(root) / key, source)
+    folder = Path(root) / _folder_key(documents, lora, plan)
+    merged = merge_self_edit(model, tokenizer, documents, lora, plan, folder, source)
     scores = evaluate_contexts(model, tokenizer, [c[2] for c in contexts], [c[3] for c in contexts], eval_config)
     kl = probe_kl(reference, model, tokenizer, probe_texts)
     return StepResult(own, drawn, merged, scores, kl)
+
+
+def _folder_key(documents: Sequence[str], lora: LoraConfig, plan: InnerLoopConfig) -> str:
+    """A step's folder name: what it trained on, and how."""
+    return hashlib.sha256(
+        json.dumps([documents, lora.model_dump(mode="json"), plan.model_dump(mode="json")]).encode()
+    ).hexdigest()[:12]
+
+
+def run_routed_step(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    self_edit: SelfEdit | None,
+    contexts: Sequence[tuple[str, str, Sequence[str], Sequence[Sequence[str]]]],
+    history: Sequence[Sequence[str]],
+    replay: int,
+    replay_seed: int,
+    adapters: Sequence[Path],
+    lora: LoraConfig,
+    config: InnerLoopConfig,
+    eval_config: EvalConfig,
+    probe_texts: Sequence[str],
+    root: Path,
+) -> StepResult:
+    """Step k with routed adapters: train a LoRA on ``self_edit`` plus the last context's passage
+    (and ``replay`` documents drawn from ``history``) on ``model``, the step-0 model, which it
+    leaves unchanged; save the adapter under ``root``; answer every context's questions with
+    adapters 0..k, each question routed to one (:func:`evaluate_routed`); and measure the routed
+    model's drift from ``model`` on ``probe_texts``.
+
+    Args:
+        adapters: the earlier steps' adapter folders, in order (adapter j learned passage j).
+
+    Returns:
+        As :func:`run_step`; ``merge`` holds the adapter's folder and digest, ``routed`` the share
+        of questions routed to their own passage's adapter.
+    """
+    title, passage, _, _ = contexts[-1]
+    drawn = replay_sample(history, replay, replay_seed)
+    documents, own, plan = continual_documents(self_edit, title, passage, drawn, config)
+    folder = Path(root) / _folder_key(documents, lora, plan)
+    torch.manual_seed(plan.seed)  # A from the seed, B zero: as merge_self_edit
+    adapted = attach_lora(model, lora)
+    try:
+        train = train_adapter(adapted, tokenizer, documents, plan)
+        save_adapter(adapted, folder)
+    finally:
+        adapted.unload()
+    folders = [*map(Path, adapters), folder]
+    stack = AdapterStack.attach(model, lora, len(folders))
+    try:
+        stack.load(folders)
+        scores, choices = evaluate_routed(
+            stack, tokenizer, [c[2] for c in contexts], [c[3] for c in contexts], eval_config
+        )
+        kl = routed_probe_kl(stack, tokenizer, probe_texts)
+    finally:
+        stack.close()
+    own_adapter = [j for j, c in enumerate(contexts) for _ in c[2]]
+    routed = float(np.mean([c == j for c, j in zip(choices, own_adapter)])) if choices else 0.0
+    return StepResult(own, drawn, MergeResult(folder, resolve_model(str(folder)).digest, train), scores, kl, routed)
+
+
+@torch.no_grad()
+def route_by_likelihood(
+    stack: AdapterStack, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], batch_size: int = 32
+) -> list[int]:
+    """For each text, the adapter (of the stack's ``count``) under which its tokens have the
+    lowest mean negative log-likelihood; ties go to the earlier adapter.
+
+    The adapter that learned a passage finds its names and facts far less surprising than the
+    others do, so a question about it is routed to it without the passage being kept.
+    """
+    choices: list[int] = []
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "right"  # positions count from each text's first token
+    try:
+        for first in range(0, len(texts), batch_size):
+            chunk = list(texts[first : first + batch_size])
+            batch = tokenizer(chunk, return_tensors="pt", padding=True).to(stack.model.device)
+            targets, keep = batch.input_ids[:, 1:], batch.attention_mask[:, 1:].float()
+            nll = []
+            for adapter in range(stack.count):
+                stack.route(torch.full((len(chunk),), adapter, device=stack.model.device))
+                logits = stack.model(**batch).logits[:, :-1].float()
+                tokens = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+                nll.append((tokens * keep).sum(1) / keep.sum(1).clamp(min=1))
+            choices += torch.stack(nll, 1).argmin(1).tolist()
+    finally:
+        stack.route(None)
+        tokenizer.padding_side = padding_side
+    return choices
+
+
+def evaluate_routed(
+    stack: AdapterStack,
+    tokenizer: PreTrainedTokenizerBase,
+    questions: Sequence[Sequence[str]],
+    answers: Sequence[Sequence[Sequence[str]]],
+    config: EvalConfig,
+) -> tuple[list[EvalResult], list[int]]:
+    """Closed-book answers to every context's questions, each question by the adapter
+    :func:`route_by_likelihood` picks for it, in shared batches (:func:`evaluate_stacked`).
+
+    Returns:
+        One graded result per context, and the adapter each question went to (in order).
+    """
+    flat = [(j, i) for j, qs in enumerate(questions) for i in range(len(qs))]
+    choices = route_by_likelihood(stack, tokenizer, [questions[j][i] for j, i in flat], config.batch_size)
+    by_adapter = [[n for n, c in enumerate(choices) if c == a] for a in range(stack.count)]
+    results = evaluate_stacked(
+        stack,
+        tokenizer,
+        [[questions[flat[n][0]][flat[n][1]] for n in rows] for rows in by_adapter],
+        [[answers[flat[n][0]][flat[n][1]] for n in rows] for rows in by_adapter],
+        config,
+    )
+    graded: list[tuple[str, bool, float]] = [("", False, 0.0)] * len(flat)
+    for rows, result in zip(by_adapter, results, strict=True):
+        for n, prediction, correct, f1 in zip(rows, result.predictions, result.correct, result.f1, strict=True):
+            graded[n] = (prediction, correct, f1)
+    seconds = sum(r.seconds for r in results)
+    per_context, offset = [], 0
+    for qs in questions:
+        cells = graded[offset : offset + len(qs)]
+        offset += len(qs)
+        per_context.append(
+            EvalResult(
+                predictions=tuple(c[0] for c in cells),
+                correct=tuple(c[1] for c in cells),
+                f1=tuple(c[2] for c in cells),
+                seconds=seconds * len(qs) / len(flat) if flat else 0.0,
+            )
+        )
+    return per_context, choices
 
 
 @torch.no_grad()
@@ -247,12 +395,46 @@ def probe_kl(
     total, positions = 0.0, 0
     for text in texts:
         ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=max_length).input_ids
-        # (1, T, V) log-probabilities of each model, in float32 whatever the weights' dtype
-        ref = reference(input_ids=ids.to(reference.device)).logits.float().log_softmax(-1)
-        new = model(input_ids=ids.to(model.device)).logits.float().log_softmax(-1).to(ref.device)
-        total += float((ref.exp() * (ref - new)).sum(-1).sum())
+        ref = reference(input_ids=ids.to(reference.device)).logits
+        total += _kl_sum(ref, model(input_ids=ids.to(model.device)).logits)
         positions += ids.shape[1]
     return total / positions
+
+
+@torch.no_grad()
+def routed_probe_kl(
+    stack: AdapterStack, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int = 64
+) -> float:
+    """:func:`probe_kl` of routed adapters from the bare model under them: each text goes to
+    the adapter :func:`route_by_likelihood` picks for it, as a question would.
+
+    Raises:
+        ValueError: if ``texts`` is empty.
+    """
+    if not texts:
+        raise ValueError("routed_probe_kl needs at least one probe text, got none")
+    choices = route_by_likelihood(stack, tokenizer, texts)
+    total, positions = 0.0, 0
+    try:
+        for text, adapter in zip(texts, choices, strict=True):
+            ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=max_length).input_ids
+            ids = ids.to(stack.model.device)
+            stack.route(None)
+            ref = stack.model(input_ids=ids).logits
+            stack.route(torch.tensor([adapter], device=ids.device))
+            total += _kl_sum(ref, stack.model(input_ids=ids).logits)
+            positions += ids.shape[1]
+    finally:
+        stack.route(None)
+    return total / positions
+
+
+def _kl_sum(reference_logits: torch.Tensor, logits: torch.Tensor) -> float:
+    """Sum over positions of KL(reference || model) of (1, T, V) logits, in float32 whatever
+    the weights' dtype."""
+    ref = reference_logits.float().log_softmax(-1)
+    new = logits.float().log_softmax(-1).to(ref.device)
+    return float((ref.exp() * (ref - new)).sum(-1).sum())
 
 
 # --- the accuracy matrix ---

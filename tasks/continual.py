@@ -1,4 +1,5 @@
-"""The Prefect task of continual self-adaptation: one step of a sequence (``models.continual.run_step``).
+"""The Prefect task of continual self-adaptation: one step of a sequence (``models.continual.run_step``,
+or ``run_routed_step`` with routed adapters).
 
 Sampling the step's self-edit and scoring the unedited model reuse the knowledge tasks
 (``tasks/knowledge.py``); this one trains the LoRA, merges it, scores the merged model and
@@ -56,6 +57,7 @@ def continual_step(
     history: list[list[str]],
     replay: int,
     replay_seed: int,
+    routed: list[PolicyRef] | None,
     lora: LoraConfig,
     config: InnerLoopConfig,
     eval_config: EvalConfig,
@@ -67,11 +69,32 @@ def continual_step(
     steps' documents); save the merged model; answer the questions of every context; measure
     its drift from ``start`` on ``probe_prompts`` probe texts.
 
+    ``routed`` (``continual.adapters=routed``; None: merged): the earlier steps' adapters. The
+    LoRA is then trained on ``policy_ref`` (the starting model) and saved, not merged, and the
+    questions are answered by these adapters and the new one, routed question by question.
+
     Raises:
-        StaleArtifact: if ``policy_ref``'s checkpoint is gone or altered (the flow rebuilds it).
+        StaleArtifact: if ``policy_ref``'s checkpoint (or an adapter of ``routed``) is gone or
+            altered (the flow rebuilds it).
     """
     maybe_fail("continual_step", label)
     check_checkpoint(policy_ref)
+    if routed is not None:
+        return _routed_step(
+            policy_ref,
+            model,
+            contexts,
+            edit,
+            history,
+            replay,
+            replay_seed,
+            routed,
+            lora,
+            config,
+            eval_config,
+            probe_prompts,
+            label,
+        )
     # A private copy: the merge changes its weights. The cached models are freed first.
     clear_models()
     private = load_model(policy_ref.path, device=model.device, dtype=model.dtype)
@@ -94,15 +117,60 @@ def continual_step(
         )
     del private
     release_freed_memory()
+    return _record(result, label)
+
+
+def _routed_step(
+    policy_ref: PolicyRef,
+    model: ModelConfig,
+    contexts: list[Context],
+    edit: SelfEditRecord | None,
+    history: list[list[str]],
+    replay: int,
+    replay_seed: int,
+    routed: list[PolicyRef],
+    lora: LoraConfig,
+    config: InnerLoopConfig,
+    eval_config: EvalConfig,
+    probe_prompts: int,
+    label: str,
+) -> ContinualStepRecord:
+    for adapter in routed:
+        check_checkpoint(adapter)
+    # Adapters are attached to it and removed again: a private copy, the cached models freed first.
+    clear_models()
+    private = load_model(policy_ref.path, device=model.device, dtype=model.dtype)
+    result = continual.run_routed_step(
+        private.model,
+        private.tokenizer,
+        self_edit.SelfEdit(edit.text, tuple(edit.documents)) if edit else None,
+        [(c.title, c.context, c.questions, c.answers) for c in contexts],
+        history,
+        replay,
+        replay_seed,
+        [Path(a.path) for a in routed],
+        lora,
+        config,
+        eval_config,
+        continual.PROBE_TEXTS[:probe_prompts],
+        root=checkpoint_root() / policy_ref.digest / label,
+    )
+    del private
+    release_freed_memory()
+    return _record(result, label)
+
+
+def _record(result: continual.StepResult, label: str) -> ContinualStepRecord:
     merged = result.merge
     get_run_logger().info(
-        "%s: %d documents replayed, %d steps, loss %.3f, accuracy %s, KL %.4f",
+        "%s: %d documents replayed, %d steps, loss %.3f, accuracy %s, KL %.4f%s",
         label,
         len(result.replayed),
         merged.train.steps,
         merged.train.mean_loss,
         [round(s.accuracy, 2) for s in result.scores],
         result.kl,
+        "" if result.routed is None else f", {result.routed:.0%} of questions routed to their own adapter",
     )
     return ContinualStepRecord(
         checkpoint=PolicyRef(name=label, path=str(merged.path), digest=merged.digest),
@@ -110,6 +178,7 @@ def continual_step(
         replayed=len(result.replayed),
         scores=[EvalRecord.of(s) for s in result.scores],
         kl=result.kl,
+        routed=result.routed,
         steps=merged.train.steps,
         mean_loss=merged.train.mean_loss,
         seconds=merged.train.seconds,

@@ -151,6 +151,7 @@ class ContinualStepRecord(_Record):
     replayed: int  # documents replayed from earlier steps
     scores: list[EvalRecord]  # on passages 0..k, in order
     kl: float  # KL(step-0 model || merged model) on the probe texts, per token
+    routed: float | None = None  # continual.adapters=routed: share of questions sent to their own passage's adapter
     steps: int
     mean_loss: float
     seconds: float

@@ -1,5 +1,5 @@
 """The continual flow at tiny size: the matrix and what it logs, a cached rerun, the comparison
-row and replay (the SIGKILL at step 5: tests/integration/test_continual_resume.py)."""
+row and the mitigations (the SIGKILL at step 5: tests/integration/test_continual_resume.py)."""
 
 import os
 from pathlib import Path
@@ -95,7 +95,7 @@ def test_continual_flow_logs_the_matrix_and_reruns_from_cache(prefect_env, monke
     ]
 
 
-def test_passage_only_row_and_replay(prefect_env, monkeypatch):
+def test_passage_only_row_and_the_mitigations(prefect_env, monkeypatch):
     from flows.continual import seal_continual
     from models import self_edit
     from models.config import load_config
@@ -134,3 +134,38 @@ def test_passage_only_row_and_replay(prefect_env, monkeypatch):
     )
     steps = replay.sequences[0].steps
     assert [s.replayed for s in steps][0] == 0 and all(s.replayed == 2 for s in steps[1:])
+
+    # Routed adapters: nothing merged, every self-edit written by the starting model, each step
+    # scored through all adapters so far; the adapters go once the sequence is done.
+    from mlflow import MlflowClient
+
+    from models import continual
+    from tasks import knowledge
+
+    merges, loads = [], []
+    real_merge, real_use = continual.merge_self_edit, knowledge.use_model
+    monkeypatch.setattr(continual, "merge_self_edit", lambda *a, **k: merges.append(1) or real_merge(*a, **k))
+    monkeypatch.setattr(knowledge, "use_model", lambda ref, *a, **k: loads.append(ref.digest) or real_use(ref, *a, **k))
+    config = load_config(
+        TINY,
+        continual_overrides(
+            squad,
+            "continual.sequences=1",
+            "continual.passages=3",
+            "continual.adapters=routed",
+            "tracking.experiment=continual-variants",
+        ),
+    )
+    routed = seal_continual(config)
+    (sequence,) = routed.sequences
+    # Steps 1 and 2 sampled from the starting model (the unedited row and step 0's self-edit
+    # are the replay run's, cached); merged, they would have sampled from checkpoints.
+    assert merges == [] and loads == [routed.start.digest] * 2
+    assert [len(step.scores) for step in sequence.steps] == [1, 2, 3]
+    assert all(0 <= step.routed <= 1 for step in sequence.steps) and sequence.steps[0].routed == 1.0
+    assert len({step.checkpoint.digest for step in sequence.steps}) == 3
+    home = Path(os.environ["SEAL_HOME"]) / "continual"
+    assert not list(home.rglob("adapter_model.safetensors")) if home.exists() else True
+    run = MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_run(routed.run_id)
+    assert "continual/routed_to_own_adapter" in run.data.metrics
+    assert "sequence_0/routed_to_own_adapter" in run.data.metrics

@@ -222,3 +222,86 @@ def test_run_step_merges_scores_every_passage_and_names_the_checkpoint_by_conten
         other.model, other.tokenizer, reference.model, None, contexts, root=tmp_path / "a", **step
     )
     assert alone.merge.path.name != result.merge.path.name and alone.own_documents == ["B\nzq zq"]
+
+
+ROUTED_CONTEXTS = [
+    ("A", "zq zq zq zq zq zq", ["zq zq zq?"], [["zq"]]),
+    ("B", "wv wv wv wv wv wv", ["wv wv wv?", "wv wv?"], [["wv"], ["wv"]]),
+]
+
+
+def _routed_steps(model, tokenizer, root):
+    """Two routed steps on ``model``: adapter 0 learns passage A, adapter 1 passage B."""
+    from models.config import EvalConfig
+
+    step = dict(
+        history=[],
+        replay=0,
+        replay_seed=0,
+        lora=LoraConfig(rank=4, alpha=8, target_modules=["q_proj", "v_proj"]),
+        config=InnerLoopConfig(epochs=6, learning_rate=2e-2, max_grad_norm=None, max_length=64),
+        eval_config=EvalConfig(max_new_tokens=4),
+        probe_texts=continual.PROBE_TEXTS[:2],
+        root=root,
+    )
+    first = continual.run_routed_step(model, tokenizer, None, ROUTED_CONTEXTS[:1], adapters=[], **step)
+    second = continual.run_routed_step(model, tokenizer, None, ROUTED_CONTEXTS, adapters=[first.merge.path], **step)
+    return first, second, step
+
+
+def test_routed_steps_keep_the_model_and_route_each_question_to_its_passages_adapter(private_tiny, tmp_path):
+    from models.base_model import weights_digest
+
+    model, tokenizer = private_tiny.model, private_tiny.tokenizer
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    first, second, _ = _routed_steps(model, tokenizer, tmp_path / "adapters")
+    # Nothing merged, nothing left attached: every step trains on the starting model.
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert set(dict(model.named_modules())) == set(dict(private_tiny.model.named_modules()))
+    assert not any("lora" in n for n, _ in model.named_parameters())
+    for result in (first, second):
+        assert (result.merge.path / "adapter_model.safetensors").is_file()
+        assert result.merge.digest == weights_digest(result.merge.path)
+    assert [s.total for s in second.scores] == [1, 2] and first.routed == 1.0
+    # Each adapter explains its own passage's words best: A's question to adapter 0, B's to 1.
+    assert second.routed == 1.0 and second.kl > 0
+
+
+def test_routed_answers_and_drift_are_those_of_the_chosen_adapter_alone(private_tiny, tmp_path):
+    from models.config import EvalConfig
+    from models.inner_loop import evaluate_adapter, loaded_adapter
+    from models.stacked_lora import AdapterStack
+
+    model, tokenizer = private_tiny.model, private_tiny.tokenizer
+    first, second, step = _routed_steps(model, tokenizer, tmp_path / "adapters")
+    folders = [first.merge.path, second.merge.path]
+    questions = [c[2] for c in ROUTED_CONTEXTS] + [["zq wv?", "something else entirely"]]
+    answers = [c[3] for c in ROUTED_CONTEXTS] + [[["zq"], ["wv"]]]
+    config = EvalConfig(max_new_tokens=4)
+    stack = AdapterStack.attach(model, step["lora"], 2)
+    try:
+        stack.load(folders)
+        routed, choices = continual.evaluate_routed(stack, tokenizer, questions, answers, config)
+        texts = list(continual.PROBE_TEXTS[:3])
+        probe_choices = continual.route_by_likelihood(stack, tokenizer, texts)
+        kl = continual.routed_probe_kl(stack, tokenizer, texts)
+    finally:
+        stack.close()
+    flat = [(q, a) for qs, golds in zip(questions, answers) for q, a in zip(qs, golds)]
+    for (question, gold), adapter, prediction in zip(
+        flat, choices, [p for r in routed for p in r.predictions], strict=True
+    ):
+        with loaded_adapter(model, folders[adapter]) as alone:
+            assert evaluate_adapter(alone, tokenizer, [question], [gold], config).predictions == (prediction,)
+    # The drift is probe_kl of each probe's adapter from the bare model.
+    total, tokens = 0.0, 0
+    for text, adapter in zip(texts, probe_choices):
+        ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=64).input_ids
+        with torch.no_grad():
+            bare = model(input_ids=ids).logits
+            with loaded_adapter(model, folders[adapter]) as alone:
+                total += continual._kl_sum(bare, alone(input_ids=ids).logits)
+        tokens += ids.shape[1]
+    assert kl == pytest.approx(total / tokens, rel=1e-4) and kl > 0
+    with pytest.raises(ValueError, match="at least one probe text"):
+        continual.routed_probe_kl(stack, tokenizer, [])
