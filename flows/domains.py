@@ -47,6 +47,11 @@ class Domain(Protocol):
     def fetch_contexts(self, config: SealConfig, split: str, count: int, seed: int) -> list:
         """``count`` contexts of ``split`` ("train" or "validation"), chosen by ``seed``."""
 
+    def write_questions(self, writer: PolicyRef, config: SealConfig, contexts: list, label: str) -> list:
+        """With ``reward.source: generated``: each training context as a ``GeneratedQuestionsRecord``
+        whose context's targets ``writer`` wrote from it (the config allows it only where a domain's
+        targets can be written: the knowledge domain)."""
+
     def sample_self_edits(
         self, policy: PolicyRef, config: SealConfig, contexts: list, seeds: list[int], num_samples: int, label: str
     ) -> list:

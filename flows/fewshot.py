@@ -47,6 +47,11 @@ class FewshotDomain:
     def fetch_contexts(self, config, split, count, seed):
         return fewshot.fetch_arc_tasks(config.fewshot, split, count, seed=seed)
 
+    def write_questions(self, writer, config, contexts, label):
+        """Never called: an ARC task's targets are its test pairs (the config refuses
+        ``reward.source: generated`` in this domain)."""
+        raise NotImplementedError("the few-shot domain rewards solved ARC test pairs; use reward.source=questions")
+
     def sample_self_edits(self, policy, config, contexts, seeds, num_samples, label):
         """A task per ARC task: each redraws its own invalid configs."""
         return [

@@ -37,6 +37,13 @@ class KnowledgeDomain:
     def fetch_contexts(self, config, split, count, seed):
         return knowledge.fetch_contexts(config.data, split, count, seed=seed)
 
+    def write_questions(self, writer, config, contexts, label):
+        """All passages' question-answer pairs in one batched task (``reward.source: generated``)."""
+        reward = config.reward
+        return knowledge.write_questions.submit(
+            writer, config.model, contexts, reward.num_questions, reward.question_tokens, label
+        ).result()
+
     def sample_self_edits(self, policy, config, contexts, seeds, num_samples, label):
         """All contexts in one batched sampling task."""
         future = knowledge.sample_self_edits.submit(

@@ -30,7 +30,7 @@ from flows.evaluation import resolve_policy
 from flows.held_out import HeldOutResult, held_out_metrics
 from flows.runner import on_runner, ray_cluster, with_storage
 from flows.tracking import Tracker, default_tracking_uri, flow_run_tracker
-from flows.training import IterationResult, run_iteration, verified_policy
+from flows.training import IterationResult, log_iteration_tables, run_iteration, verified_policy
 
 from models.config import SealConfig
 from models.errors import ModelNotFoundError
@@ -114,7 +114,7 @@ def _night(config: SealConfig, policy_uri: str, tracker: Tracker) -> NightlyResu
         iterations.append(result)
         tonight += [c for c in dict.fromkeys(row["context_id"] for row in result.rows) if c not in tonight]
         tracker.log_metrics(result.metrics, step=t)
-        tracker.log_table(result.rows, f"self_edits/iteration-{t}.json")
+        log_iteration_tables(tracker, result)
         policy = result.policy
     after = before if policy.digest == start.digest else domain.evaluate_policy(config, policy, base)
     tracker.log_metrics(held_out_metrics(after), step=config.rl.iterations)

@@ -23,6 +23,11 @@ Departures from the paper, on purpose:
 - An empty self-edit trains on the passage alone (the paper's documents then) but is never kept.
 - Ties between self-edits are broken by token F1, then sample index, and recorded.
 - If no self-edit of an iteration beat its baseline, the policy is carried over unchanged.
+- ``reward.source: generated`` (beyond the paper, which needs labelled questions: §5): before the
+  E-step, the policy (or the frozen base) writes question-answer pairs from each training
+  passage, the checkable ones replace its questions, and the rewards ask them as they ask real
+  ones; a context left with none earns 0 and trains no adapter. With ``data.source: text`` the
+  training passages carry no questions at all. Held-out evaluation always asks real questions.
 - The M-step merges a LoRA (r=64, alpha=128 as in the paper) into a full checkpoint.
 - Held-out evaluation samples ``eval.num_self_edits`` self-edits per context (averaged); the
   baseline columns are the base model's (as in the paper's Table 2), so they are computed once
@@ -44,7 +49,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pathlib import Path
 
@@ -62,7 +67,7 @@ from models.base_model import weights_digest
 from models.config import SealConfig
 from models.paths import seal_home
 from tasks.policy import resolve_base_policy, update_policy
-from tasks.records import PolicyRef, SelectionRecord, stable_seed
+from tasks.records import GeneratedQuestionsRecord, PolicyRef, SelectionRecord, stable_seed
 
 
 @dataclass
@@ -72,6 +77,7 @@ class IterationResult:
     selections: list[SelectionRecord]
     rows: list[dict]  # one per self-edit, for the tables
     metrics: dict[str, float]
+    questions: list[dict] = field(default_factory=list)  # reward.source=generated: one per context
 
 
 class IterationFailed(RuntimeError):
@@ -141,6 +147,68 @@ def _run_iteration(config: SealConfig, policy: PolicyRef, iteration: int, exclud
     domain = domain_for(config)
     contexts = train_contexts(config, iteration, exclude)
     label = f"iteration-{iteration}"
+    questions: list[dict] = []
+    if config.reward.source == "generated":
+        # Each context's questions become pairs written from its passage; one with none has
+        # nothing to reward against: reward 0 (in the questions table), no inner loop.
+        writer = policy
+        if config.reward.question_writer == "base":
+            writer = verified_policy(with_storage(resolve_base_policy, config.runner), config.model)
+        written = domain.write_questions(writer, config, contexts, label)
+        contexts = [w.context for w in written if w.kept]
+    selections, rows, pairs, no_adaptation = (
+        _e_step(config, policy, contexts, iteration, label) if contexts else ({}, [], [], [])
+    )
+    if config.reward.source == "generated":
+        questions = generated_question_rows(written, selections, iteration)
+    if rows:
+        check_success_fraction(rows, config.inner_loop.min_success_fraction, iteration)
+    e_step_seconds = time.perf_counter() - start
+    new_policy = policy
+    if pairs:
+        new_policy = verified_policy(
+            update_policy,
+            policy,
+            config.model,
+            pairs,
+            f"iteration-{iteration}",
+            config.policy_update,
+            config.lora.target_modules,
+        )
+    metrics = {
+        "reward_mean": _mean([r["reward"] for r in rows]),
+        "positive_fraction": _mean([float(r["reward"] > 0) for r in rows]),
+        "kept_count": float(len(pairs)),
+        "baseline_accuracy": _mean([s.baseline_accuracy for s in selections.values()]),
+        "no_adaptation_accuracy": _mean(no_adaptation),
+        "adapted_accuracy": _mean([r["accuracy"] for r in rows]),
+        "failed_self_edits": float(sum(1 for r in rows if r["failure"])),
+        "train_seconds": sum(r["train_seconds"] for r in rows),
+        "eval_seconds": sum(r["eval_seconds"] for r in rows),
+        "ties": float(sum(1 for s in selections.values() if s.tie)),
+        "e_step_seconds": e_step_seconds,
+        "m_step_seconds": time.perf_counter() - start - e_step_seconds,
+        **edit_measures(rows, domain.edit_measures),
+        **generated_question_metrics(questions),
+    }
+    return IterationResult(iteration, new_policy, list(selections.values()), rows, metrics, questions)
+
+
+def _mean(values: list[float]) -> float:
+    """The mean, 0 for none (an iteration whose every context lacked generated questions)."""
+    return sum(values) / len(values) if values else 0.0
+
+
+def _e_step(
+    config: SealConfig, policy: PolicyRef, contexts: list, iteration: int, label: str
+) -> tuple[dict[str, SelectionRecord], list[dict], list[tuple[str, str]], list[float]]:
+    """K self-edits per context, an inner loop each, rewards and the kept self-edits.
+
+    Returns:
+        The selections by context id, a row per self-edit, the kept (prompt, self-edit) pairs and
+        each context's no-adaptation accuracy.
+    """
+    domain = domain_for(config)
     samples = dict(
         zip(
             [c.id for c in contexts],
@@ -183,14 +251,15 @@ def _run_iteration(config: SealConfig, policy: PolicyRef, iteration: int, exclud
     reward_baselines = {
         c.id: passage_loops[c.id].result()[1] if passage_baseline else baselines[c.id].result() for c in contexts
     }
-    selections = [
-        domain.select_self_edits(
+    selections = {
+        c.id: domain.select_self_edits(
             config, c.id, reward_baselines[c.id], [loop.result()[1] for loop in scores[c.id]], samples[c.id].result()
         )
         for c in contexts
-    ]
+    }
     rows, pairs = [], []
-    for c, selection in zip(contexts, selections):
+    for c in contexts:
+        selection = selections[c.id]
         for edit, loop, reward, failure in zip(
             samples[c.id].result(), scores[c.id], selection.rewards, selection.failures
         ):
@@ -216,36 +285,50 @@ def _run_iteration(config: SealConfig, policy: PolicyRef, iteration: int, exclud
             )
             if kept:
                 pairs.append((edit.prompt, edit.text))
-    check_success_fraction(rows, config.inner_loop.min_success_fraction, iteration)
-    e_step_seconds = time.perf_counter() - start
-    new_policy = policy
-    if pairs:
-        new_policy = verified_policy(
-            update_policy,
-            policy,
-            config.model,
-            pairs,
-            f"iteration-{iteration}",
-            config.policy_update,
-            config.lora.target_modules,
+    no_adaptation = [baselines[c.id].result().accuracy for c in contexts]
+    return selections, rows, pairs, no_adaptation
+
+
+NO_GENERATED_QUESTIONS = "no checkable question-answer pairs: nothing to reward against"
+
+
+def generated_question_rows(
+    written: list[GeneratedQuestionsRecord], selections: dict[str, SelectionRecord], iteration: int
+) -> list[dict]:
+    """A row per training context (``reward.source: generated``): the pairs written from its
+    passage, what each filter dropped, and its self-edits' rewards (0 when it had no pair)."""
+    rows = []
+    for w in written:
+        selection = selections.get(w.context.id)
+        rows.append(
+            {
+                "iteration": iteration,
+                "context_id": w.context.id,
+                "title": w.context.title,
+                "writer": w.writer,
+                "parsed": w.parsed,
+                "kept": w.kept,
+                **{f"dropped_{name}": count for name, count in w.dropped.items()},
+                "rewards": list(selection.rewards) if selection else [0.0],
+                "skipped": None if selection else NO_GENERATED_QUESTIONS,
+                "pairs": [{"question": q, "answer": a[0]} for q, a in zip(w.context.questions, w.context.answers)],
+                "text": w.text,
+            }
         )
-    rewards = [r["reward"] for r in rows]
-    metrics = {
-        "reward_mean": sum(rewards) / len(rewards),
-        "positive_fraction": sum(1 for r in rewards if r > 0) / len(rewards),
-        "kept_count": float(len(pairs)),
-        "baseline_accuracy": sum(s.baseline_accuracy for s in selections) / len(selections),
-        "no_adaptation_accuracy": sum(baselines[c.id].result().accuracy for c in contexts) / len(contexts),
-        "adapted_accuracy": sum(r["accuracy"] for r in rows) / len(rows),
-        "failed_self_edits": float(sum(1 for r in rows if r["failure"])),
-        "train_seconds": sum(r["train_seconds"] for r in rows),
-        "eval_seconds": sum(r["eval_seconds"] for r in rows),
-        "ties": float(sum(1 for s in selections if s.tie)),
-        "e_step_seconds": e_step_seconds,
-        "m_step_seconds": time.perf_counter() - start - e_step_seconds,
-        **edit_measures(rows, domain.edit_measures),
+    return rows
+
+
+def generated_question_metrics(rows: list[dict]) -> dict[str, float]:
+    """Per-iteration summary of the generated questions: the share of parsed pairs kept, pairs
+    per context, and contexts left with none (``generated_questions/...``)."""
+    if not rows:
+        return {}
+    parsed, kept = sum(r["parsed"] for r in rows), sum(r["kept"] for r in rows)
+    return {
+        "generated_questions/kept_fraction": kept / parsed if parsed else 0.0,
+        "generated_questions/mean_pairs": kept / len(rows),
+        "generated_questions/contexts_without_pairs": float(sum(1 for r in rows if not r["kept"])),
     }
-    return IterationResult(iteration, new_policy, selections, rows, metrics)
 
 
 def edit_measures(rows: list[dict], measures: tuple[str, ...]) -> dict[str, float]:
@@ -257,6 +340,14 @@ def edit_measures(rows: list[dict], measures: tuple[str, ...]) -> dict[str, floa
             if chosen:
                 metrics[f"self_edit/{prefix}{measure}"] = sum(float(r[measure]) for r in chosen) / len(chosen)
     return metrics
+
+
+def log_iteration_tables(tracker: Tracker, result: IterationResult) -> None:
+    """The iteration's self-edits and, with generated rewards, the pairs written per context."""
+    t = result.iteration
+    tracker.log_table(result.rows, f"self_edits/iteration-{t}.json")
+    if result.questions:
+        tracker.log_table(result.questions, f"generated_questions/iteration-{t}.json")
 
 
 def _log_held_out(tracker: Tracker, result: HeldOutResult, step: int) -> None:
@@ -322,7 +413,7 @@ def _train(config: SealConfig, tracker: Tracker) -> TrainingResult:
         result = on_runner(run_iteration, config.runner)(config, policy, t)
         iterations.append(result)
         tracker.log_metrics(result.metrics, step=t)
-        tracker.log_table(result.rows, f"self_edits/iteration-{t}.json")
+        log_iteration_tables(tracker, result)
         if config.tracking.log_adapters:
             for row in result.rows:
                 if row["adapter"]:

@@ -47,14 +47,29 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    source: Literal["synthetic", "squad"] = Field(
+    source: Literal["synthetic", "squad", "text"] = Field(
         "synthetic",
         description="'synthetic': invented passages no model can know (offline). "
-        "'squad': SQuAD v1.1 JSON at data.path, or the hub dataset data.hub_name.",
+        "'squad': SQuAD v1.1 JSON at data.path, or the hub dataset data.hub_name. "
+        "'text': unlabelled plain-text passages at data.path, training contexts only "
+        "(needs reward.source=generated; held-out contexts come from data.eval_source).",
     )
-    path: str | None = Field(None, description="Local SQuAD v1.1-format JSON file.")
+    path: str | None = Field(
+        None,
+        description="Local SQuAD v1.1-format JSON file; with data.source=text a .txt file or a folder "
+        "of them, each blank-line-separated block one passage titled by its file's name.",
+    )
     hub_name: str | None = Field(
-        None, description="Hugging Face dataset name (needs network), used when path is unset."
+        None, description="Hugging Face dataset name (needs network), used when the SQuAD path is unset."
+    )
+    eval_source: Literal["synthetic", "squad"] | None = Field(
+        None,
+        description="With data.source=text only: the labelled source of the held-out contexts (its "
+        "validation split, what a run on it alone holds out), since held-out evaluation always asks "
+        "real questions.",
+    )
+    eval_path: str | None = Field(
+        None, description="With data.eval_source=squad: its SQuAD v1.1 JSON file (else data.hub_name)."
     )
     num_passages: int = Field(320, ge=8, description="Synthetic passages to generate.")
     validation_fraction: float = Field(
@@ -63,6 +78,41 @@ class DataConfig(_Section):
     num_train_contexts: int = Field(8, ge=1, description="Training contexts per outer iteration (paper: 50).")
     num_eval_contexts: int = Field(20, ge=1, description="Held-out contexts for evaluation (paper: 200).")
     seed: int = Field(0, description="Seed of the generator and of context selection.")
+
+    def held_out(self) -> DataConfig:
+        """The section that supplies held-out contexts: this one, or with ``source: text`` its
+        labelled ``eval_source`` (unlabelled passages have no questions to evaluate on)."""
+        if self.source != "text":
+            return self
+        return self.model_copy(
+            update={"source": self.eval_source, "path": self.eval_path, "eval_source": None, "eval_path": None}
+        )
+
+    def problems(self) -> list[str]:
+        """What is inconsistent in this section."""
+        problems = []
+        if self.source == "squad" and not (self.path or self.hub_name):
+            problems.append("data.source is 'squad' but neither data.path nor data.hub_name is set")
+        if self.source == "synthetic" and self.path:
+            problems.append("data.path is set but data.source is 'synthetic'; set data.source=squad or text")
+        if self.source == "text":
+            if not self.path:
+                problems.append("data.source is 'text' but data.path is unset: pass a .txt file or a folder of them")
+            if self.eval_source is None:
+                problems.append(
+                    "data.source is 'text' but data.eval_source is unset: held-out evaluation needs "
+                    "labelled contexts, set data.eval_source=synthetic or squad (with data.eval_path)"
+                )
+            elif self.eval_source == "squad" and not (self.eval_path or self.hub_name):
+                problems.append("data.eval_source is 'squad' but neither data.eval_path nor data.hub_name is set")
+            elif self.eval_source == "synthetic" and self.eval_path:
+                problems.append("data.eval_path is set but data.eval_source is 'synthetic'; set data.eval_source=squad")
+        elif self.eval_source is not None or self.eval_path is not None:
+            problems.append(
+                f"data.eval_source/data.eval_path are set but data.source is {self.source!r}: they only "
+                "apply to data.source=text (a labelled source holds out its own contexts)"
+            )
+        return problems
 
 
 class SelfEditConfig(_Section):
@@ -189,6 +239,28 @@ class RewardConfig(_Section):
         description="'binary' (the paper's): 1 when the adapted model beats the baseline. 'graded': the "
         "accuracy gain over the baseline (negative when below). Either way a context keeps its best "
         "self-edit only if it beats the baseline.",
+    )
+    source: Literal["questions", "generated"] = Field(
+        "questions",
+        description="What a training context's reward asks: 'questions' (the paper's: its own labelled "
+        "questions) or 'generated' (question-answer pairs a model writes from the passage, kept only if "
+        "checkable against it: SEAL on unlabelled text). Held-out evaluation always asks real questions.",
+    )
+    question_writer: Literal["policy", "base"] = Field(
+        "policy",
+        description="With reward.source=generated, who writes the pairs: the current policy (it sees "
+        "the passage, so it can ask what it knows the passage says) or the frozen base model (the "
+        "targets do not move as the policy trains).",
+    )
+    num_questions: int = Field(
+        8,
+        ge=1,
+        le=64,
+        description="With reward.source=generated: pairs asked for per passage; at most this many checkable "
+        "ones are kept.",
+    )
+    question_tokens: int = Field(
+        256, ge=16, description="With reward.source=generated: the question writer's generation budget per passage."
     )
 
 
@@ -461,11 +533,18 @@ class SealConfig(_Section):
 
     @model_validator(mode="after")
     def _check_consistency(self) -> SealConfig:
-        problems = []
-        if self.data.source == "squad" and not (self.data.path or self.data.hub_name):
-            problems.append("data.source is 'squad' but neither data.path nor data.hub_name is set")
-        if self.data.source == "synthetic" and self.data.path:
-            problems.append("data.path is set but data.source is 'synthetic'; set data.source=squad")
+        problems = self.data.problems()
+        if self.data.source == "text" and self.reward.source != "generated":
+            problems.append(
+                "data.source is 'text' (passages without questions) but reward.source is "
+                f"{self.reward.source!r}: set reward.source=generated so the rewards ask questions written "
+                "from each passage"
+            )
+        if self.domain == "fewshot" and self.reward.source != "questions":
+            problems.append(
+                "reward.source is 'generated' but the few-shot domain rewards a solved ARC test pair: "
+                "use reward.source=questions"
+            )
         fewshot = self.fewshot
         if fewshot.min_learning_rate > fewshot.max_learning_rate:
             problems.append(

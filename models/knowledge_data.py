@@ -1,11 +1,14 @@
 """Contexts for knowledge incorporation: passages with closed-book questions (SEAL §4.2).
 
-Two sources give the same rows (:data:`COLUMNS`):
+Three sources give the same rows (:data:`COLUMNS`):
 
 - synthetic passages about invented people, places, objects and organisations
   (``models/synthetic_passages.py``), so that no pretrained model can answer the questions
   before it is adapted (offline, seeded, train and validation share no invented name);
-- SQuAD v1.1, the paper's data, from a local JSON file or the Hugging Face Hub.
+- SQuAD v1.1, the paper's data, from a local JSON file or the Hugging Face Hub;
+- plain-text passages with no questions (:func:`load_text_passages`), training contexts only:
+  their rewards ask question-answer pairs a model writes (``models/generated_questions.py``),
+  and their held-out contexts come from a labelled source (``DataConfig.held_out``).
 
 A row is one context: ``id``, ``title``, ``context`` (the passage), ``questions`` and, for
 each question, ``answers`` (the acceptable gold answers, each stated verbatim in the passage).
@@ -17,6 +20,7 @@ import hashlib
 import json
 import os
 import random
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -278,6 +282,59 @@ def _squad_id(title: str, context: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# Plain-text passages (unlabelled)
+# ---------------------------------------------------------------------------------------------
+
+_BLANK_LINES = re.compile(r"\n\s*\n")
+
+
+def load_text_passages(path: str | os.PathLike) -> datasets.Dataset:
+    """Unlabelled passages from a ``.txt`` file or a folder of them: one row per blank-line-separated
+    block (a file with none is one passage), titled by its file's name, with no questions.
+
+    A block's lines are joined with single spaces, so re-wrapping a file keeps its ids; blocks
+    that repeat an earlier one (same title and text) are dropped. A folder's ``.txt`` files are
+    read in name order, subfolders included.
+
+    Args:
+        path: a UTF-8 text file, or a folder holding ``.txt`` files.
+
+    Returns:
+        A ``Dataset`` with :data:`COLUMNS`; ``questions`` and ``answers`` are empty.
+
+    Raises:
+        DatasetError: if the path does not exist, a folder holds no ``.txt`` file, or a file is
+            unreadable, not UTF-8 or holds no passage; the message names the file.
+    """
+    source = Path(path)
+    if source.is_dir():
+        files = sorted(f for f in source.rglob("*.txt") if f.is_file())
+        if not files:
+            raise DatasetError(f"text folder {source} holds no .txt file; put one passage per file or blank-line block")
+    elif source.is_file():
+        files = [source]
+    else:
+        raise DatasetError(f"text passages {source} do not exist; pass a .txt file or a folder of .txt files")
+    rows: dict[str, dict[str, Any]] = {}
+    for file in files:
+        try:
+            text = file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise DatasetError(f"text file {file} is not UTF-8 ({error.reason} at byte {error.start})") from error
+        except OSError as error:
+            raise DatasetError(f"cannot read text file {file}: {error}") from error
+        blocks = [" ".join(block.split()) for block in _BLANK_LINES.split(text)]
+        blocks = [block for block in blocks if block]
+        if not blocks:
+            raise DatasetError(f"text file {file} holds no passage (it is empty or whitespace only); remove it")
+        title = file.stem
+        for block in blocks:
+            row_id = "text-" + hashlib.sha256(f"{title}\n{block}".encode()).hexdigest()[:12]
+            rows.setdefault(row_id, {"id": row_id, "title": title, "context": block, "questions": [], "answers": []})
+    return _to_dataset(list(rows.values()))
+
+
+# ---------------------------------------------------------------------------------------------
 # Choosing contexts
 # ---------------------------------------------------------------------------------------------
 
@@ -308,6 +365,8 @@ def load_contexts(data: DataConfig, split: Literal["train", "validation"]) -> da
     A local SQuAD file is split by article: an article goes to validation when the hash of its
     title falls in the first ``data.validation_fraction`` of the range, so no passage of a
     held-out article is ever trained on, and the split does not move when rows are added.
+    Plain-text passages (``source: text``) are all training contexts; the held-out ones are
+    ``data.eval_source``'s validation split (:meth:`DataConfig.held_out`).
 
     Args:
         data: the ``data`` section of the config.
@@ -322,6 +381,8 @@ def load_contexts(data: DataConfig, split: Literal["train", "validation"]) -> da
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
+    if data.source == "text":
+        return load_text_passages(data.path) if split == "train" else load_contexts(data.held_out(), split)
     if data.source == "synthetic":
         return make_synthetic_dataset(data.num_passages, data.seed, data.validation_fraction)[split]
     if data.path is not None:

@@ -14,7 +14,7 @@ import torch
 
 from prefect import task
 
-from models import inner_loop, rest_em, self_edit
+from models import generated_questions, inner_loop, rest_em, self_edit
 from models.base_model import weights_digest
 from models.config import DataConfig, EvalConfig, InnerLoopConfig, LoraConfig, ModelConfig, RewardConfig, SelfEditConfig
 from models.knowledge_data import load_contexts, select_contexts
@@ -23,6 +23,7 @@ from tasks.records import (
     AdapterRecord,
     Context,
     EvalRecord,
+    GeneratedQuestionsRecord,
     InnerLoopOutOfMemory,
     PolicyRef,
     SelectionRecord,
@@ -47,6 +48,35 @@ def fetch_contexts(data: DataConfig, split: str, count: int, seed: int) -> list[
     """``count`` contexts of ``split``, chosen by ``seed``."""
     rows = select_contexts(load_contexts(data, split), count, seed)
     return [Context(**row) for row in rows]
+
+
+@task(cache_policy=CACHED, persist_result=True, task_run_name="write-questions-{label}")
+def write_questions(
+    writer: PolicyRef, model: ModelConfig, contexts: list[Context], num_questions: int, max_new_tokens: int, label: str
+) -> list[GeneratedQuestionsRecord]:
+    """Each context with question-answer pairs ``writer`` wrote from its passage as its questions
+    (its own questions, if any, replaced), all passages in one greedy batched call; only the
+    checkable pairs are kept. Its id stays: an adapter does not depend on the questions."""
+    with use_model(writer, model) as loaded:
+        written = generated_questions.write_questions_batch(
+            loaded.model,
+            loaded.tokenizer,
+            [(c.title, c.context) for c in contexts],
+            num_questions=num_questions,
+            max_new_tokens=max_new_tokens,
+        )
+    return [
+        GeneratedQuestionsRecord(
+            context=context.model_copy(
+                update={"questions": [p.question for p in w.pairs], "answers": [[p.answer] for p in w.pairs]}
+            ),
+            writer=writer.name,
+            text=w.text,
+            parsed=w.parsed,
+            dropped=w.dropped,
+        )
+        for context, w in zip(contexts, written)
+    ]
 
 
 @task(cache_policy=CACHED, persist_result=True, task_run_name="sample-self-edits-{label}")

@@ -39,6 +39,21 @@ class Context(_Record):
         return len(self.questions)
 
 
+class GeneratedQuestionsRecord(_Record):
+    """A training context whose questions a model wrote from its passage (reward.source=generated),
+    with what it wrote and what the filters dropped (``models/generated_questions.py``)."""
+
+    context: Context  # its questions and answers are the kept pairs (one gold answer each)
+    writer: str  # the name of the policy that wrote them ("base", "iteration-N")
+    text: str  # the raw generation
+    parsed: int  # pairs parsed from it, before filtering
+    dropped: dict[str, int]  # per filter
+
+    @property
+    def kept(self) -> int:
+        return len(self.context.questions)
+
+
 class SelfEditRecord(_Record):
     index: int
     text: str

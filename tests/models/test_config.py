@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from models.config import SealConfig, load_config, parse_overrides
+from models.config import DataConfig, SealConfig, load_config, parse_overrides
 from models.errors import ConfigError
 
 CONFIGS = sorted((Path(__file__).parents[2] / "deployments" / "configs").glob("*.yaml"))
@@ -111,3 +111,48 @@ def test_few_shot_refuses_what_only_the_knowledge_domain_does():
     message = str(raised.value)
     assert "reward.baseline" in message and "inner_loop.seeds" in message
     assert load_config(None, ["reward.baseline=passage_only", "inner_loop.seeds=3"]).inner_loop.seeds == 3
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["data.source=text"], ["data.path is unset", "data.eval_source is unset", "set reward.source=generated"]),
+        (["data.source=text", "data.path=t", "data.eval_source=synthetic"], ["set reward.source=generated"]),
+        (
+            ["data.source=text", "data.path=t", "data.eval_source=squad", "reward.source=generated"],
+            ["neither data.eval_path nor data.hub_name"],
+        ),
+        (
+            ["data.source=text", "data.path=t", "data.eval_source=synthetic", "data.eval_path=x.json"],
+            ["data.eval_path is set but data.eval_source is 'synthetic'"],
+        ),
+        (["data.eval_source=synthetic"], ["only apply to data.source=text"]),
+        (["domain=fewshot", "reward.source=generated", "fewshot.eval_task_ids=[]"], ["few-shot domain"]),
+        (["reward.question_writer=teacher"], ["reward.question_writer", "'teacher'"]),
+        (["reward.num_questions=0"], ["reward.num_questions"]),
+    ],
+)
+def test_unlabelled_text_needs_generated_rewards_and_a_labelled_held_out_source(overrides, expected):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    for fragment in expected:
+        assert fragment in str(info.value)
+
+
+def test_generated_rewards_on_text_or_labelled_contexts_load():
+    config = load_config(
+        None,
+        [
+            "data.source=text",
+            "data.path=passages/",
+            "data.eval_source=squad",
+            "data.eval_path=dev-v1.1.json",
+            "reward.source=generated",
+            "reward.question_writer=base",
+        ],
+    )
+    held_out = config.data.held_out()
+    assert held_out == DataConfig(source="squad", path="dev-v1.1.json")
+    assert held_out.problems() == []
+    # A labelled source holds out its own contexts.
+    assert load_config(None, ["reward.source=generated"]).data.held_out() == DataConfig()

@@ -19,6 +19,7 @@ from models.knowledge_data import (
     load_contexts,
     load_squad,
     load_squad_hub,
+    load_text_passages,
     make_synthetic_dataset,
     select_contexts,
 )
@@ -358,3 +359,58 @@ def test_one_squad_file_splits_by_article_without_overlap(tmp_path):
     assert not set(train["title"]) & set(validation["title"])
     assert 15 <= len(validation) <= 45  # about a quarter of the articles, three passages each
     assert load_contexts(data, "validation")["id"] == validation["id"]
+
+
+# --- unlabelled plain-text passages --------------------------------------------------------------
+
+
+def test_a_text_file_gives_a_passage_per_blank_line_block(tmp_path):
+    path = tmp_path / "harbour_notes.txt"
+    path.write_text(
+        "The harbour of Vaskmere\nopened in 1902.\n\n  \n\nIts lighthouse is red.\n\nIts lighthouse is red.\n"
+    )
+    rows = load_text_passages(path)
+    assert rows["context"] == ["The harbour of Vaskmere opened in 1902.", "Its lighthouse is red."]  # repeat dropped
+    assert rows["title"] == ["harbour_notes"] * 2
+    assert rows["questions"] == [[], []] and rows["answers"] == [[], []]
+    assert len(set(rows["id"])) == 2 and all(i.startswith("text-") for i in rows["id"])
+    path.write_text("The harbour of Vaskmere opened\nin 1902.\n\nIts lighthouse is red.")  # re-wrapped
+    assert load_text_passages(path)["id"] == rows["id"]
+
+
+def test_a_text_folder_gives_a_passage_per_file_in_name_order(tmp_path):
+    (tmp_path / "b.txt").write_text("Second file's passage.")
+    (tmp_path / "a.txt").write_text("First file's passage.\n")
+    (tmp_path / "nested").mkdir()
+    (tmp_path / "nested" / "c.txt").write_text("Third, in a subfolder.")
+    (tmp_path / "notes.md").write_text("not a passage")
+    rows = load_text_passages(tmp_path)
+    assert rows["title"] == ["a", "b", "c"]
+    assert rows["context"][0] == "First file's passage."
+
+
+@pytest.mark.parametrize(
+    "files, target, fragment",
+    [
+        ({}, "missing.txt", "missing.txt do not exist"),
+        ({"notes.md": b"x"}, "", "holds no .txt file"),
+        ({"empty.txt": b""}, "empty.txt", "empty.txt holds no passage"),
+        ({"blank.txt": b" \n\n\t\n"}, "blank.txt", "blank.txt holds no passage"),
+        ({"latin1.txt": b"caf\xe9"}, "latin1.txt", "latin1.txt is not UTF-8"),
+        ({"good.txt": b"A passage.", "empty.txt": b""}, "", "empty.txt holds no passage"),
+    ],
+)
+def test_unusable_text_input_names_the_file(tmp_path, files, target, fragment):
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+    with pytest.raises(DatasetError, match=re.escape(fragment)):
+        load_text_passages(tmp_path / target)
+
+
+def test_text_passages_train_and_a_labelled_source_holds_out(tmp_path):
+    (tmp_path / "p.txt").write_text("One passage.\n\nAnother passage.")
+    data = DataConfig(source="text", path=str(tmp_path), eval_source="synthetic", num_passages=40)
+    assert load_contexts(data, "train")["context"] == ["One passage.", "Another passage."]
+    held_out = load_contexts(data, "validation")
+    assert held_out["id"] == make_synthetic_dataset(40)["validation"]["id"]
+    assert all(held_out["questions"])

@@ -1,0 +1,119 @@
+"""SEAL on unlabelled text at tiny size: rewards from generated questions, held-out kept apart."""
+
+import json
+
+from conftest import TINY
+
+from tasks.records import Context, GeneratedQuestionsRecord, SelectionRecord
+
+PASSAGES = {
+    "harbour.txt": "The harbour of Vaskmere opened in 1902.\n\nIts lighthouse was painted red in 1931.",
+    "guild.txt": "Orvanne Kelthrop founded the Glassmakers' Guild in 1873.",
+}
+
+
+def test_training_on_unlabelled_text_records_generated_questions_and_zero_rewards(prefect_env, tmp_path):
+    from mlflow import MlflowClient
+
+    from flows.training import seal_training
+    from models.config import load_config
+    from models.knowledge_data import load_contexts
+
+    folder = tmp_path / "passages"
+    folder.mkdir()
+    for name, text in PASSAGES.items():
+        (folder / name).write_text(text)
+    config = load_config(
+        TINY,
+        [
+            "data.source=text",
+            f"data.path={folder}",
+            "data.eval_source=synthetic",
+            "reward.source=generated",
+            "reward.num_questions=3",
+            "reward.question_tokens=32",
+            "data.num_train_contexts=2",
+            "data.num_eval_contexts=2",
+            "rl.iterations=1",
+            "tracking.experiment=unlabelled",
+            "tracking.registered_model=unlabelled-policy",
+        ],
+    )
+    result = seal_training(config)
+
+    client = MlflowClient(f"sqlite:///{prefect_env}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("unlabelled").experiment_id])
+    assert run.info.status == "FINISHED"
+    for name in ("kept_fraction", "mean_pairs", "contexts_without_pairs"):
+        assert f"generated_questions/{name}" in run.data.metrics, name
+    local = client.download_artifacts(run.info.run_id, "generated_questions/iteration-1.json", str(tmp_path))
+    table = json.loads(open(local).read())
+    rows = [dict(zip(table["columns"], values)) for values in table["data"]]
+    passages = load_contexts(config.data, "train")
+    assert {r["context_id"] for r in rows} <= set(passages["id"]) and len(rows) == 2
+    for row in rows:
+        assert row["parsed"] == row["kept"] + sum(v for k, v in row.items() if k.startswith("dropped_"))
+
+    # The tiny random model writes no checkable pair: every context is skipped with reward 0,
+    # no inner loop runs, and the policy is carried over, without a crash.
+    (iteration,) = result.iterations
+    assert all(r["kept"] == 0 and r["rewards"] == [0.0] and r["skipped"] for r in rows)
+    assert iteration.rows == [] and iteration.metrics["reward_mean"] == 0.0
+    assert run.data.metrics["generated_questions/contexts_without_pairs"] == 2
+    assert result.policy.name == "base"
+    # Held-out evaluation still asks the labelled source's real questions.
+    for _, held_out in result.held_out:
+        assert sum(c["questions"] for c in held_out.per_context) > 0
+
+    # Held-out questions never reach training: not among the training contexts' targets or
+    # passages, nor in any self-edit an inner loop trained on.
+    held_out = load_contexts(config.data, "validation")
+    held_out_questions = {q for qs in held_out["questions"] for q in qs}
+    assert held_out_questions and not set(held_out["id"]) & set(passages["id"])
+    trained_text = " ".join(
+        [r["text"] for r in rows]
+        + [p["question"] for r in rows for p in r["pairs"]]
+        + [r["text"] for r in iteration.rows]
+        + list(passages["context"])
+    )
+    assert not [q for q in held_out_questions if q in trained_text]
+
+
+def test_the_questions_table_and_its_metrics():
+    from flows.training import NO_GENERATED_QUESTIONS, generated_question_metrics, generated_question_rows
+
+    def written(context_id, pairs, parsed):
+        context = Context(
+            id=context_id,
+            title="T",
+            context="Kelthrop founded it in 1873.",
+            questions=[q for q, _ in pairs],
+            answers=[[a] for _, a in pairs],
+        )
+        dropped = {"empty": parsed - len(pairs)}
+        return GeneratedQuestionsRecord(context=context, writer="base", text="...", parsed=parsed, dropped=dropped)
+
+    selection = SelectionRecord(
+        context_id="a",
+        baseline_accuracy=0.0,
+        accuracies=[1.0, 0.0],
+        rewards=[1.0, 0.0],
+        failures=[None, None],
+        kept=0,
+        outcome="kept",
+        tie=False,
+    )
+    records = [written("a", [("Who founded it?", "Kelthrop"), ("When?", "1873")], 4), written("b", [], 2)]
+    rows = generated_question_rows(records, {"a": selection}, iteration=3)
+    assert rows[0]["pairs"] == [
+        {"question": "Who founded it?", "answer": "Kelthrop"},
+        {"question": "When?", "answer": "1873"},
+    ]
+    assert rows[0]["rewards"] == [1.0, 0.0] and rows[0]["skipped"] is None and rows[0]["dropped_empty"] == 2
+    assert rows[1]["rewards"] == [0.0] and rows[1]["skipped"] == NO_GENERATED_QUESTIONS
+    assert generated_question_metrics(rows) == {
+        "generated_questions/kept_fraction": 2 / 6,
+        "generated_questions/mean_pairs": 1.0,
+        "generated_questions/contexts_without_pairs": 1.0,
+    }
+    assert generated_question_metrics([]) == {}
