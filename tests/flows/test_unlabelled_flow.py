@@ -117,3 +117,54 @@ def test_the_questions_table_and_its_metrics():
         "generated_questions/contexts_without_pairs": 1.0,
     }
     assert generated_question_metrics([]) == {}
+
+
+# What a writer that can read would answer for each passage (the tiny random model cannot).
+WRITTEN = {
+    "Vaskmere": "Q: When did the harbour of Vaskmere open? A: 1902\nQ: What colour was the lighthouse? A: red\n",
+    "Kelthrop": "1. Q: Who founded the Glassmakers' Guild? A: Orvanne Kelthrop\n2. Q: When? A: 1873\n"
+    "Q: Why? A: money\n",
+}
+
+
+def test_generated_pairs_are_what_the_rewards_ask(prefect_env, tmp_path, monkeypatch):
+    """With checkable pairs (a scripted writer's text, through the real parser and filters), the
+    E-step trains and scores every self-edit against them, and keeps self-edits by them."""
+    from flows.training import seal_training
+    from models import generated_questions
+    from models.config import load_config
+
+    def scripted(model, tokenizer, prompts, **kwargs):
+        return [next(text for name, text in WRITTEN.items() if name in prompt) for prompt in prompts]
+
+    monkeypatch.setattr(generated_questions, "generate", scripted)
+    folder = tmp_path / "passages"
+    folder.mkdir()
+    for name, text in PASSAGES.items():
+        (folder / name).write_text(text.replace("\n\n", " "))  # one passage per file
+    config = load_config(
+        TINY,
+        [
+            "data.source=text",
+            f"data.path={folder}",
+            "data.eval_source=synthetic",
+            "reward.source=generated",
+            "data.num_train_contexts=2",
+            "data.num_eval_contexts=2",
+            "rl.iterations=1",
+            "tracking.experiment=unlabelled-pairs",
+            "tracking.registered_model=unlabelled-pairs-policy",
+        ],
+    )
+    result = seal_training(config)
+    (iteration,) = result.iterations
+    by_title = {r["title"]: r for r in iteration.questions}
+    # "money" is not in the passage: dropped; the rest are kept, in order.
+    assert [p["answer"] for p in by_title["guild"]["pairs"]] == ["Orvanne Kelthrop", "1873"]
+    assert by_title["guild"]["dropped_answer_not_in_passage"] == 1
+    assert [p["answer"] for p in by_title["harbour"]["pairs"]] == ["1902", "red"]
+    # Every self-edit of both contexts went through an inner loop scored on those pairs.
+    assert len(iteration.rows) == 2 * config.self_edit.num_samples
+    assert {len(r["rewards"]) for r in iteration.questions} == {config.self_edit.num_samples}
+    assert all(r["skipped"] is None for r in iteration.questions)
+    assert {s.context_id for s in iteration.selections} == {r["context_id"] for r in iteration.questions}
