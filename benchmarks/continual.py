@@ -142,11 +142,10 @@ def main(argv: list[str] | None = None) -> int:
             + f"; MLflow run {result.run_id}"
         )
         print(format_summary(result.summary, sequences))
-        if args.json:
+        if args.json:  # after every variant: a run stopped later keeps the finished ones
             path = Path(args.json)
             figures(result.summary).savefig(path.with_name(f"{path.stem}-{variant}.png"), dpi=120)
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
+            path.write_text(json.dumps(report, indent=2))
     return 0
 
 
