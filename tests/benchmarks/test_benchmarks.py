@@ -463,6 +463,7 @@ def test_continual_benchmark_writes_each_variant_with_its_matrix(prefect_env, tm
         ("self_edit", []),
         ("passage_only", ["continual.training=passage_only"]),
         ("replay", ["continual.replay=3"]),
+        ("routed", ["continual.adapters=routed"]),
         ("policy", ["continual.policy=models:/seal-policy@best"]),
     ],
 )
@@ -475,3 +476,24 @@ def test_continual_benchmark_variants_are_config_switches(variant, expected):
     assert continual.variant_overrides(variant, args) == expected
     with pytest.raises(SystemExit, match="needs --policy"):
         continual.variant_overrides("policy", argparse.Namespace(replay=3, policy=None))
+
+
+def test_generated_questions_script_scores_the_kept_pairs_and_the_real_questions(seal_home, tmp_path, monkeypatch):
+    from benchmarks import generated_questions as script
+    from models import generated_questions
+
+    # The tiny model writes no pair: a writer's text per passage, with one answer in the passage
+    # (its first word) and one not, goes through the real parser and filters.
+    def scripted(model, tokenizer, prompts, **kwargs):
+        firsts = [p.split("Passage:\n", 1)[1].split("\n")[1].split()[0].strip(".,") for p in prompts]
+        return [f"Q: What comes first? A: {first}\nQ: What is missing? A: qqqxqqq\n" for first in firsts]
+
+    monkeypatch.setattr(generated_questions, "generate", scripted)
+    out = tmp_path / "gq.json"
+    assert script.main(["--config", str(TINY), "--contexts", "2", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["parsed"] == 4 and report["kept"] == 2 and report["dropped"]["answer_not_in_passage"] == 2
+    assert report["contexts_without_pairs"] == 0 and report["mean_pairs"] == 1.0
+    for table in ("unadapted", "passage_only"):
+        assert report[table]["generated"]["total"] == 2 and report[table]["real"]["total"] > 0
+    assert [len(e["pairs"]) for e in report["examples"]] == [1, 1]
