@@ -23,11 +23,18 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from models.inner_loop import normalize_answer
 from models.self_edit import generate, render_prompt
 
+# One worked example: SmolLM2-135M follows a demonstration where it ignores the instruction alone
+# (benchmarks/README.md, "Self-generated questions"). Its names are in no passage, so a copied
+# example pair fails the answer-in-passage filter.
 QUESTION_WRITER_PROMPT = (
-    "Let's read the following passage and write {count} questions that the passage answers. "
-    "Each answer is a short fact copied word for word from the passage (a name, a number, a "
-    "place or a few words). Write one pair per line as:\nQ: <question> A: <answer>\n\n"
-    "Passage:\n{title}\n{context}\n\nQuestion-answer pairs:\n"
+    "Read the passage and write {count} questions that it answers. Each answer is a short fact "
+    "copied word for word from the passage: a name, a number, a date or a place.\n\n"
+    "Example passage:\nHarbour of Lindqvist\nThe harbour of Lindqvist was built in 1887 by the engineer "
+    "Maren Osk. Its lighthouse is painted green and stands on Tarrow Point.\n\n"
+    "Example questions:\nQ: When was the harbour of Lindqvist built? A: 1887\n"
+    "Q: Who built the harbour of Lindqvist? A: Maren Osk\nQ: What colour is the lighthouse? A: green\n"
+    "Q: Where does the lighthouse stand? A: Tarrow Point\n\n"
+    "Passage:\n{title}\n{context}\n\nQuestions:\n"
 )
 # Why each pair was dropped, in the order the filters run.
 FILTERS = ("empty", "answer_too_long", "answer_not_in_passage", "answer_in_question", "duplicate", "over_limit")

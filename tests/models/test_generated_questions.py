@@ -16,8 +16,13 @@ PASSAGE = "Orvanne Kelthrop founded the Glassmakers' Guild of Tessary in 1873, w
 
 def test_the_prompt_shows_the_passage_and_asks_for_the_format():
     prompt = question_writer_prompt("Kelthrop", PASSAGE, 5)
-    assert PASSAGE in prompt and "Kelthrop\n" in prompt
-    assert "5 questions" in prompt and "Q: <question> A: <answer>" in prompt
+    assert prompt.endswith(f"Passage:\nKelthrop\n{PASSAGE}\n\nQuestions:\n") and "5 questions" in prompt
+    # The worked example is in the format the parser reads, and its answers are in its passage.
+    example = prompt.split("Example passage:\n", 1)[1].split("\n\nPassage:", 1)[0]
+    passage, pairs = example.split("\n\nExample questions:\n")
+    parsed = parse_qa_pairs(pairs)
+    assert len(parsed) == 4 and filter_qa_pairs(parsed, passage, 8)[0] == parsed
+    assert filter_qa_pairs(parsed, PASSAGE, 8)[0] == []  # a copied example pair is never kept
 
 
 @pytest.mark.parametrize(
