@@ -55,6 +55,7 @@ from models.inner_loop import (
     TrainResult,
     attach_lora,
     evaluate_contexts,
+    grade,
     save_adapter,
     train_adapter,
 )
@@ -344,34 +345,22 @@ def evaluate_routed(
     Returns:
         One graded result per context, and the adapter each question went to (in order).
     """
-    flat = [(j, i) for j, qs in enumerate(questions) for i in range(len(qs))]
-    choices = route_by_likelihood(stack, tokenizer, [questions[j][i] for j, i in flat], config.batch_size)
+    flat_questions = [q for qs in questions for q in qs]
+    flat_answers = [golds for context in answers for golds in context]
+    choices = route_by_likelihood(stack, tokenizer, flat_questions, config.batch_size)
     by_adapter = [[n for n, c in enumerate(choices) if c == a] for a in range(stack.count)]
     results = evaluate_stacked(
         stack,
         tokenizer,
-        [[questions[flat[n][0]][flat[n][1]] for n in rows] for rows in by_adapter],
-        [[answers[flat[n][0]][flat[n][1]] for n in rows] for rows in by_adapter],
+        [[flat_questions[n] for n in rows] for rows in by_adapter],
+        [[flat_answers[n] for n in rows] for rows in by_adapter],
         config,
     )
-    graded: list[tuple[str, bool, float]] = [("", False, 0.0)] * len(flat)
+    predictions = [""] * len(flat_questions)  # back in the contexts' order
     for rows, result in zip(by_adapter, results, strict=True):
-        for n, prediction, correct, f1 in zip(rows, result.predictions, result.correct, result.f1, strict=True):
-            graded[n] = (prediction, correct, f1)
-    seconds = sum(r.seconds for r in results)
-    per_context, offset = [], 0
-    for qs in questions:
-        cells = graded[offset : offset + len(qs)]
-        offset += len(qs)
-        per_context.append(
-            EvalResult(
-                predictions=tuple(c[0] for c in cells),
-                correct=tuple(c[1] for c in cells),
-                f1=tuple(c[2] for c in cells),
-                seconds=seconds * len(qs) / len(flat) if flat else 0.0,
-            )
-        )
-    return per_context, choices
+        for n, prediction in zip(rows, result.predictions, strict=True):
+            predictions[n] = prediction
+    return grade(predictions, answers, sum(r.seconds for r in results)), choices
 
 
 @torch.no_grad()

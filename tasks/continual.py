@@ -78,83 +78,33 @@ def continual_step(
             altered (the flow rebuilds it).
     """
     maybe_fail("continual_step", label)
-    check_checkpoint(policy_ref)
-    if routed is not None:
-        return _routed_step(
-            policy_ref,
-            model,
-            contexts,
-            edit,
-            history,
-            replay,
-            replay_seed,
-            routed,
-            lora,
-            config,
-            eval_config,
-            probe_prompts,
-            label,
-        )
-    # A private copy: the merge changes its weights. The cached models are freed first.
+    for checkpoint in [policy_ref, *(routed or [])]:
+        check_checkpoint(checkpoint)
+    # A private copy: a merge changes its weights, routed adapters are attached and removed
+    # again. The cached models are freed first.
     clear_models()
     private = load_model(policy_ref.path, device=model.device, dtype=model.dtype)
-    with use_model(start, model) as reference:
-        result = continual.run_step(
-            private.model,
-            private.tokenizer,
-            reference.model,
-            self_edit.SelfEdit(edit.text, tuple(edit.documents)) if edit else None,
-            [(c.title, c.context, c.questions, c.answers) for c in contexts],
-            history,
-            replay,
-            replay_seed,
-            lora,
-            config,
-            eval_config,
-            continual.PROBE_TEXTS[:probe_prompts],
-            root=checkpoint_root() / policy_ref.digest / label,
-            source=f"{policy_ref.name}+{label}",
-        )
-    del private
-    release_freed_memory()
-    return _record(result, label)
-
-
-def _routed_step(
-    policy_ref: PolicyRef,
-    model: ModelConfig,
-    contexts: list[Context],
-    edit: SelfEditRecord | None,
-    history: list[list[str]],
-    replay: int,
-    replay_seed: int,
-    routed: list[PolicyRef],
-    lora: LoraConfig,
-    config: InnerLoopConfig,
-    eval_config: EvalConfig,
-    probe_prompts: int,
-    label: str,
-) -> ContinualStepRecord:
-    for adapter in routed:
-        check_checkpoint(adapter)
-    # Adapters are attached to it and removed again: a private copy, the cached models freed first.
-    clear_models()
-    private = load_model(policy_ref.path, device=model.device, dtype=model.dtype)
-    result = continual.run_routed_step(
-        private.model,
-        private.tokenizer,
-        self_edit.SelfEdit(edit.text, tuple(edit.documents)) if edit else None,
-        [(c.title, c.context, c.questions, c.answers) for c in contexts],
-        history,
-        replay,
-        replay_seed,
-        [Path(a.path) for a in routed],
-        lora,
-        config,
-        eval_config,
-        continual.PROBE_TEXTS[:probe_prompts],
+    step = dict(
+        self_edit=self_edit.SelfEdit(edit.text, tuple(edit.documents)) if edit else None,
+        contexts=[(c.title, c.context, c.questions, c.answers) for c in contexts],
+        history=history,
+        replay=replay,
+        replay_seed=replay_seed,
+        lora=lora,
+        config=config,
+        eval_config=eval_config,
+        probe_texts=continual.PROBE_TEXTS[:probe_prompts],
         root=checkpoint_root() / policy_ref.digest / label,
     )
+    if routed is None:
+        with use_model(start, model) as reference:
+            result = continual.run_step(
+                private.model, private.tokenizer, reference.model, source=f"{policy_ref.name}+{label}", **step
+            )
+    else:
+        result = continual.run_routed_step(
+            private.model, private.tokenizer, adapters=[Path(a.path) for a in routed], **step
+        )
     del private
     release_freed_memory()
     return _record(result, label)

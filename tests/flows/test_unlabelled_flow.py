@@ -12,33 +12,38 @@ PASSAGES = {
 }
 
 
-def test_training_on_unlabelled_text_records_generated_questions_and_zero_rewards(prefect_env, tmp_path):
-    from mlflow import MlflowClient
-
-    from flows.training import seal_training
+def _text_config(tmp_path, passages: dict[str, str], experiment: str, *overrides: str):
+    """A one-iteration tiny run on ``passages`` written as .txt files, held out from the synthetic set."""
     from models.config import load_config
-    from models.knowledge_data import load_contexts
 
     folder = tmp_path / "passages"
     folder.mkdir()
-    for name, text in PASSAGES.items():
+    for name, text in passages.items():
         (folder / name).write_text(text)
-    config = load_config(
+    return load_config(
         TINY,
         [
             "data.source=text",
             f"data.path={folder}",
             "data.eval_source=synthetic",
             "reward.source=generated",
-            "reward.num_questions=3",
-            "reward.question_tokens=32",
             "data.num_train_contexts=2",
             "data.num_eval_contexts=2",
             "rl.iterations=1",
-            "tracking.experiment=unlabelled",
-            "tracking.registered_model=unlabelled-policy",
+            f"tracking.experiment={experiment}",
+            f"tracking.registered_model={experiment}-policy",
+            *overrides,
         ],
     )
+
+
+def test_training_on_unlabelled_text_records_generated_questions_and_zero_rewards(prefect_env, tmp_path):
+    from mlflow import MlflowClient
+
+    from flows.training import seal_training
+    from models.knowledge_data import load_contexts
+
+    config = _text_config(tmp_path, PASSAGES, "unlabelled", "reward.num_questions=3", "reward.question_tokens=32")
     result = seal_training(config)
 
     client = MlflowClient(f"sqlite:///{prefect_env}/mlflow.db")
@@ -132,30 +137,13 @@ def test_generated_pairs_are_what_the_rewards_ask(prefect_env, tmp_path, monkeyp
     E-step trains and scores every self-edit against them, and keeps self-edits by them."""
     from flows.training import seal_training
     from models import generated_questions
-    from models.config import load_config
 
     def scripted(model, tokenizer, prompts, **kwargs):
         return [next(text for name, text in WRITTEN.items() if name in prompt) for prompt in prompts]
 
     monkeypatch.setattr(generated_questions, "generate", scripted)
-    folder = tmp_path / "passages"
-    folder.mkdir()
-    for name, text in PASSAGES.items():
-        (folder / name).write_text(text.replace("\n\n", " "))  # one passage per file
-    config = load_config(
-        TINY,
-        [
-            "data.source=text",
-            f"data.path={folder}",
-            "data.eval_source=synthetic",
-            "reward.source=generated",
-            "data.num_train_contexts=2",
-            "data.num_eval_contexts=2",
-            "rl.iterations=1",
-            "tracking.experiment=unlabelled-pairs",
-            "tracking.registered_model=unlabelled-pairs-policy",
-        ],
-    )
+    one_each = {name: text.replace("\n\n", " ") for name, text in PASSAGES.items()}  # one passage per file
+    config = _text_config(tmp_path, one_each, "unlabelled-pairs")
     result = seal_training(config)
     (iteration,) = result.iterations
     by_title = {r["title"]: r for r in iteration.questions}
