@@ -2,13 +2,16 @@
 
     python benchmarks/learning_study.py --json benchmarks/results/learning_study-smollm2-cpu.json
     python benchmarks/learning_study.py --config deployments/configs/knowledge-tiny.yaml rl.iterations=1
+    python benchmarks/learning_study.py --from-run RUN_ID --json ...   (a run that stopped early)
 
 Runs the training flow on ``deployments/configs/knowledge-study.yaml`` (held-out evaluation
 after every iteration) and reports the paper's Table 2 after each: every column with its 95 %
 interval (a bootstrap over held-out contexts) and the paired difference policy self-edits -
 passage only. The flow logs the same tables, the per-iteration self-edit measures and the
 figure of the four columns (with error bars) to MLflow; the script writes them to ``--json``
-and the figure beside it (``.png``).
+and the figure beside it (``.png``). ``--from-run`` rebuilds the same report from what a run
+logged to MLflow after each evaluation, for a study stopped before its end (a killed process,
+a lost Prefect server): what finished is kept.
 """
 
 from __future__ import annotations
@@ -48,10 +51,54 @@ def table_row(label: str, result) -> dict:
     return row
 
 
+def report_from_run(run_id: str) -> tuple[dict, list, list]:
+    """A stopped run's report, iterations and held-out tables, from its MLflow logs: the held-out
+    tables (``held_out/step-N.json``: per context, each column's mean correct and its questions)
+    and the per-iteration metrics."""
+    import tempfile
+
+    from mlflow import MlflowClient
+
+    from flows.held_out import HeldOutResult
+    from flows.tracking import default_tracking_uri
+    from flows.training import IterationResult
+    from models.paths import seal_home
+
+    client = MlflowClient(default_tracking_uri(seal_home()))
+    run = client.get_run(run_id)
+    held_out = []
+    with tempfile.TemporaryDirectory() as folder:
+        local = Path(client.download_artifacts(run_id, "held_out", folder))
+        for path in sorted(local.glob("step-*.json"), key=lambda p: int(p.stem.split("-")[1])):
+            table = json.loads(path.read_text())
+            rows = [dict(zip(table["columns"], row)) for row in table["data"]]
+            columns = [c for c in table["columns"] if c not in ("context_id", "questions")]
+            counts = {c: [(row[c], row["questions"]) for row in rows] for c in columns}
+            step = int(path.stem.split("-")[1])
+            label = "base" if step == 0 else f"iteration-{step}"
+            held_out.append((label, HeldOutResult(None, counts, 0.0, ("policy_self_edits", "passage_only"), rows)))
+    history, last_logged = {}, run.info.start_time
+    for key in run.data.metrics:
+        for metric in client.get_metric_history(run_id, key):
+            last_logged = max(last_logged, metric.timestamp)
+            if not key.startswith("held_out/"):
+                history.setdefault(metric.step, {})[key] = metric.value
+    iterations = [IterationResult(t, None, [], [], metrics) for t, metrics in sorted(history.items()) if t > 0]
+    report = {
+        "wall_s": ((run.info.end_time or last_logged) - run.info.start_time) / 1000,  # to its last log
+        "run_id": run_id,
+        "stopped_early": run.info.status != "FINISHED",
+        "held_out": [table_row(label, r) for label, r in held_out],
+        "iterations": [{"iteration": r.iteration, **r.metrics} for r in iterations],
+    }
+    return report, iterations, held_out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(DEFAULT_CONFIG))
     parser.add_argument("--json", help="write the study's tables and curves to this file (and a .png beside it)")
+    parser.add_argument("--from-run", metavar="RUN_ID", help="report an MLflow run that stopped early; run nothing")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     args = parser.parse_args(argv)
     for key, value in QUIET_ENV.items():
@@ -65,24 +112,28 @@ def main(argv: list[str] | None = None) -> int:
     from models.config import load_config
 
     config = load_config(args.config, [*args.overrides, "rl.eval_every=1"])
-    start = time.perf_counter()
-    result = seal_training(config)
-    wall = time.perf_counter() - start
+    if args.from_run:
+        report, iterations, held_out = report_from_run(args.from_run)
+        report |= {"config": args.config, "overrides": args.overrides}
+    else:
+        start = time.perf_counter()
+        result = seal_training(config)
+        iterations, held_out = result.iterations, result.held_out
+        report = {
+            "config": args.config,
+            "overrides": args.overrides,
+            "wall_s": time.perf_counter() - start,
+            "run_id": result.run_id,
+            "held_out": [table_row(label, r) for label, r in held_out],
+            "iterations": [{"iteration": r.iteration, **r.metrics} for r in iterations],
+        }
     print(domain_for(config).held_out_title)
-    print(format_held_out(result.held_out))
-    report = {
-        "config": args.config,
-        "overrides": args.overrides,
-        "wall_s": wall,
-        "run_id": result.run_id,
-        "held_out": [table_row(label, r) for label, r in result.held_out],
-        "iterations": [{"iteration": r.iteration, **r.metrics} for r in result.iterations],
-    }
+    print(format_held_out(held_out))
     if args.json:
         path = Path(args.json)
         path.write_text(json.dumps(report, indent=2))
-        curves(result.iterations, result.held_out).savefig(path.with_suffix(".png"), dpi=120)
-    print(f"{wall / 60:.1f} min; MLflow run {result.run_id}")
+        curves(iterations, held_out).savefig(path.with_suffix(".png"), dpi=120)
+    print(f"{report['wall_s'] / 60:.1f} min; MLflow run {report['run_id']}")
     return 0
 
 

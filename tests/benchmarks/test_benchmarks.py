@@ -394,6 +394,44 @@ def test_learning_study_writes_table_2_with_intervals_after_every_iteration(pref
     assert out.with_suffix(".png").stat().st_size > 0
     assert "policy self edits - passage only" in capsys.readouterr().out
 
+    # A study stopped early is reported from what its run logged: here the same tables.
+    rebuilt = tmp_path / "rebuilt.json"
+    assert learning_study.main(["--config", str(TINY), "--from-run", report["run_id"], "--json", str(rebuilt)]) == 0
+    again = json.loads(rebuilt.read_text())
+    # (Labelled by step: a policy that kept nothing is still "base" in the flow's own labels.)
+    assert [{**row, "policy": None} for row in again["held_out"]] == [
+        {**row, "policy": None} for row in report["held_out"]
+    ]
+    assert [row["policy"] for row in again["held_out"]] == ["base", "iteration-1", "iteration-2"]
+    assert again["iterations"] == report["iterations"]
+    assert not again["stopped_early"] and 0 < again["wall_s"] and rebuilt.with_suffix(".png").exists()
+
+
+def test_a_stopped_study_is_rebuilt_from_the_tables_its_run_logged(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    from benchmarks.learning_study import report_from_run
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    client = MlflowClient()
+    run = client.create_run(client.create_experiment("stopped", artifact_location=str(tmp_path / "artifacts")))
+    run_id = run.info.run_id
+    columns = ["no_adaptation", "passage_only", "base_self_edits", "policy_self_edits"]
+    for step, policy_means in [(0, [0.5, 1.0]), (1, [2.5, 3.0])]:
+        table = {"context_id": ["a", "b"], "questions": [4, 5]}
+        table |= {"no_adaptation": [0, 0], "passage_only": [1.0, 2.0], "base_self_edits": [0.5, 1.5]}
+        client.log_table(run_id, table | {"policy_self_edits": policy_means}, f"held_out/step-{step}.json")
+    client.log_metric(run_id, "reward_mean", 0.25, step=1)
+    client.log_metric(run_id, "held_out/passage_only", 1 / 3, step=1)  # a held-out metric, not an iteration's
+
+    report, iterations, held_out = report_from_run(run_id)  # the run never finished: stopped early
+    assert report["stopped_early"] and [label for label, _ in held_out] == ["base", "iteration-1"]
+    after = report["held_out"][1]
+    assert list(after["columns"]) == columns
+    assert after["columns"]["policy_self_edits"]["correct"] == 5.5 and after["columns"]["passage_only"]["total"] == 9
+    assert after["difference"]["value"] == pytest.approx((5.5 - 3.0) / 9)
+    assert report["iterations"] == [{"iteration": 1, "reward_mean": 0.25}] and iterations[0].iteration == 1
+
 
 def test_results_table_matches_the_result_files():
     """benchmarks/README.md's table is what benchmarks/report.py makes of benchmarks/results/*.json."""
