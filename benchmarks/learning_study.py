@@ -3,6 +3,7 @@
     python benchmarks/learning_study.py --json benchmarks/results/learning_study-smollm2-cpu.json
     python benchmarks/learning_study.py --config deployments/configs/knowledge-tiny.yaml rl.iterations=1
     python benchmarks/learning_study.py --from-run RUN_ID --json ...   (a run that stopped early)
+    python benchmarks/learning_study.py --variants questions,generated,generated_base --json ...
 
 Runs the training flow on ``deployments/configs/knowledge-study.yaml`` (held-out evaluation
 after every iteration) and reports the paper's Table 2 after each: every column with its 95 %
@@ -12,6 +13,12 @@ figure of the four columns (with error bars) to MLflow; the script writes them t
 and the figure beside it (``.png``). ``--from-run`` rebuilds the same report from what a run
 logged to MLflow after each evaluation, for a study stopped before its end (a killed process,
 a lost Prefect server): what finished is kept.
+
+``--variants`` runs the study once per reward source on the same contexts and budget (issue
+32): ``questions`` (the training contexts' real questions), ``generated`` (pairs the policy
+writes from each passage), ``generated_base`` (pairs the frozen base model writes). The JSON
+holds each variant's report, written after each, and how much of the real questions' held-out
+gain (policy self-edits - base self-edits) each generated variant recovers, with its interval.
 """
 
 from __future__ import annotations
@@ -27,6 +34,12 @@ from flows.cli import QUIET_ENV, prefect_environment
 from models.process import configure_process
 
 DEFAULT_CONFIG = Path(__file__).parents[1] / "deployments" / "configs" / "knowledge-study.yaml"
+VARIANTS = {
+    "questions": ["reward.source=questions"],
+    "generated": ["reward.source=generated", "reward.question_writer=policy"],
+    "generated_base": ["reward.source=generated", "reward.question_writer=base"],
+}
+GAIN = ("policy_self_edits", "base_self_edits")  # what RL adds to the base model's self-edits
 
 
 def table_row(label: str, result) -> dict:
@@ -94,11 +107,62 @@ def report_from_run(run_id: str) -> tuple[dict, list, list]:
     return report, iterations, held_out
 
 
+def run_study(config) -> tuple[dict, list, list]:
+    """One training flow run: its report, iterations and held-out tables."""
+    from flows.training import seal_training
+
+    start = time.perf_counter()
+    result = seal_training(config)
+    report = {
+        "wall_s": time.perf_counter() - start,
+        "run_id": result.run_id,
+        "held_out": [table_row(label, r) for label, r in result.held_out],
+        "iterations": [{"iteration": r.iteration, **r.metrics} for r in result.iterations],
+    }
+    return report, result.iterations, result.held_out
+
+
+def recoveries(held_out: dict[str, list]) -> dict[str, list[dict]]:
+    """Per generated variant, per evaluation both ran: the share of the ``questions`` variant's
+    gain (policy self-edits - base self-edits) it recovers, with a 95 % interval."""
+    from models.stats import gain_recovery
+
+    if "questions" not in held_out:
+        return {}
+    reference = held_out["questions"]
+    found = {}
+    for variant, tables in held_out.items():
+        if variant == "questions":
+            continue
+        found[variant] = []
+        for (label, result), (_, real) in zip(tables, reference):
+            ids, real_ids = ([row["context_id"] for row in r.per_context] for r in (result, real))
+            if ids != real_ids:
+                raise SystemExit(f"{variant} and questions evaluated different held-out contexts at {label}")
+            row = {"after": label, "reference_gain": real.accuracy(GAIN[0]) - real.accuracy(GAIN[1])}
+            try:
+                estimate = gain_recovery(
+                    (result.counts[GAIN[0]], result.counts[GAIN[1]]), (real.counts[GAIN[0]], real.counts[GAIN[1]])
+                )
+            except ValueError as exc:  # real questions gained nothing here: no share to speak of
+                row["recovery"] = None
+                row["why"] = str(exc)
+            else:
+                row |= {"recovery": estimate.value, "low": estimate.low, "high": estimate.high}
+            found[variant].append(row)
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(DEFAULT_CONFIG))
     parser.add_argument("--json", help="write the study's tables and curves to this file (and a .png beside it)")
     parser.add_argument("--from-run", metavar="RUN_ID", help="report an MLflow run that stopped early; run nothing")
+    parser.add_argument(
+        "--variants",
+        type=lambda text: text.split(","),
+        help=f"comma-separated reward sources to compare on the same contexts: {', '.join(VARIANTS)}",
+    )
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     args = parser.parse_args(argv)
     for key, value in QUIET_ENV.items():
@@ -108,32 +172,45 @@ def main(argv: list[str] | None = None) -> int:
 
     from flows.domains import domain_for
     from flows.held_out import format_held_out
-    from flows.training import curves, seal_training
+    from flows.training import curves
     from models.config import load_config
 
-    config = load_config(args.config, [*args.overrides, "rl.eval_every=1"])
-    if args.from_run:
-        report, iterations, held_out = report_from_run(args.from_run)
-        report |= {"config": args.config, "overrides": args.overrides}
-    else:
-        start = time.perf_counter()
-        result = seal_training(config)
-        iterations, held_out = result.iterations, result.held_out
-        report = {
-            "config": args.config,
-            "overrides": args.overrides,
-            "wall_s": time.perf_counter() - start,
-            "run_id": result.run_id,
-            "held_out": [table_row(label, r) for label, r in held_out],
-            "iterations": [{"iteration": r.iteration, **r.metrics} for r in iterations],
-        }
-    print(domain_for(config).held_out_title)
-    print(format_held_out(held_out))
-    if args.json:
-        path = Path(args.json)
-        path.write_text(json.dumps(report, indent=2))
-        curves(iterations, held_out).savefig(path.with_suffix(".png"), dpi=120)
-    print(f"{report['wall_s'] / 60:.1f} min; MLflow run {report['run_id']}")
+    if args.from_run and args.variants:
+        parser.error("--from-run reports one run; it takes no --variants")
+    unknown = set(args.variants or ()) - set(VARIANTS)
+    if unknown:
+        raise SystemExit(f"unknown variants {', '.join(sorted(unknown))}; choose from {', '.join(VARIANTS)}")
+    path = Path(args.json) if args.json else None
+    variants, tables = {}, {}
+    for variant in args.variants or [None]:
+        config = load_config(args.config, [*args.overrides, *VARIANTS.get(variant, []), "rl.eval_every=1"])
+        if args.from_run:
+            report, iterations, held_out = report_from_run(args.from_run)
+        else:
+            report, iterations, held_out = run_study(config)
+        title = domain_for(config).held_out_title
+        print(f"{variant}: {title}" if variant else title)
+        print(format_held_out(held_out))
+        print(f"{report['wall_s'] / 60:.1f} min; MLflow run {report['run_id']}")
+        if variant is None:  # one study as configured
+            written = report
+            figure = path.with_suffix(".png") if path else None
+        else:  # written after each variant: a stopped comparison keeps the variants that finished
+            variants[variant], tables[variant] = report, held_out
+            found = recoveries(tables)
+            for name, rows in found.items():
+                for row in rows:
+                    share = (
+                        "n/a"
+                        if row["recovery"] is None
+                        else f"{row['recovery']:.0%} [{row['low']:.0%}, {row['high']:.0%}]"
+                    )
+                    print(f"{name} after {row['after']}: recovers {share} of the real questions' gain")
+            written = {"variants": variants, "recovery": found}
+            figure = path.with_name(f"{path.stem}-{variant}.png") if path else None
+        if path:
+            path.write_text(json.dumps({"config": args.config, "overrides": args.overrides} | written, indent=2))
+            curves(iterations, held_out).savefig(figure, dpi=120)
     return 0
 
 

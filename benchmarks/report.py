@@ -203,6 +203,17 @@ def inner_loop_recipe(r: dict) -> str:
 
 
 def learning_study(r: dict) -> str:
+    if "variants" in r:  # --variants: per reward source, and the share of the real gain recovered
+        cells = []
+        for name, variant in r["variants"].items():
+            cell = f"{name}: {learning_study(variant)}"
+            recovered = (r["recovery"].get(name) or [{}])[-1]
+            if recovered.get("recovery") is not None:
+                cell += (
+                    f", recovers {_pct(recovered['recovery'])} [{_pct(recovered['low'])}, {_pct(recovered['high'])}]"
+                )
+            cells.append(cell)
+        return "; ".join(cells)
     last = r["held_out"][-1]
     cells = " · ".join(f"{c['correct']}/{c['total']}" for c in last["columns"].values())
     d = last["difference"]

@@ -535,3 +535,41 @@ def test_generated_questions_script_scores_the_kept_pairs_and_the_real_questions
     for table in ("unadapted", "passage_only"):
         assert report[table]["generated"]["total"] == 2 and report[table]["real"]["total"] > 0
     assert [len(e["pairs"]) for e in report["examples"]] == [1, 1]
+
+
+def test_learning_study_variants_compare_reward_sources_and_report_the_gain_recovered(tmp_path, monkeypatch):
+    from benchmarks import learning_study
+    from flows.held_out import HeldOutResult
+
+    # Per reward source, policy self-edits' correct answers on 4 contexts of 5 questions; base
+    # self-edits get 1 everywhere. Real questions gain 2 per context, generated ones 1 (half).
+    policy_correct = {"questions": 3, "generated": 2, "generated_base": 1}
+    runs = []
+
+    def study(config):
+        runs.append((config.reward.source, config.reward.question_writer))
+        base_writer = config.reward.source == "generated" and config.reward.question_writer == "base"
+        correct = policy_correct["generated_base" if base_writer else config.reward.source]
+        columns = {"no_adaptation": 0, "passage_only": 2, "base_self_edits": 1, "policy_self_edits": correct}
+        counts = {column: [(n, 5)] * 4 for column, n in columns.items()}
+        per_context = [{"context_id": f"c{i}", "questions": 5} for i in range(4)]
+        result = HeldOutResult(None, counts, 0.0, ("policy_self_edits", "passage_only"), per_context)
+        report = {"wall_s": 1.0, "run_id": f"run-{len(runs)}", "held_out": [learning_study.table_row("x", result)]}
+        return report, [], [("iteration-1", result)]
+
+    monkeypatch.setattr(learning_study, "run_study", study)
+    out = tmp_path / "variants.json"
+    argv = ["--config", str(TINY), "--json", str(out), "--variants", "questions,generated,generated_base"]
+    assert learning_study.main(argv) == 0
+    assert runs == [("questions", "policy"), ("generated", "policy"), ("generated", "base")]
+    report = json.loads(out.read_text())
+    assert list(report["variants"]) == ["questions", "generated", "generated_base"]
+    (generated,) = report["recovery"]["generated"]
+    assert generated["recovery"] == pytest.approx(0.5) and generated["reference_gain"] == pytest.approx(0.4)
+    assert report["recovery"]["generated_base"][0]["recovery"] == pytest.approx(0.0)
+    assert all((tmp_path / f"variants-{v}.png").exists() for v in report["variants"])
+    from benchmarks.report import learning_study as headline
+
+    assert "generated: after x:" in headline(report) and "recovers 50 % [50 %, 50 %]" in headline(report)
+    with pytest.raises(SystemExit, match="unknown variants nope"):
+        learning_study.main(["--config", str(TINY), "--variants", "questions,nope"])

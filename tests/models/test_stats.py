@@ -2,7 +2,7 @@
 
 import pytest
 
-from models.stats import accuracy_interval, paired_difference
+from models.stats import accuracy_interval, gain_recovery, paired_difference
 
 
 def test_the_interval_holds_the_pooled_accuracy_and_is_reproducible():
@@ -44,3 +44,18 @@ def test_fractional_counts_and_empty_columns():
     assert (accuracy_interval([]).low, accuracy_interval([]).high) == (0.0, 1.0)
     with pytest.raises(ValueError, match="same contexts"):
         paired_difference([(1, 2)], [(1, 2), (0, 2)])
+
+
+def test_gain_recovery_is_the_ratio_of_two_paired_gains():
+    base = [(1, 5), (2, 5), (0, 5), (1, 5)] * 3
+    real = [(3, 5), (4, 5), (2, 5), (3, 5)] * 3  # 2 more per context than the base: +40 points
+    half = [(2, 5), (3, 5), (1, 5), (2, 5)] * 3  # 1 more everywhere: half the gain, in every resample
+    recovery = gain_recovery((half, base), (real, base))
+    assert recovery.value == pytest.approx(0.5) and recovery.low == pytest.approx(0.5) == recovery.high
+    noisy = [(3, 5), (2, 5), (1, 5), (2, 5)] * 3  # +2, 0, +1, +1: half the gain on average, varying
+    estimate = gain_recovery((noisy, base), (real, base))
+    assert estimate.value == pytest.approx(0.5) and estimate.low < 0.5 < estimate.high
+    with pytest.raises(ValueError, match="nothing to recover"):
+        gain_recovery((real, base), (base, base))
+    with pytest.raises(ValueError, match="same contexts"):
+        gain_recovery((real, base), (real[:-1], base[:-1]))
