@@ -36,20 +36,19 @@ it from the step before.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
 from flows.evaluation import resolve_policy
 from flows.progress import Progress
 from flows.runner import SERIAL, on_runner, placement, ray_cluster, with_storage
 from flows.tracking import Tracker, default_tracking_uri, flow_run_tracker
-from flows.training import verified_policy
+from flows.training import link_mlflow_run, verified_policy
 from models.config import SealConfig
 from models.continual import (
     ContinualSummary,
@@ -214,13 +213,7 @@ def seal_continual(config: SealConfig, keep_final: bool = False) -> ContinualRes
         flow_run.name or "seal-continual",
         **{"seal.flow": "continual", "seal.continual.policy": config.continual.policy},
     )
-    create_link_artifact(
-        link=f"{os.environ.get('SEAL_MLFLOW_UI', 'http://127.0.0.1:5000')}/#/experiments/"
-        f"{tracker.experiment_id}/runs/{tracker.run_id}",
-        link_text=f"MLflow run {tracker.run_id}",
-        key="mlflow-run",
-        description="The MLflow run of this continual flow run: matrices, heatmap, curves, drift.",
-    )
+    link_mlflow_run(tracker, "The MLflow run of this continual flow run: matrices, heatmap, curves, drift.")
     try:
         with ray_cluster(config.runner):
             result = _continual(config, tracker, keep_final)

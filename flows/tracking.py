@@ -61,7 +61,7 @@ class Tracker(Protocol):
         """Log a folder (an adapter) under ``artifact_path``."""
 
     def log_figure(self, figure: Any, artifact_file: str) -> None:
-        """Log a matplotlib figure as an image."""
+        """Log a matplotlib figure as an image, then close it (pyplot keeps every open figure)."""
 
     def register_policy(self, policy_dir: Path, *, aliases: list[str], description: str = "", digest: str = "") -> str:
         """Register a policy folder as a new model version (once per digest); return the version."""
@@ -272,7 +272,12 @@ class MlflowTracker:
         self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
 
     def log_figure(self, figure: Any, artifact_file: str) -> None:
-        self.client.log_figure(self.run_id, figure, artifact_file)
+        import matplotlib.pyplot as plt
+
+        try:
+            self.client.log_figure(self.run_id, figure, artifact_file)
+        finally:
+            plt.close(figure)
 
     def register_policy(self, policy_dir: Path, *, aliases: list[str], description: str = "", digest: str = "") -> str:
         """Log ``policy_dir`` under ``policies/<folder name>`` and register it as a new version.

@@ -364,6 +364,17 @@ class TrainingResult:
     tracking_uri: str
 
 
+def link_mlflow_run(tracker: Tracker, description: str) -> None:
+    """A Prefect link artifact from the flow run to its MLflow run (the UI at $SEAL_MLFLOW_UI)."""
+    create_link_artifact(
+        link=f"{os.environ.get('SEAL_MLFLOW_UI', 'http://127.0.0.1:5000')}/#/experiments/"
+        f"{tracker.experiment_id}/runs/{tracker.run_id}",
+        link_text=f"MLflow run {tracker.run_id}",
+        key="mlflow-run",
+        description=description,
+    )
+
+
 # No log_prints: it patches print(), which breaks libraries that capture their own stdout
 # (dill's global-variable detection, used by datasets' fingerprints, then floods the log).
 @flow(name="seal-training")
@@ -381,13 +392,7 @@ def seal_training(config: SealConfig) -> TrainingResult:
     )
     if tracker.resumed:
         get_run_logger().info("continuing MLflow run %s", tracker.run_id)
-    create_link_artifact(
-        link=f"{os.environ.get('SEAL_MLFLOW_UI', 'http://127.0.0.1:5000')}/#/experiments/"
-        f"{tracker.experiment_id}/runs/{tracker.run_id}",
-        link_text=f"MLflow run {tracker.run_id}",
-        key="mlflow-run",
-        description="The MLflow run that tracks this training flow run.",
-    )
+    link_mlflow_run(tracker, "The MLflow run that tracks this training flow run.")
     try:
         with ray_cluster(config.runner):
             result = _train(config, tracker)
