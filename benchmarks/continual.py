@@ -33,8 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from flows.cli import QUIET_ENV, prefect_environment
-from models.process import configure_process
+from flows.cli import prepare_process
 
 DEFAULT_CONFIG = Path(__file__).parents[1] / "deployments" / "configs" / "continual-smollm2.yaml"
 TARGET_S = 30 * 60  # 8 x 8 on the bundled SmolLM2, 2-core CPU
@@ -72,10 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rerun", action="store_true", help="also time a second, cached run of each variant")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, for every variant")
     args = parser.parse_args(argv)
-    for key, value in QUIET_ENV.items():
-        os.environ.setdefault(key, value)
-    configure_process()  # as the seal command does (models/process.py)
-    prefect_environment()
+    prepare_process()  # as the seal command does
 
     from datetime import datetime, timezone
 

@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from flows.cli import QUIET_ENV, prefect_environment
-from models.process import configure_process
+from flows.cli import prepare_process
 
 ROOT = Path(__file__).parents[1]
 CONFIG = ROOT / "deployments" / "configs" / "fewshot-smollm2.yaml"
@@ -46,10 +44,7 @@ def main() -> int:
     parser.add_argument("--json", help="write the measurements to this file")
     parser.add_argument("overrides", nargs="*", help="more section.key=value overrides")
     args = parser.parse_args()
-    for key, value in QUIET_ENV.items():
-        os.environ.setdefault(key, value)
-    configure_process()  # as the seal command does (models/process.py)
-    prefect_environment()
+    prepare_process()  # as the seal command does
     import psutil
 
     from flows.fewshot import FEWSHOT

@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
-from flows.cli import QUIET_ENV
-from models.process import configure_process
+from flows.cli import prepare_process
 
 DEFAULT_CONFIG = Path(__file__).parents[1] / "deployments" / "configs" / "knowledge-smollm2.yaml"
 PROMPTS = ("implications", "rewrite", "self-qa")
@@ -37,9 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write the results to this file")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     args = parser.parse_args(argv)
-    for key, value in QUIET_ENV.items():
-        os.environ.setdefault(key, value)
-    configure_process()  # as the seal command does (models/process.py)
+    prepare_process(prefect=False)  # as the seal command does
 
     import tempfile
 

@@ -23,8 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from flows.cli import QUIET_ENV
-from models.process import configure_process
+from flows.cli import prepare_process
 
 ROOT = Path(__file__).parents[1]
 DEFAULT_CONFIG = ROOT / "deployments" / "configs" / "knowledge-smollm2.yaml"
@@ -155,9 +154,7 @@ def main() -> int:
     )
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "ray_throughput-cpu.json")
     args = parser.parse_args()
-    for key, value in QUIET_ENV.items():
-        os.environ.setdefault(key, value)
-    configure_process()  # as the seal command does (models/process.py)
+    prepare_process(prefect=False)  # as the seal command does
     models = (args.models or Path(os.environ.get("SEAL_HOME", ".seal")) / "models").absolute()
     overrides = [f"data.num_train_contexts={args.contexts}", f"inner_loop.epochs={args.epochs}"]
 

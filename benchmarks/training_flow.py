@@ -16,8 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from flows.cli import QUIET_ENV, prefect_environment
-from models.process import configure_process
+from flows.cli import prepare_process
 
 DEFAULT_CONFIG = Path(__file__).parents[1] / "deployments" / "configs" / "knowledge-smollm2.yaml"
 
@@ -110,17 +109,13 @@ class TreeMemory:
 
 
 def main() -> int:
-    import os
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(DEFAULT_CONFIG))
     parser.add_argument("--json", help="also write the measurements to this file")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    for key, value in QUIET_ENV.items():
-        os.environ.setdefault(key, value)
-    configure_process()  # as the seal command does (models/process.py)
-    prefect_environment()
+    prepare_process()  # as the seal command does
 
     from datetime import datetime, timezone
 

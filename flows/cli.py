@@ -106,6 +106,17 @@ def inner_loop(args: argparse.Namespace) -> int:
     return 0
 
 
+def prepare_process(prefect: bool = True) -> None:
+    """What the seal command does first, for every script that runs its flows or models: quiet,
+    offline libraries, the process settings of ``models/process.py`` (before Prefect's threads and
+    the first model) and, with ``prefect``, Prefect's home under SEAL_HOME."""
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    configure_process()
+    if prefect:
+        prefect_environment()
+
+
 def prefect_environment() -> None:
     """Keep Prefect's database and persisted results under SEAL_HOME (before importing it)."""
     from models.paths import seal_home
@@ -212,9 +223,7 @@ def doctor(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    for key, value in QUIET_ENV.items():
-        os.environ.setdefault(key, value)
-    configure_process()  # before Prefect's threads and the first model: see models/process.py
+    prepare_process(prefect=False)  # each command sets Prefect up when it needs it
     args = _parser().parse_args(argv)
     from models.errors import ConfigError, DatasetError, ModelNotFoundError, UnknownTaskError
 
