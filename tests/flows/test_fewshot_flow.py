@@ -153,7 +153,12 @@ def test_label_free_fewshot_rewards_a_held_out_demonstration_and_never_sees_a_te
             return _real(model, tokenizer, pairs, *args, **kwargs)
 
         monkeypatch.setattr(ttt, name, recording)
-    overrides = [*OVERRIDES, "reward.source=demonstrations", "tracking.experiment=fewshot-label-free"]
+    overrides = [
+        *OVERRIDES,
+        "reward.source=demonstrations",
+        "tracking.experiment=fewshot-label-free",
+        "tracking.registered_model=fewshot-label-free-policy",
+    ]
     result = seal_training(load_config(FEWSHOT_TINY, overrides))
 
     (iteration,) = result.iterations
