@@ -69,11 +69,19 @@ CONDITIONS: dict[str, dict[str, str]] = {
         "model": "smollm2-135m-instruct",
         "dtype": "bfloat16",
     },
+    "learning_study-no_adaptation-smollm2-epyc-avx512-cpu.json": {
+        "machine": "EPYC AVX-512",
+        "commit": "5f0f911",
+        "model": "smollm2-135m-instruct",
+        "dtype": "bfloat16",
+        "settings": "`reward.baseline=no_adaptation rl.iterations=5`",
+    },
     "learning_study-smollm2-cpu.json": {
         "machine": "Intel AMX",
         "commit": "b380dc8",
         "model": "smollm2-135m-instruct",
         "dtype": "bfloat16",
+        "settings": "`reward.baseline=passage_only rl.iterations=3`",
     },
     "ray_throughput-cpu.json": {
         "machine": "Intel AMX",
