@@ -122,7 +122,8 @@ def hold_out_demonstration(row: dict) -> dict:
             f"task {row['id']} has {len(inputs)} demonstrations; holding one out needs {MIN_LABEL_FREE_DEMONSTRATIONS}"
         )
     return {
-        "id": row["id"],
+        # Its own id: its adapters and cached results never mix with the labelled task's.
+        "id": f"{row['id']}-demo{len(inputs)}",
         "train_inputs": inputs[:-1],
         "train_outputs": outputs[:-1],
         "test_inputs": inputs[-1:],

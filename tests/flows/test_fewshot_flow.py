@@ -165,7 +165,12 @@ def test_label_free_fewshot_rewards_a_held_out_demonstration_and_never_sees_a_te
     rewards = {(r["context_id"], r["self_edit"]): r["reward"] for r in iteration.rows}
     # The valid config solves each task's held-out demonstration ("1"); the real test pair ("2")
     # would have rewarded nothing.
-    assert rewards == {("train-0", 0): 1, ("train-0", 1): 0, ("train-1", 0): 1, ("train-1", 1): 0}
+    assert rewards == {
+        ("train-0-demo3", 0): 1,
+        ("train-0-demo3", 1): 0,
+        ("train-1-demo3", 0): 1,
+        ("train-1-demo3", 1): 0,
+    }
     assert iteration.metrics["kept_count"] == 2 and result.policy.name == "iteration-1"
     assert ((4, 0),) in seen  # a held-out task's test input: the recorder sees test grids
     assert ((9, 9),) not in seen and ((2,),) not in seen

@@ -82,7 +82,7 @@ def test_label_free_tasks_skip_tasks_too_short_to_hold_one_out():
     small = load_arc_tasks("train", max_grid_size=6)
     free = label_free_tasks(small)
     long_enough = [r for r in small if len(r["train_inputs"]) >= MIN_LABEL_FREE_DEMONSTRATIONS]
-    assert free["id"] == [r["id"] for r in long_enough] and len(free) == 43
+    assert free["id"] == [f"{r['id']}-demo{len(r['train_inputs'])}" for r in long_enough] and len(free) == 43
     assert [len(r["train_inputs"]) for r in free] == [len(r["train_inputs"]) - 1 for r in long_enough]
     # What a label-free reward checks is always a demonstration, never a real test output.
     assert all(task["test_outputs"] == [original["train_outputs"][-1]] for original, task in zip(long_enough, free))
