@@ -62,6 +62,14 @@ def table_row(label: str, result) -> dict:
     return row
 
 
+def tables(held_out: list, iterations: list) -> dict:
+    """A study's held-out tables and per-iteration metrics as JSON."""
+    return {
+        "held_out": [table_row(label, r) for label, r in held_out],
+        "iterations": [{"iteration": r.iteration, **r.metrics} for r in iterations],
+    }
+
+
 def report_from_run(run_id: str) -> tuple[dict, list, list]:
     """A stopped run's report, iterations and held-out tables, from its MLflow logs: the held-out
     tables (``held_out/step-N.json``: per context, each column's mean correct and its questions)
@@ -80,12 +88,11 @@ def report_from_run(run_id: str) -> tuple[dict, list, list]:
     held_out = []
     with tempfile.TemporaryDirectory() as folder:
         local = Path(client.download_artifacts(run_id, "held_out", folder))
-        for path in sorted(local.glob("step-*.json"), key=lambda p: int(p.stem.split("-")[1])):
+        for step, path in sorted((int(p.stem.split("-")[1]), p) for p in local.glob("step-*.json")):
             table = json.loads(path.read_text())
             rows = [dict(zip(table["columns"], row)) for row in table["data"]]
             columns = [c for c in table["columns"] if c not in ("context_id", "questions")]
             counts = {c: [(row[c], row["questions"]) for row in rows] for c in columns}
-            step = int(path.stem.split("-")[1])
             label = "base" if step == 0 else f"iteration-{step}"
             held_out.append((label, HeldOutResult(None, counts, 0.0, ("policy_self_edits", "passage_only"), rows)))
     history, last_logged = {}, run.info.start_time
@@ -99,8 +106,7 @@ def report_from_run(run_id: str) -> tuple[dict, list, list]:
         "wall_s": ((run.info.end_time or last_logged) - run.info.start_time) / 1000,  # to its last log
         "run_id": run_id,
         "stopped_early": run.info.status != "FINISHED",
-        "held_out": [table_row(label, r) for label, r in held_out],
-        "iterations": [{"iteration": r.iteration, **r.metrics} for r in iterations],
+        **tables(held_out, iterations),
     }
     return report, iterations, held_out
 
@@ -114,8 +120,7 @@ def run_study(config) -> tuple[dict, list, list]:
     report = {
         "wall_s": time.perf_counter() - start,
         "run_id": result.run_id,
-        "held_out": [table_row(label, r) for label, r in result.held_out],
-        "iterations": [{"iteration": r.iteration, **r.metrics} for r in result.iterations],
+        **tables(result.held_out, result.iterations),
     }
     return report, result.iterations, result.held_out
 
