@@ -41,7 +41,8 @@ GAIN = ("policy_self_edits", "base_self_edits")  # what RL adds to the base mode
 
 
 def table_row(label: str, result) -> dict:
-    """One held-out evaluation as JSON: per column correct, total, accuracy and interval."""
+    """One held-out evaluation as JSON: per column correct, total, accuracy and interval; each
+    paired difference (``differences``, the headline one also as ``difference``)."""
     row = {"policy": label, "columns": {}}
     for column in result.correct:
         estimate = result.interval(column)
@@ -52,13 +53,13 @@ def table_row(label: str, result) -> dict:
             "low": estimate.low,
             "high": estimate.high,
         }
-    difference = result.difference()
-    row["difference"] = {
-        "of": list(result.comparison),
-        "value": difference.value,
-        "low": difference.low,
-        "high": difference.high,
-    }
+    row["differences"] = []
+    for comparison in result.comparisons:
+        difference = result.difference(comparison)
+        row["differences"].append(
+            {"of": list(comparison), "value": difference.value, "low": difference.low, "high": difference.high}
+        )
+    row["difference"] = row["differences"][0]
     return row
 
 
@@ -79,6 +80,7 @@ def report_from_run(run_id: str) -> tuple[dict, list, list]:
     from mlflow import MlflowClient
 
     from flows.held_out import HeldOutResult
+    from flows.knowledge import HELD_OUT_COMPARISONS
     from flows.tracking import default_tracking_uri
     from flows.training import IterationResult
     from models.paths import seal_home
@@ -94,7 +96,7 @@ def report_from_run(run_id: str) -> tuple[dict, list, list]:
             columns = [c for c in table["columns"] if c not in ("context_id", "questions")]
             counts = {c: [(row[c], row["questions"]) for row in rows] for c in columns}
             label = "base" if step == 0 else f"iteration-{step}"
-            held_out.append((label, HeldOutResult(None, counts, 0.0, ("policy_self_edits", "passage_only"), rows)))
+            held_out.append((label, HeldOutResult(None, counts, 0.0, HELD_OUT_COMPARISONS, rows)))
     history, last_logged = {}, run.info.start_time
     for key in run.data.metrics:
         for metric in client.get_metric_history(run_id, key):

@@ -224,11 +224,12 @@ def learning_study(r: dict) -> str:
         return "; ".join(cells)
     last = r["held_out"][-1]
     cells = " · ".join(f"{c['correct']}/{c['total']}" for c in last["columns"].values())
-    d = last["difference"]
-    return (
-        f"after {last['policy']}: {cells}; policy self-edits − passage only "
+    differences = "; ".join(
+        f"{' − '.join(c.replace('_', ' ').replace('self edits', 'self-edits') for c in d['of'])} "
         f"{_points(d['value'])} points [{_points(d['low'])}, {_points(d['high'])}]"
+        for d in last.get("differences", [last["difference"]])  # files before the RL gain have one
     )
+    return f"after {last['policy']}: {cells}; {differences}"
 
 
 def ray_throughput(r: dict) -> str:

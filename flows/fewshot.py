@@ -204,4 +204,4 @@ def _evaluate_fewshot_policy(config: SealConfig, policy: PolicyRef, base: Policy
         )
         progress.advance("tasks")
     progress.close()
-    return HeldOutResult(policy, counts, time.perf_counter() - start, ("seal", "ttt_self_edits"), per_context)
+    return HeldOutResult(policy, counts, time.perf_counter() - start, (("seal", "ttt_self_edits"),), per_context)

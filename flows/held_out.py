@@ -21,8 +21,14 @@ class HeldOutResult:
     policy: PolicyRef
     counts: dict[str, list[tuple[float, int]]]
     seconds: float
-    comparison: tuple[str, str]  # the paired difference reported: (SEAL's column, the one it must beat)
+    # The paired differences reported, (SEAL's column, the one it is compared with); the first is
+    # the headline (``held_out/difference``).
+    comparisons: tuple[tuple[str, str], ...]
     per_context: list[dict] = field(default_factory=list)
+
+    @property
+    def comparison(self) -> tuple[str, str]:
+        return self.comparisons[0]
 
     @property
     def correct(self) -> dict[str, float]:
@@ -44,14 +50,16 @@ class HeldOutResult:
         """The column's accuracy with a 95 % interval from a bootstrap over contexts."""
         return accuracy_interval(self.counts[column])
 
-    def difference(self) -> Estimate:
-        """``comparison[0]`` minus ``comparison[1]`` on the same contexts, with its 95 % interval."""
-        return paired_difference(self.counts[self.comparison[0]], self.counts[self.comparison[1]])
+    def difference(self, comparison: tuple[str, str] | None = None) -> Estimate:
+        """One column minus another on the same contexts, with its 95 % interval (default: the
+        headline comparison)."""
+        first, second = comparison or self.comparison
+        return paired_difference(self.counts[first], self.counts[second])
 
 
 def format_held_out(results: list[tuple[str, HeldOutResult]]) -> str:
     """The held-out table: one row per evaluation, correct/total per column with its 95 %
-    interval (a bootstrap over contexts), then the paired difference the domain reports."""
+    interval (a bootstrap over contexts), then the paired differences the domain reports."""
     columns = list(results[0][1].correct)
     width = 26
     header = f"{'policy':<16}" + "".join(f"{c.replace('_', ' '):>{width}}" for c in columns)
@@ -67,20 +75,22 @@ def format_held_out(results: list[tuple[str, HeldOutResult]]) -> str:
             cells += f"{cell:>{width}}"
         lines.append(f"{label:<16}{cells}")
     lines.append("(95 % intervals: a bootstrap over held-out contexts)")
-    for label, result in results:
-        difference = result.difference()
-        first, second = (c.replace("_", " ") for c in result.comparison)
-        lines.append(
-            f"{label}: {first} - {second} = {100 * difference.value:+.1f} points "
-            f"[{100 * difference.low:+.1f}, {100 * difference.high:+.1f}]"
-            + ("" if difference.excludes_zero() else " (interval includes 0)")
-        )
+    for comparison in results[0][1].comparisons:
+        first, second = (c.replace("_", " ") for c in comparison)
+        for label, result in results:
+            difference = result.difference(comparison)
+            lines.append(
+                f"{label}: {first} - {second} = {100 * difference.value:+.1f} points "
+                f"[{100 * difference.low:+.1f}, {100 * difference.high:+.1f}]"
+                + ("" if difference.excludes_zero() else " (interval includes 0)")
+            )
     return "\n".join(lines)
 
 
 def held_out_metrics(result: HeldOutResult) -> dict[str, float]:
-    """A held-out result as MLflow metrics: per column its accuracy, counts and interval, and the
-    paired difference (``held_out/difference``) with its interval."""
+    """A held-out result as MLflow metrics: per column its accuracy, counts and interval, and each
+    paired difference with its interval (``held_out/<first>-<second>``; the headline one also as
+    ``held_out/difference``)."""
     metrics = {}
     for c, correct in result.correct.items():
         estimate = result.interval(c)
@@ -91,9 +101,13 @@ def held_out_metrics(result: HeldOutResult) -> dict[str, float]:
             f"held_out/{c}_low": estimate.low,
             f"held_out/{c}_high": estimate.high,
         }
-    difference = result.difference()
-    return metrics | {
-        "held_out/difference": difference.value,
-        "held_out/difference_low": difference.low,
-        "held_out/difference_high": difference.high,
-    }
+    for comparison in result.comparisons:
+        difference = result.difference(comparison)
+        names = ["-".join(comparison)] + (["difference"] if comparison == result.comparison else [])
+        for name in names:
+            metrics |= {
+                f"held_out/{name}": difference.value,
+                f"held_out/{name}_low": difference.low,
+                f"held_out/{name}_high": difference.high,
+            }
+    return metrics

@@ -388,11 +388,16 @@ def test_learning_study_writes_table_2_with_intervals_after_every_iteration(pref
         assert list(row["columns"]) == ["no_adaptation", "passage_only", "base_self_edits", "policy_self_edits"]
         for column in row["columns"].values():
             assert column["low"] <= column["accuracy"] <= column["high"]
-        assert row["difference"]["of"] == ["policy_self_edits", "passage_only"]
+        assert [d["of"] for d in row["differences"]] == [
+            ["policy_self_edits", "passage_only"],
+            ["policy_self_edits", "base_self_edits"],  # the RL gain
+        ]
+        assert row["difference"] == row["differences"][0]
     assert [i["iteration"] for i in report["iterations"]] == [1, 2]
     assert "self_edit/fact_recall" in report["iterations"][0]
     assert out.with_suffix(".png").stat().st_size > 0
-    assert "policy self edits - passage only" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "policy self edits - passage only" in printed and "policy self edits - base self edits" in printed
 
     # A study stopped early is reported from what its run logged: here the same tables.
     rebuilt = tmp_path / "rebuilt.json"
@@ -540,6 +545,7 @@ def test_generated_questions_script_scores_the_kept_pairs_and_the_real_questions
 def test_learning_study_variants_compare_reward_sources_and_report_the_gain_recovered(tmp_path, monkeypatch):
     from benchmarks import learning_study
     from flows.held_out import HeldOutResult
+    from flows.knowledge import HELD_OUT_COMPARISONS
 
     # Per reward source, policy self-edits' correct answers on 4 contexts of 5 questions; base
     # self-edits get 1 everywhere. Real questions gain 2 per context, generated ones 1 (half).
@@ -553,7 +559,7 @@ def test_learning_study_variants_compare_reward_sources_and_report_the_gain_reco
         columns = {"no_adaptation": 0, "passage_only": 2, "base_self_edits": 1, "policy_self_edits": correct}
         counts = {column: [(n, 5)] * 4 for column, n in columns.items()}
         per_context = [{"context_id": f"c{i}", "questions": 5} for i in range(4)]
-        result = HeldOutResult(None, counts, 0.0, ("policy_self_edits", "passage_only"), per_context)
+        result = HeldOutResult(None, counts, 0.0, HELD_OUT_COMPARISONS, per_context)
         report = {"wall_s": 1.0, "run_id": f"run-{len(runs)}", "held_out": [learning_study.table_row("x", result)]}
         return report, [], [("iteration-1", result)]
 

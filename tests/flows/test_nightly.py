@@ -25,7 +25,7 @@ def test_held_out_change_is_after_minus_before_on_the_same_contexts(before, afte
     ref = PolicyRef(name="p", path="/p", digest="d")
 
     def table(counts):
-        return HeldOutResult(ref, {"policy_self_edits": counts}, 0.0, ("policy_self_edits", "policy_self_edits"))
+        return HeldOutResult(ref, {"policy_self_edits": counts}, 0.0, (("policy_self_edits", "policy_self_edits"),))
 
     change = held_out_change(table(before), table(after), "policy_self_edits")
     assert change.value == pytest.approx(expected) and change.low <= change.value <= change.high

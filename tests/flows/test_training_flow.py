@@ -236,6 +236,7 @@ def test_seeds_passage_only_rewards_and_several_held_out_self_edits(prefect_env)
         "self_edit/answer_coverage",
         "self_edit/copied_fraction",
         "held_out/difference",
+        "held_out/policy_self_edits-base_self_edits_low",
         "held_out/passage_only_high",
     ):
         assert name in run.data.metrics, name
