@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from models.process import configure_process
@@ -113,8 +115,16 @@ def prepare_process(prefect: bool = True) -> None:
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
     configure_process()
+    # SIGTERM (docker stop, a scheduler's timeout) ends the process as Ctrl-C would, through its
+    # cleanup: Python's default would leave Prefect's temporary server running, orphaned.
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _exit_on_signal)
     if prefect:
         prefect_environment()
+
+
+def _exit_on_signal(signum: int, frame) -> None:
+    sys.exit(128 + signum)
 
 
 def prefect_environment() -> None:

@@ -187,3 +187,34 @@ def test_a_missing_adapter_or_altered_policy_is_recomputed_not_trusted(prefect_e
     again = seal_training(config)
     assert again.policy.digest == result.policy.digest
     assert weights.read_bytes() == original
+
+
+def test_sigterm_crashes_the_flow_run_and_stops_its_prefect_server(tmp_path):
+    import psutil
+
+    home = tmp_path / "home"
+    env = {**os.environ, "SEAL_HOME": str(home), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "run", str(TINY), "rl.iterations=3"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:  # mid-run: adapters are training
+        if _saved_adapters(home / "adapters") >= 2:
+            break
+        time.sleep(0.2)
+    assert process.poll() is None, "the run ended before it could be stopped"
+    server = psutil.Process(process.pid).children(recursive=True)
+    assert server, "no Prefect server process under the run"
+    process.terminate()  # SIGTERM to the flow process alone, as docker stop or a scheduler sends it
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM
+    assert "Crashed('Execution was aborted by a termination signal.')" in output
+    _, alive = psutil.wait_procs(server, timeout=30)
+    for orphan in alive:
+        orphan.kill()
+    assert not alive, "the run's Prefect server outlived it"
