@@ -69,6 +69,13 @@ CONDITIONS: dict[str, dict[str, str]] = {
         "model": "smollm2-135m-instruct",
         "dtype": "bfloat16",
     },
+    "learning_study-mstep_lr1e-4-smollm2-epyc-avx512-cpu.json": {
+        "machine": "EPYC AVX-512",
+        "commit": "7c7455e",
+        "model": "smollm2-135m-instruct",
+        "dtype": "bfloat16",
+        "settings": "`reward.baseline=no_adaptation policy_update.learning_rate=1e-4`, stopped after iteration 3",
+    },
     "learning_study-no_adaptation-smollm2-epyc-avx512-cpu.json": {
         "machine": "EPYC AVX-512",
         "commit": "5f0f911",
@@ -250,6 +257,23 @@ def resume_after_kill(r: dict) -> str:
     )
 
 
+def reward_noise(r: dict) -> str:
+    a, rel, m = r["advantage"], r["reliability"], r["seeds"] - 1
+    picks = " · ".join(
+        f"{name} {_points(a[key]['value'])} [{_points(a[key]['low'])}, {_points(a[key]['high'])}]"
+        for name, key in (
+            ("apparent", "apparent_one_seed"),
+            ("1 seed", "one_seed"),
+            ("all but one", "all_seeds_but_one"),
+        )
+    )
+    return (
+        f"{r['contexts']} contexts × {r['self_edits']} self-edits × {r['seeds']} seeds: one seed's reliability "
+        f"{rel['one_seed']:.2f} (mean of {m}: {rel[f'mean_of_{m}']:.2f}); the kept "
+        f"self-edit's advantage, points: {picks}"
+    )
+
+
 def serve(r: dict) -> str:
     parts = ", ".join(f"{name} {mb:.0f} MB" for name, mb in r["idle_rss_mb"].items())
     return f"healthy after {r['healthy_s']:.1f} s; idle {_gb(r['idle_rss_total_mb'])} ({parts})"
@@ -300,6 +324,7 @@ BENCHMARKS: dict[str, tuple[str, Callable[[dict], str]]] = {
     "learning_study": ("learning-quality study, Table 2 (`learning_study.py`)", learning_study),
     "ray_throughput": ("one E-step on 1 and 2 local Ray workers (`ray_throughput.py`)", ray_throughput),
     "resume_after_kill": ("SIGKILL in iteration 2, then rerun (`resume_after_kill.py`)", resume_after_kill),
+    "reward_noise": ("a one-seed reward against the training seed's luck (`reward_noise.py`)", reward_noise),
     "serve": ("`seal serve` startup and idle memory (`serve.py`)", serve),
     "step_ceiling": ("stacked step against the frozen model's passes (`step_ceiling.py`)", step_ceiling),
     "step_scaling": ("stacked step against adapters in it (`step_scaling.py`)", step_scaling),
