@@ -109,6 +109,12 @@ CONDITIONS: dict[str, dict[str, str]] = {
         "model": "tiny-random",
         "dtype": "bfloat16",
     },
+    "reward_noise-smollm2-epyc-avx512-cpu.json": {
+        "machine": "EPYC AVX-512",
+        "commit": "8d8ff32",
+        "model": "smollm2-135m-instruct",
+        "dtype": "bfloat16",
+    },
     "serve-cpu.json": {"machine": "Intel AMX", "commit": "5abb61a", "model": "-", "dtype": "-"},
     "step_ceiling-smollm2-epyc-avx512-cpu.json": {"machine": "EPYC AVX-512", "commit": "efa7aff", "dtype": "float32"},
     "step_scaling-smollm2-cpu.json": {"machine": "EPYC AVX2", "commit": "4f7ca37", "dtype": "float32"},
