@@ -37,7 +37,6 @@ VARIANTS = {
     "generated": ["reward.source=generated", "reward.question_writer=policy"],
     "generated_base": ["reward.source=generated", "reward.question_writer=base"],
 }
-GAIN = ("policy_self_edits", "base_self_edits")  # what RL adds to the base model's self-edits
 
 
 def table_row(label: str, result) -> dict:
@@ -130,8 +129,10 @@ def run_study(config) -> tuple[dict, list, list]:
 def recoveries(held_out: dict[str, list]) -> dict[str, list[dict]]:
     """Per generated variant, per evaluation both ran: the share of the ``questions`` variant's
     gain (policy self-edits - base self-edits) it recovers, with a 95 % interval."""
+    from flows.knowledge import HELD_OUT_COMPARISONS
     from models.stats import gain_recovery
 
+    gain = HELD_OUT_COMPARISONS[1]  # what RL adds to the base model's self-edits
     if "questions" not in held_out:
         return {}
     reference = held_out["questions"]
@@ -144,10 +145,10 @@ def recoveries(held_out: dict[str, list]) -> dict[str, list[dict]]:
             ids, real_ids = ([row["context_id"] for row in r.per_context] for r in (result, real))
             if ids != real_ids:
                 raise SystemExit(f"{variant} and questions evaluated different held-out contexts at {label}")
-            row = {"after": label, "reference_gain": real.accuracy(GAIN[0]) - real.accuracy(GAIN[1])}
+            row = {"after": label, "reference_gain": real.accuracy(gain[0]) - real.accuracy(gain[1])}
             try:
                 estimate = gain_recovery(
-                    (result.counts[GAIN[0]], result.counts[GAIN[1]]), (real.counts[GAIN[0]], real.counts[GAIN[1]])
+                    (result.counts[gain[0]], result.counts[gain[1]]), (real.counts[gain[0]], real.counts[gain[1]])
                 )
             except ValueError as exc:  # real questions gained nothing here: no share to speak of
                 row["recovery"] = None

@@ -57,10 +57,13 @@ def spearman_brown(icc: float, m: int) -> float:
 
 
 def pick(accuracy: np.ndarray, f1: np.ndarray, seeds: list[int]) -> int:
-    """The self-edit ReST-EM keeps when scored on ``seeds``: highest mean accuracy, then mean F1,
-    then the lowest index (models.rest_em.select_self_edits). ``accuracy``/``f1``: (self-edits, seeds)."""
+    """The self-edit ReST-EM keeps when scored on ``seeds`` (:func:`models.rest_em.select_self_edits`:
+    highest mean accuracy, then mean F1, then the lowest index). ``accuracy``/``f1``: (self-edits, seeds)."""
+    from models.rest_em import Candidate, select_self_edits
+
     a, f = accuracy[:, seeds].mean(1), f1[:, seeds].mean(1)
-    return min(range(len(a)), key=lambda k: (-a[k], -f[k], k))
+    # No baseline to beat: the comparison here is between a context's self-edits.
+    return select_self_edits(float("-inf"), [Candidate(k, float(a[k]), float(f[k])) for k in range(len(a))]).kept
 
 
 def selection_advantage(

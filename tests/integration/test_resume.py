@@ -194,14 +194,15 @@ def test_sigterm_crashes_the_flow_run_and_stops_its_prefect_server(tmp_path):
 
     home = tmp_path / "home"
     env = {**os.environ, "SEAL_HOME": str(home), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "run", str(TINY), "rl.iterations=3"],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    log = tmp_path / "run.log"  # a file, not a pipe: nobody reads the output until the run has ended
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", "run", str(TINY), "rl.iterations=3"],
+            env=env,
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and process.poll() is None:  # mid-run: adapters are training
         if _saved_adapters(home / "adapters") >= 2:
@@ -211,9 +212,9 @@ def test_sigterm_crashes_the_flow_run_and_stops_its_prefect_server(tmp_path):
     server = psutil.Process(process.pid).children(recursive=True)
     assert server, "no Prefect server process under the run"
     process.terminate()  # SIGTERM to the flow process alone, as docker stop or a scheduler sends it
-    output, _ = process.communicate(timeout=120)
+    process.wait(timeout=120)
     assert process.returncode == 128 + signal.SIGTERM
-    assert "Crashed('Execution was aborted by a termination signal.')" in output
+    assert "Crashed('Execution was aborted by a termination signal.')" in log.read_text()
     _, alive = psutil.wait_procs(server, timeout=30)
     for orphan in alive:
         orphan.kill()
