@@ -58,10 +58,11 @@ class KnowledgeDomain:
         future = knowledge.evaluate_baselines.submit(policy, config.model, contexts, config.eval, label)
         return [FutureItem(future, i) for i in range(len(contexts))]
 
-    def inner_loops(self, policy, config, items, tag=""):
+    def inner_loops(self, policy, config, items, tag="", seeds=None):
         """Groups of ``inner_loop.group_size`` inner loops, each trained and evaluated together
-        through stacked adapters (two tasks per group). With ``inner_loop.seeds`` > 1 each item
-        trains once per seed and its result pools theirs (:class:`flows.inner_loop.SeedMean`)."""
+        through stacked adapters (two tasks per group). With ``seeds`` (None:
+        ``inner_loop.seeds``) > 1 each item trains once per seed and its result pools theirs
+        (:class:`flows.inner_loop.SeedMean`)."""
 
         def submitter(inner):
             def submit(group, label, refresh):
@@ -83,10 +84,12 @@ class KnowledgeDomain:
             contexts = list(dict.fromkeys(items[i][0].id for i in chunk))
             label = "+".join(contexts) if len(contexts) <= 2 else f"{contexts[0]}+{len(contexts) - 1}"
             labels.append(f"{label}-{tag}" if tag else label)
-        first, count = config.inner_loop.seed, config.inner_loop.seeds
+        first, count = config.inner_loop.seed, seeds or config.inner_loop.seeds
         per_seed = []  # for each training seed, a member per item: the seed's groups share its config
         for seed in range(first, first + count):
-            submit = submitter(config.inner_loop.model_copy(update={"seed": seed}))
+            # A task trains one seed, so its key holds that seed and not the count: seed 0 of a
+            # 3-seed run is seed 0 of a 1-seed run, cached once.
+            submit = submitter(config.inner_loop.model_copy(update={"seed": seed, "seeds": 1}))
             members: list = [None] * len(items)
             for chunk, label in zip(chunks, labels):
                 group = InnerLoopGroup(
@@ -178,6 +181,7 @@ def _evaluate_policy(config: SealConfig, policy: PolicyRef, base: PolicyRef) -> 
             for item in [(c, None, "passage")] + [(c, e, f"base-edit{e.index}") for e in edits.result()]
         ],
         tag="base",
+        seeds=config.eval.seeds,
     )
     per_base = [base_loops[i * (m + 1) : (i + 1) * (m + 1)] for i in range(len(contexts))]
     if same:
@@ -188,6 +192,7 @@ def _evaluate_policy(config: SealConfig, policy: PolicyRef, base: PolicyRef) -> 
             config,
             [(c, e, f"policy-edit{e.index}") for c, edits in zip(contexts, policy_edits) for e in edits.result()],
             tag="policy",
+            seeds=config.eval.seeds,
         )
         per_policy = [policy_loops[i * m : (i + 1) * m] for i in range(len(contexts))]
     futures = [

@@ -203,6 +203,7 @@ def test_seeds_passage_only_rewards_and_several_held_out_self_edits(prefect_env)
             "reward.baseline=passage_only",
             "reward.kind=graded",
             "eval.num_self_edits=2",
+            "eval.seeds=1",
             "tracking.experiment=variants",
             "tracking.registered_model=variants-policy",
         ],
@@ -224,6 +225,9 @@ def test_seeds_passage_only_rewards_and_several_held_out_self_edits(prefect_env)
     base = result.held_out[0][1].policy
     for context_id in {row["context_id"] for row in iteration.rows}:
         assert len([p for p in made if p.parent == adapters / base.digest / context_id]) == 6
+    # Held out with eval.seeds=1: the passage and 2 base self-edits, one seed each.
+    for context in result.held_out[0][1].per_context:
+        assert len([p for p in made if p.parent == adapters / base.digest / context["context_id"]]) == 3
     # Held out: two self-edits per context and column, averaged; each column has its interval.
     for _, held_out in result.held_out:
         assert all(len(counts) == 2 for counts in held_out.counts.values())

@@ -106,10 +106,17 @@ def test_parse_overrides_nests():
 def test_few_shot_refuses_what_only_the_knowledge_domain_does():
     with pytest.raises(ConfigError) as raised:
         load_config(
-            None, ["domain=fewshot", "reward.baseline=passage_only", "inner_loop.seeds=3", "fewshot.eval_task_ids=[]"]
+            None,
+            [
+                "domain=fewshot",
+                "reward.baseline=passage_only",
+                "inner_loop.seeds=3",
+                "eval.seeds=2",
+                "fewshot.eval_task_ids=[]",
+            ],
         )
     message = str(raised.value)
-    assert "reward.baseline" in message and "inner_loop.seeds" in message
+    assert "reward.baseline" in message and "inner_loop.seeds" in message and "eval.seeds" in message
     assert load_config(None, ["reward.baseline=passage_only", "inner_loop.seeds=3"]).inner_loop.seeds == 3
 
 
