@@ -3,6 +3,7 @@
 from datetime import datetime, timezone
 from pathlib import Path
 
+import pytest
 from conftest import TINY, squad_file
 
 
@@ -25,17 +26,27 @@ def _flow_config(root: Path):
     )
 
 
-def test_clean_lists_then_deletes_only_what_no_run_references(prefect_env, capsys):
-    import os
+@pytest.fixture
+def own_storage(prefect_env, tmp_path, monkeypatch):
+    """SEAL_HOME and result storage of this test alone: the session's hold other tests' files,
+    which ``seal clean`` would rightly list, whichever tests ran before in this process."""
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
+    home, storage = tmp_path / "seal", tmp_path / "seal" / "prefect" / "storage"
+    monkeypatch.setenv("SEAL_HOME", str(home))
+    monkeypatch.setenv("PREFECT_LOCAL_STORAGE_PATH", str(storage))
+    with temporary_settings(updates={PREFECT_LOCAL_STORAGE_PATH: storage}):
+        yield home, storage
+
+
+def test_clean_lists_then_deletes_only_what_no_run_references(prefect_env, own_storage, capsys):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterStartTime
 
     from flows.cli import main
     from flows.training import seal_training
 
-    home = Path(os.environ["SEAL_HOME"])
-    storage = Path(os.environ["PREFECT_LOCAL_STORAGE_PATH"])
+    home, storage = own_storage
     config = _flow_config(prefect_env)
     # Leftovers of a killed write and of a run Prefect no longer knows.
     torn = home / "adapters" / ".edit0-x1y2"

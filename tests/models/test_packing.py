@@ -55,7 +55,8 @@ def test_packed_rows_get_the_losses_and_gradients_of_rows_alone(tiny, implementa
             torch.testing.assert_close(packed[start : start + length - 1], row, rtol=1e-5, atol=1e-5)
             if start + length - 1 < len(packed):
                 assert packed[start + length - 1] == 0  # the next row's first token is not a target
-        torch.testing.assert_close(embeddings.grad, expected_grad, rtol=1e-4, atol=1e-6)
+        # atol as the losses': a sum of float32 gradients in another order is off by ~2e-6 with 1 thread
+        torch.testing.assert_close(embeddings.grad, expected_grad, rtol=1e-4, atol=1e-5)
     finally:
         embeddings.grad = None
         embeddings.requires_grad_(False)
