@@ -40,8 +40,12 @@ lint: install  ## ruff: lint errors and formatting (`make format` fixes the form
 format: install
 	$(BIN)/ruff format .
 
+# Two pytest workers, a test file each: half a test's time is waiting on a server or a subprocess,
+# which the other worker fills (tests/conftest.py splits the cores between them).
+TEST_WORKERS ?= 2
+
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: install  ## the unit tests only: tests/{models,tasks,flows,...} without tests/integration/
 	$(BIN)/python -m pytest -q -m 'not slow and not integration'

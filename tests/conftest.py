@@ -20,6 +20,10 @@ from models.process import configure_process  # noqa: E402
 
 os.environ.update(QUIET_ENV)
 configure_process()  # the process settings the seal command applies
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # make test's workers: each its share of the cores, as Ray's do
+    os.environ.setdefault(
+        "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    )
 
 
 @pytest.fixture
