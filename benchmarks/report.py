@@ -48,6 +48,14 @@ CONDITIONS: dict[str, dict[str, str]] = {
         "dtype": "bfloat16",
     },
     "fewshot-smollm2-cpu.json": {"machine": "Intel AMX", "commit": "884e399"},
+    "fewshot-test_output-smollm2-epyc-avx512-cpu.json": {
+        "machine": "EPYC AVX-512",
+        "commit": "c3a5e43",
+        "dtype": "bfloat16",
+        "settings": "`fewshot.train_task_ids=[6d0aefbc, 5582e5ca, 8be77c9e, 67e8384a]`, the test-output reward "
+        "(issue 32's baseline for `reward.source=demonstrations`); tasks computed at `c3a5e43`, the table "
+        "assembled from the cache at `d1468af`, no few-shot code changed between",
+    },
     "generated_questions-smollm2-cpu.json": {
         "machine": "EPYC AVX-512",
         "commit": "a398f1f",
