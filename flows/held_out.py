@@ -79,10 +79,13 @@ def format_held_out(results: list[tuple[str, HeldOutResult]]) -> str:
         first, second = (c.replace("_", " ") for c in comparison)
         for label, result in results:
             difference = result.difference(comparison)
+            if result.counts[comparison[0]] == result.counts[comparison[1]]:
+                note = " (the same on every context)"  # e.g. before any update, the policy is the base
+            else:
+                note = "" if difference.excludes_zero() else " (interval includes 0)"
             lines.append(
                 f"{label}: {first} - {second} = {100 * difference.value:+.1f} points "
-                f"[{100 * difference.low:+.1f}, {100 * difference.high:+.1f}]"
-                + ("" if difference.excludes_zero() else " (interval includes 0)")
+                f"[{100 * difference.low:+.1f}, {100 * difference.high:+.1f}]{note}"
             )
     return "\n".join(lines)
 

@@ -31,6 +31,14 @@ def test_every_comparison_is_printed_per_evaluation_headline_first():
     ]
 
 
+def test_columns_equal_on_every_context_are_said_to_be_so():
+    same = table()
+    same.counts["policy_self_edits"] = list(same.counts["base_self_edits"])
+    lines = format_held_out([("base", same), ("iteration-1", table())]).splitlines()
+    assert "base: policy self edits - base self edits = +0.0 points [+0.0, +0.0] (the same on every context)" in lines
+    assert "iteration-1: policy self edits - base self edits = +30.0 points [+20.0, +40.0]" in lines
+
+
 def test_every_comparison_is_logged_and_the_headline_keeps_its_name():
     metrics = held_out_metrics(table())
     assert metrics["held_out/difference"] == metrics["held_out/policy_self_edits-passage_only"] == pytest.approx(0.2)
