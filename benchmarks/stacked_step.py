@@ -20,15 +20,13 @@ import threading
 import time
 from pathlib import Path
 
-for key, value in {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TRANSFORMERS_VERBOSITY": "error",
-    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-}.items():
-    os.environ.setdefault(key, value)
+# Run as a script: the repository root on the path; offline and quiet as the seal command,
+# before transformers reads its settings.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from flows.cli import QUIET_ENV  # noqa: E402
+
+for key, value in QUIET_ENV.items():
+    os.environ.setdefault(key, value)
 
 import psutil  # noqa: E402
 
