@@ -84,6 +84,13 @@ CONDITIONS: dict[str, dict[str, str]] = {
         "dtype": "bfloat16",
         "settings": "`reward.baseline=no_adaptation policy_update.learning_rate=1e-4`, stopped after iteration 3",
     },
+    "learning_study-passage_only-seeds3-smollm2-epyc-avx512-cpu.json": {
+        "machine": "EPYC AVX-512",
+        "commit": "7aa70c5",
+        "model": "smollm2-135m-instruct",
+        "dtype": "bfloat16",
+        "settings": "`reward.baseline=passage_only rl.iterations=4 inner_loop.seeds=3 eval.seeds=1`",
+    },
     "learning_study-seeds3-smollm2-epyc-avx512-cpu.json": {
         "machine": "EPYC AVX-512",
         "commit": "34e0a9d",

@@ -239,8 +239,8 @@ class RewardConfig(_Section):
     """What a self-edit's reward measures (knowledge domain; few-shot rewards a solved task, its
     test pair's or, label-free, a held-out demonstration's)."""
 
-    # The paper's by default: in the study, passage_only (an inner loop more per context) gained
-    # the policy no more held-out accuracy (benchmarks/README.md, "Reward baseline").
+    # The paper's by default: passage_only (an inner loop more per context) raised the study's
+    # policy by 4 points at most, within noise, and neither made RL gain (benchmarks/README.md).
     baseline: Literal["no_adaptation", "passage_only"] = Field(
         "no_adaptation",
         description="What the adapted model must beat: 'no_adaptation' (the paper's: the policy's "
