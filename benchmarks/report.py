@@ -48,6 +48,13 @@ CONDITIONS: dict[str, dict[str, str]] = {
         "dtype": "bfloat16",
     },
     "fewshot-smollm2-cpu.json": {"machine": "Intel AMX", "commit": "884e399"},
+    "fewshot-demonstrations-smollm2-epyc-avx512-cpu.json": {
+        "machine": "EPYC AVX-512",
+        "commit": "4f06233",
+        "dtype": "bfloat16",
+        "settings": "`fewshot.train_task_ids=[6d0aefbc, 5582e5ca, 8be77c9e, 67e8384a] reward.source=demonstrations`, "
+        "the label-free reward (issue 32), the same tasks as the test-output run",
+    },
     "fewshot-test_output-smollm2-epyc-avx512-cpu.json": {
         "machine": "EPYC AVX-512",
         "commit": "c3a5e43",
