@@ -150,7 +150,7 @@ def recoveries(held_out: dict[str, list]) -> dict[str, list[dict]]:
                 estimate = gain_recovery(
                     (result.counts[gain[0]], result.counts[gain[1]]), (real.counts[gain[0]], real.counts[gain[1]])
                 )
-            except ValueError as exc:  # real questions gained nothing here: no share to speak of
+            except ValueError as exc:  # real questions gained nothing here, or lost: no share to speak of
                 row["recovery"] = None
                 row["why"] = str(exc)
             else:
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, rows in found.items():
                 for row in rows:
                     share = (
-                        "n/a"
+                        f"n/a ({row['why']})"
                         if row["recovery"] is None
                         else f"{row['recovery']:.0%} [{row['low']:.0%}, {row['high']:.0%}]"
                     )

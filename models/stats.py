@@ -89,15 +89,16 @@ def gain_recovery(
 
     Raises:
         ValueError: if the four columns do not cover the same number of contexts, or the
-            reference gain is 0 (nothing to recover).
+            reference gain is not above 0 (nothing to recover: a share of a loss means nothing).
     """
     columns = [*gain, *reference]
     if len({len(c) for c in columns}) != 1:
         raise ValueError(f"a recovery needs the same contexts in every column: {[len(c) for c in columns]}")
     arrays = [_arrays(c) for c in columns]
     pooled = [a.sum() / n.sum() if n.sum() else 0.0 for a, n in arrays]
-    if pooled[2] == pooled[3]:
-        raise ValueError("the reference gain is 0: there is nothing to recover")
+    if pooled[2] <= pooled[3]:
+        gain = (pooled[2] - pooled[3]) * 100
+        raise ValueError(f"the reference gain is {gain:+.1f} points, not above 0: there is nothing to recover")
     picks = _picks(len(columns[0]), replicates, seed)
     resampled = [_ratio(a, n, picks) for a, n in arrays]
     numerator, denominator = resampled[0] - resampled[1], resampled[2] - resampled[3]

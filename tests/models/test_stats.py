@@ -57,5 +57,7 @@ def test_gain_recovery_is_the_ratio_of_two_paired_gains():
     assert estimate.value == pytest.approx(0.5) and estimate.low < 0.5 < estimate.high
     with pytest.raises(ValueError, match="nothing to recover"):
         gain_recovery((real, base), (base, base))
+    with pytest.raises(ValueError, match="-40.0 points, not above 0"):  # a loss has no share to recover
+        gain_recovery((real, base), (base, real))
     with pytest.raises(ValueError, match="same contexts"):
         gain_recovery((real, base), (real[:-1], base[:-1]))
