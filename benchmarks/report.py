@@ -98,6 +98,13 @@ CONDITIONS: dict[str, dict[str, str]] = {
         "dtype": "bfloat16",
         "settings": "`reward.baseline=passage_only rl.iterations=4 inner_loop.seeds=3 eval.seeds=1`",
     },
+    "learning_study-unlabelled-smollm2-epyc-avx512-cpu.json": {
+        "machine": "EPYC AVX-512",
+        "commit": "f669788",
+        "model": "smollm2-135m-instruct",
+        "dtype": "bfloat16",
+        "settings": "`--variants questions,generated_base,generated rl.iterations=2`",
+    },
     "learning_study-seeds3-smollm2-epyc-avx512-cpu.json": {
         "machine": "EPYC AVX-512",
         "commit": "34e0a9d",
