@@ -97,8 +97,8 @@ def gain_recovery(
     arrays = [_arrays(c) for c in columns]
     pooled = [a.sum() / n.sum() if n.sum() else 0.0 for a, n in arrays]
     if pooled[2] <= pooled[3]:
-        gain = (pooled[2] - pooled[3]) * 100
-        raise ValueError(f"the reference gain is {gain:+.1f} points, not above 0: there is nothing to recover")
+        points = (pooled[2] - pooled[3]) * 100
+        raise ValueError(f"the reference gain is {points:+.1f} points, not above 0: there is nothing to recover")
     picks = _picks(len(columns[0]), replicates, seed)
     resampled = [_ratio(a, n, picks) for a, n in arrays]
     numerator, denominator = resampled[0] - resampled[1], resampled[2] - resampled[3]
