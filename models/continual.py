@@ -48,16 +48,17 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from models.base_model import resolve_model, save_model
+from models.base_model import resolve_model
 from models.config import EvalConfig, InnerLoopConfig, LoraConfig
 from models.inner_loop import (
     EvalResult,
     TrainResult,
-    attach_lora,
     evaluate_contexts,
+    fresh_adapter,
     grade,
     save_adapter,
     train_adapter,
+    train_and_merge,
 )
 from models.self_edit import SelfEdit, inner_loop_plan
 from models.stacked_lora import AdapterStack, evaluate_stacked
@@ -173,18 +174,16 @@ def merge_self_edit(
         ValueError: if ``documents`` is empty or no layer matches ``lora.target_modules``.
         NonFiniteLossError: if a loss is NaN or infinite; nothing is written.
     """
-    torch.manual_seed(config.seed)  # A from the seed, B zero: training starts at the current model
-    adapted = attach_lora(model, lora)
-    try:
-        result = train_adapter(adapted, tokenizer, documents, config)
-    except BaseException:
-        adapted.unload()
-        raise
-    merged = adapted.merge_and_unload()
-    merged.eval()
-    save_model(merged, tokenizer, Path(folder), source=source)
-    # Read the digest back: if another process wrote the folder first, its copy is the one kept.
-    return MergeResult(Path(folder), resolve_model(str(folder)).digest, result)
+    digest, result = train_and_merge(
+        model,
+        tokenizer,
+        lora,
+        config.seed,
+        lambda adapted: train_adapter(adapted, tokenizer, documents, config),
+        Path(folder),
+        source,
+    )
+    return MergeResult(Path(folder), digest, result)
 
 
 @dataclass(frozen=True)
@@ -279,13 +278,9 @@ def run_routed_step(
     drawn = replay_sample(history, replay, replay_seed)
     documents, own, plan = continual_documents(self_edit, title, passage, drawn, config)
     folder = Path(root) / _folder_key(documents, lora, plan)
-    torch.manual_seed(plan.seed)  # A from the seed, B zero: as merge_self_edit
-    adapted = attach_lora(model, lora)
-    try:
+    with fresh_adapter(model, lora, plan.seed) as adapted:  # A from the seed, B zero: as merge_self_edit
         train = train_adapter(adapted, tokenizer, documents, plan)
         save_adapter(adapted, folder)
-    finally:
-        adapted.unload()
     folders = [*map(Path, adapters), folder]
     stack = AdapterStack.attach(model, lora, len(folders))
     try:

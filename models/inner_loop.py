@@ -14,15 +14,17 @@ import string
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import peft
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from models.base_model import resolve_model, save_model
 from models.config import EvalConfig, InnerLoopConfig, LoraConfig
 from models.errors import NonFiniteLossError  # noqa: F401  (train_adapter's error, caught by its callers as ours)
 from models.self_edit import QUESTION_PROMPT, answer_lines, render_prompt
@@ -104,6 +106,43 @@ def fresh_adapter(model: PreTrainedModel, lora: LoraConfig, seed: int) -> Iterat
         yield adapted
     finally:
         adapted.unload()
+
+
+T = TypeVar("T")
+
+
+def train_and_merge(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    lora: LoraConfig,
+    seed: int,
+    train: Callable[[peft.PeftModel], T],
+    folder: Path,
+    source: str,
+) -> tuple[str, T]:
+    """Train a fresh LoRA adapter with ``train``, merge it into ``model``'s weights and save the
+    merged model to ``folder`` (atomically, with ``source`` as its origin in the manifest).
+
+    LoRA's A matrices are initialized from ``seed`` (B is zero, so training starts at
+    ``model``). ``model`` is modified in place: pass a private copy, never a cached model. If
+    ``train`` raises, the LoRA layers are removed again, ``model`` keeps its weights and
+    nothing is written.
+
+    Returns:
+        The saved weights' digest, read back from disk (if another process wrote ``folder``
+        first, its copy is the one kept), and what ``train`` returned.
+    """
+    torch.manual_seed(seed)
+    adapted = attach_lora(model, lora)
+    try:
+        trained = train(adapted)
+    except BaseException:
+        adapted.unload()
+        raise
+    merged = adapted.merge_and_unload()
+    merged.eval()
+    save_model(merged, tokenizer, Path(folder), source=source)
+    return resolve_model(str(folder)).digest, trained
 
 
 class AdapterSlot:

@@ -19,9 +19,8 @@ import peft
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from models.base_model import resolve_model, save_model
 from models.config import LoraConfig, PolicyUpdateConfig
-from models.inner_loop import attach_lora, pad_batch
+from models.inner_loop import pad_batch, train_and_merge
 from models.self_edit import render_prompt
 from models.training import backward_loss, fit
 
@@ -153,10 +152,9 @@ def update_policy(
         )
     start = time.perf_counter()
     lora = LoraConfig(rank=config.rank, alpha=config.alpha, dropout=0.0, target_modules=list(target_modules))
-    torch.manual_seed(config.seed)  # LoRA's A matrices; B is zero, so training starts at the policy
-    adapted = attach_lora(model, lora)
-    try:
-        losses = fit(
+
+    def train(adapted: peft.PeftModel) -> list[float]:
+        return fit(
             adapted,
             examples,
             lambda step: accumulate_gradients(adapted, step, tokenizer.pad_token_id),
@@ -169,14 +167,8 @@ def update_policy(
             fused=None,
             learning_rate_setting="policy_update.learning_rate",
         )
-    except BaseException:
-        adapted.unload()
-        raise
-    merged = adapted.merge_and_unload()
-    merged.eval()
-    save_model(merged, tokenizer, output_dir, source=source)
-    # Read the digest back from disk: if another process wrote output_dir first, that is the copy kept.
-    digest = resolve_model(str(output_dir)).digest
+
+    digest, losses = train_and_merge(model, tokenizer, lora, config.seed, train, Path(output_dir), source)
     return PolicyUpdateResult(
         path=Path(output_dir),
         digest=digest,

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from models.base_model import load_model, weights_digest
 from models.config import EvalConfig, InnerLoopConfig, LoraConfig
 from models.inner_loop import (
     NonFiniteLossError,
@@ -15,6 +16,7 @@ from models.inner_loop import (
     save_adapter,
     token_f1,
     train_adapter,
+    train_and_merge,
 )
 
 DOCS = ["Kelthrop\nOrvanne Kelthrop founded the Thessory Guild in 1873.", "Kelthrop\nThe guild had 412 members."]
@@ -171,3 +173,29 @@ def test_an_adapter_slot_trains_like_a_fresh_adapter_and_answers_as_the_base_bet
         slot.close()
     after = tiny.model.state_dict()
     assert after.keys() == base.keys() and all(torch.equal(after[k], base[k]) for k in base)
+
+
+def test_train_and_merge_saves_the_merged_model_or_nothing(tmp_path):
+    private = load_model("tiny-random", home=tmp_path / "home", device="cpu", dtype="float32")
+    before = _base_state(private.model)
+
+    def interrupted(adapted):
+        train_adapter(adapted, private.tokenizer, DOCS, TRAIN)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_and_merge(private.model, private.tokenizer, LORA, 0, interrupted, tmp_path / "merged", "test")
+    assert not (tmp_path / "merged").exists()
+    after = private.model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+    def train(adapted):
+        return train_adapter(adapted, private.tokenizer, DOCS, TRAIN)
+
+    digest, result = train_and_merge(private.model, private.tokenizer, LORA, 0, train, tmp_path / "merged", "test")
+    assert result.steps == 3 and digest == weights_digest(tmp_path / "merged")
+    merged = private.model.state_dict()
+    assert merged.keys() == before.keys()  # merged into the weights: no LoRA layers left
+    assert any(not torch.equal(before[k], merged[k]) for k in before)
+    saved = load_model(str(tmp_path / "merged"), device="cpu", dtype="float32").model.state_dict()
+    assert all(torch.equal(merged[k], saved[k]) for k in merged)
