@@ -47,7 +47,7 @@ from prefect.runtime import flow_run
 from flows.evaluation import resolve_policy
 from flows.progress import Progress
 from flows.runner import SERIAL, on_runner, placement, ray_cluster, with_storage
-from flows.tracking import Tracker, default_tracking_uri, flow_run_tracker
+from flows.tracking import Tracker, default_tracking_uri, finishing, flow_run_tracker
 from flows.training import link_mlflow_run, verified_policy
 from models.config import SealConfig
 from models.continual import (
@@ -214,13 +214,8 @@ def seal_continual(config: SealConfig, keep_final: bool = False) -> ContinualRes
         **{"seal.flow": "continual", "seal.continual.policy": config.continual.policy},
     )
     link_mlflow_run(tracker, "The MLflow run of this continual flow run: matrices, heatmap, curves, drift.")
-    try:
-        with ray_cluster(config.runner):
-            result = _continual(config, tracker, keep_final)
-    except BaseException:
-        tracker.finish("FAILED")
-        raise
-    tracker.finish("FINISHED")
+    with finishing(tracker), ray_cluster(config.runner):
+        result = _continual(config, tracker, keep_final)
     return ContinualResult(result.start, result.sequences, result.summary, tracker.run_id, tracking_uri)
 
 

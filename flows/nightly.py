@@ -29,7 +29,7 @@ from flows.domains import domain_for
 from flows.evaluation import resolve_policy
 from flows.held_out import HeldOutResult, held_out_metrics
 from flows.runner import on_runner, ray_cluster, with_storage
-from flows.tracking import Tracker, default_tracking_uri, flow_run_tracker
+from flows.tracking import Tracker, default_tracking_uri, finishing, flow_run_tracker
 from flows.training import IterationResult, log_iteration_tables, run_iteration, verified_policy
 
 from models.config import SealConfig
@@ -82,13 +82,8 @@ def seal_nightly(config: SealConfig, policy: str = "models:/seal-policy@latest")
         flow_run.name or "seal-nightly",
         **{"seal.flow": "nightly"},
     )
-    try:
-        with ray_cluster(config.runner):
-            result = _night(config, policy, tracker)
-    except BaseException:
-        tracker.finish("FAILED")
-        raise
-    tracker.finish("FINISHED")
+    with finishing(tracker), ray_cluster(config.runner):
+        result = _night(config, policy, tracker)
     return result
 
 

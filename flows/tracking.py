@@ -20,6 +20,8 @@ import os
 import socket
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import unquote, urlparse
@@ -500,6 +502,18 @@ def flow_run_tracker(
         },
         run_id=resumed,
     )
+
+
+@contextmanager
+def finishing(tracker: Tracker) -> Iterator[Tracker]:
+    """End ``tracker``'s run FINISHED when the block completes, FAILED when it raises (the
+    error goes on): a flow's MLflow run never stays RUNNING after the flow run ended."""
+    try:
+        yield tracker
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    tracker.finish("FINISHED")
 
 
 def _process_alive(pid: int) -> bool:

@@ -62,7 +62,7 @@ from flows.held_out import HeldOutResult, format_held_out, held_out_metrics
 from flows.inner_loop import OUT_OF_MEMORY
 from flows.progress import Progress
 from flows.runner import SERIAL, on_runner, placement, ray_cluster, with_storage
-from flows.tracking import Tracker, default_tracking_uri, flow_run_tracker
+from flows.tracking import Tracker, default_tracking_uri, finishing, flow_run_tracker
 from models.base_model import weights_digest
 from models.config import SealConfig
 from models.paths import seal_home
@@ -393,13 +393,8 @@ def seal_training(config: SealConfig) -> TrainingResult:
     if tracker.resumed:
         get_run_logger().info("continuing MLflow run %s", tracker.run_id)
     link_mlflow_run(tracker, "The MLflow run that tracks this training flow run.")
-    try:
-        with ray_cluster(config.runner):
-            result = _train(config, tracker)
-    except BaseException:
-        tracker.finish("FAILED")
-        raise
-    tracker.finish("FINISHED")
+    with finishing(tracker), ray_cluster(config.runner):
+        result = _train(config, tracker)
     return TrainingResult(result.policy, result.held_out, result.iterations, tracker.run_id, tracking_uri)
 
 

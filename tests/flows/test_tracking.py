@@ -25,6 +25,7 @@ from flows.tracking import (  # noqa: E402
     NullTracker,
     Tracker,
     default_tracking_uri,
+    finishing,
     resolve_policy_uri,
 )
 
@@ -115,6 +116,16 @@ def test_resume_of_an_unknown_run_is_a_clear_error(store, names):
 def test_finish_rejects_an_unknown_status(store, names):
     with pytest.raises(ValueError, match="FINISHED, FAILED, KILLED, got 'DONE'"):
         make_tracker(store, names).finish("DONE")
+
+
+def test_finishing_ends_the_run_finished_or_failed_and_keeps_the_error(store, names):
+    client = MlflowClient(store)
+    with finishing(make_tracker(store, names)) as done:
+        assert client.get_run(done.run_id).info.status == "RUNNING"
+    assert client.get_run(done.run_id).info.status == "FINISHED"
+    with pytest.raises(KeyboardInterrupt), finishing(make_tracker(store, names)) as interrupted:
+        raise KeyboardInterrupt
+    assert client.get_run(interrupted.run_id).info.status == "FAILED"
 
 
 def test_artifacts_live_next_to_the_sqlite_db(store, names):
