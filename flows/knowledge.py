@@ -17,7 +17,7 @@ from flows.held_out import HeldOutResult
 from flows.inner_loop import InnerLoopGroup, SeedMean
 from flows.progress import Progress
 from flows.runner import SERIAL, on_runner, placement
-from models.config import SealConfig
+from models.config import EvalConfig, SealConfig
 from models.edit_metrics import describe_self_edit
 from models.stacked_lora import length_groups
 from tasks import knowledge
@@ -55,7 +55,7 @@ class KnowledgeDomain:
 
     def evaluate_baselines(self, policy, config, contexts, label):
         """All contexts' questions in one batched evaluation task."""
-        future = knowledge.evaluate_baselines.submit(policy, config.model, contexts, config.eval, label)
+        future = knowledge.evaluate_baselines.submit(policy, config.model, contexts, answering(config), label)
         return [FutureItem(future, i) for i in range(len(contexts))]
 
     def inner_loops(self, policy, config, items, tag="", seeds=None):
@@ -72,7 +72,7 @@ class KnowledgeDomain:
                 pairs, labels = [(c, e) for c, e, _ in group], [label for _, _, label in group]
                 adapters = train.submit(policy, config.model, pairs, label, labels, config.lora, inner)
                 scored = evaluate.submit(
-                    policy, config.model, [c for c, _ in pairs], adapters, label, labels, config.eval, inner.lanes
+                    policy, config.model, [c for c, _ in pairs], adapters, label, labels, answering(config), inner.lanes
                 )
                 return adapters, scored
 
@@ -133,6 +133,13 @@ class FutureItem:
 
     def result(self, *args, **kwargs):
         return self.future.result(*args, **kwargs)[self.index]
+
+
+def answering(config: SealConfig) -> EvalConfig:
+    """``config.eval`` as the evaluate tasks take it (and key their cache by): without ``seeds``,
+    which sets how many inner loops the flow submits, not how one is answered, so ``eval.seeds``
+    set to what it inherits (or changed) reuses the evaluations already made."""
+    return config.eval.model_copy(update={"seeds": None})
 
 
 def _documents(edit) -> int:

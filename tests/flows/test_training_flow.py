@@ -106,6 +106,11 @@ def test_training_flow_tracks_everything_and_reruns_from_cache(prefect_env, monk
     assert [r.metrics["reward_mean"] for r in third.iterations] == [r.metrics["reward_mean"] for r in first.iterations]
     assert third.held_out[0][1].correct == first.held_out[0][1].correct
 
+    # eval.seeds set to the 1 it inherits changes no evaluation: nothing runs again.
+    calls.clear()
+    seal_training(changed.model_copy(update={"eval": changed.eval.model_copy(update={"seeds": 1})}))
+    assert calls == []
+
 
 def test_seal_run_then_eval_a_registered_policy(prefect_env, capsys):
     from flows.cli import main
