@@ -269,6 +269,14 @@ def learning_study(r: dict) -> str:
                 cell += (
                     f", recovers {_pct(recovered['recovery'])} [{_pct(recovered['low'])}, {_pct(recovered['high'])}]"
                 )
+                if recovered.get("meaningful") is False:
+                    cell += " (the real gain's interval includes 0)"
+            if "margin" in recovered:  # files before the margin have only the share
+                m = recovered["margin"]
+                cell += (
+                    f", gain − {_pct(m['share'])} of the real gain {_points(m['value'])} points "
+                    f"[{_points(m['low'])}, {_points(m['high'])}]"
+                )
             cells.append(cell)
         return "; ".join(cells)
     last = r["held_out"][-1]

@@ -12,7 +12,9 @@ share cancels out.
 
 How much of one gain another recovers (:func:`gain_recovery`: a policy trained on generated
 questions against one trained on real ones) is a ratio of two paired differences, resampled the
-same way; it means something only where the reference gain's own interval excludes 0.
+same way; it means something only where the reference gain's own interval excludes 0. Whether
+a gain reaches a share of another (:func:`recovery_margin`, gain - share x reference) is a
+difference instead, with an interval that stays finite when the reference gain is near 0.
 """
 
 from __future__ import annotations
@@ -91,20 +93,49 @@ def gain_recovery(
         ValueError: if the four columns do not cover the same number of contexts, or the
             reference gain is not above 0 (nothing to recover: a share of a loss means nothing).
     """
+    (gained, referenced), (numerator, denominator) = _two_gains(gain, reference, replicates, seed)
+    if referenced <= 0:
+        raise ValueError(
+            f"the reference gain is {referenced * 100:+.1f} points, not above 0: there is nothing to recover"
+        )
+    defined = denominator != 0
+    return _estimate(gained / referenced, numerator[defined] / denominator[defined])
+
+
+def recovery_margin(
+    gain: tuple[Counts, Counts],
+    reference: tuple[Counts, Counts],
+    share: float,
+    replicates: int = REPLICATES,
+    seed: int = 0,
+) -> Estimate:
+    """``gain`` minus ``share`` times ``reference``'s gain (accuracy, as :func:`paired_difference`),
+    both paired differences on the same contexts, with a 95 % cluster-bootstrap interval that
+    resamples the contexts for all four columns at once.
+
+    A low end above 0 says the gain reaches ``share`` of the reference gain; a high end below 0
+    says it falls short. Unlike :func:`gain_recovery` it is defined whatever the reference gain,
+    but "a share of it" means something only where that gain is above 0.
+
+    Raises:
+        ValueError: if the four columns do not cover the same number of contexts.
+    """
+    (gained, referenced), (numerator, denominator) = _two_gains(gain, reference, replicates, seed)
+    return _estimate(gained - share * referenced, numerator - share * denominator)
+
+
+def _two_gains(
+    gain: tuple[Counts, Counts], reference: tuple[Counts, Counts], replicates: int, seed: int
+) -> tuple[tuple[float, float], tuple[np.ndarray, np.ndarray]]:
+    """Both gains pooled, and per bootstrap replicate (the same contexts drawn for all four)."""
     columns = [*gain, *reference]
     if len({len(c) for c in columns}) != 1:
         raise ValueError(f"a recovery needs the same contexts in every column: {[len(c) for c in columns]}")
     arrays = [_arrays(c) for c in columns]
     pooled = [a.sum() / n.sum() if n.sum() else 0.0 for a, n in arrays]
-    if pooled[2] <= pooled[3]:
-        points = (pooled[2] - pooled[3]) * 100
-        raise ValueError(f"the reference gain is {points:+.1f} points, not above 0: there is nothing to recover")
     picks = _picks(len(columns[0]), replicates, seed)
     resampled = [_ratio(a, n, picks) for a, n in arrays]
-    numerator, denominator = resampled[0] - resampled[1], resampled[2] - resampled[3]
-    defined = denominator != 0
-    value = (pooled[0] - pooled[1]) / (pooled[2] - pooled[3])
-    return _estimate(value, numerator[defined] / denominator[defined])
+    return (pooled[0] - pooled[1], pooled[2] - pooled[3]), (resampled[0] - resampled[1], resampled[2] - resampled[3])
 
 
 def _arrays(counts: Counts) -> tuple[np.ndarray, np.ndarray]:

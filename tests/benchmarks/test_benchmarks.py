@@ -542,7 +542,7 @@ def test_generated_questions_script_scores_the_kept_pairs_and_the_real_questions
     assert [len(e["pairs"]) for e in report["examples"]] == [1, 1]
 
 
-def test_learning_study_variants_compare_reward_sources_and_report_the_gain_recovered(tmp_path, monkeypatch):
+def test_learning_study_variants_compare_reward_sources_and_report_the_gain_recovered(tmp_path, monkeypatch, capsys):
     from benchmarks import learning_study
     from flows.held_out import HeldOutResult
     from flows.knowledge import HELD_OUT_COMPARISONS
@@ -561,7 +561,10 @@ def test_learning_study_variants_compare_reward_sources_and_report_the_gain_reco
         per_context = [{"context_id": f"c{i}", "questions": 5} for i in range(4)]
         result = HeldOutResult(None, counts, 0.0, HELD_OUT_COMPARISONS, per_context)
         report = {"wall_s": 1.0, "run_id": f"run-{len(runs)}", "held_out": [learning_study.table_row("x", result)]}
-        return report, [], [("iteration-1", result)]
+        finished[report["run_id"]] = report, [], [("iteration-1", result)]
+        return finished[report["run_id"]]
+
+    finished = {}
 
     monkeypatch.setattr(learning_study, "run_study", study)
     out = tmp_path / "variants.json"
@@ -572,10 +575,25 @@ def test_learning_study_variants_compare_reward_sources_and_report_the_gain_reco
     assert list(report["variants"]) == ["questions", "generated", "generated_base"]
     (generated,) = report["recovery"]["generated"]
     assert generated["recovery"] == pytest.approx(0.5) and generated["reference_gain"] == pytest.approx(0.4)
+    assert generated["meaningful"] and generated["reference_low"] == pytest.approx(0.4)
+    # The target as a difference: +20 points less 80 % of +40 falls short in every resample.
+    assert generated["margin"]["value"] == pytest.approx(0.2 - 0.8 * 0.4) and generated["margin"]["high"] < 0
     assert report["recovery"]["generated_base"][0]["recovery"] == pytest.approx(0.0)
     assert all((tmp_path / f"variants-{v}.png").exists() for v in report["variants"])
     from benchmarks.report import learning_study as headline
 
     assert "generated: after x:" in headline(report) and "recovers 50 % [50 %, 50 %]" in headline(report)
+    assert "gain − 80 % of the real gain −12.0 points [−12.0, −12.0]" in headline(report)
+    assert "recovers 50% [50%, 50%] of the real questions' gain, +40.0 points" in capsys.readouterr().out
+
+    # --from-run with --variants rebuilds the comparison from one run per variant, in order.
+    monkeypatch.setattr(learning_study, "report_from_run", finished.__getitem__)
+    rebuilt = tmp_path / "rebuilt.json"
+    argv = ["--config", str(TINY), "--json", str(rebuilt), "--variants", "questions,generated,generated_base"]
+    assert learning_study.main([*argv, "--from-run", "run-1,run-2,run-3"]) == 0
+    assert json.loads(rebuilt.read_text())["recovery"] == report["recovery"] and len(runs) == 3
+    with pytest.raises(SystemExit):  # argparse's error: one run for three variants
+        learning_study.main([*argv, "--from-run", "run-1"])
+    assert "one run per variant: 1 runs, 3 variants" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="unknown variants nope"):
         learning_study.main(["--config", str(TINY), "--variants", "questions,nope"])

@@ -2,7 +2,7 @@
 
 import pytest
 
-from models.stats import accuracy_interval, gain_recovery, paired_difference
+from models.stats import accuracy_interval, gain_recovery, paired_difference, recovery_margin
 
 
 def test_the_interval_holds_the_pooled_accuracy_and_is_reproducible():
@@ -61,3 +61,18 @@ def test_gain_recovery_is_the_ratio_of_two_paired_gains():
         gain_recovery((real, base), (base, real))
     with pytest.raises(ValueError, match="same contexts"):
         gain_recovery((real, base), (real[:-1], base[:-1]))
+
+
+def test_recovery_margin_is_the_gain_less_a_share_of_the_reference_gain():
+    base = [(1, 5), (2, 5), (0, 5), (1, 5)] * 3
+    real = [(3, 5), (4, 5), (2, 5), (3, 5)] * 3  # +40 points everywhere
+    half = [(2, 5), (3, 5), (1, 5), (2, 5)] * 3  # +20 points everywhere
+    margin = recovery_margin((half, base), (real, base), share=0.8)
+    assert margin.value == pytest.approx(0.2 - 0.8 * 0.4) and margin.high < 0  # falls short, surely
+    assert recovery_margin((real, base), (half, base), share=0.8).low > 0  # more than the reference
+    # A reference gain of about 0, where a ratio's interval runs through infinity: finite here.
+    mixed = [(2, 5), (1, 5), (1, 5), (1, 5)] * 3  # +1, -1, +1, 0: +1 on average
+    near_zero = recovery_margin((half, base), (mixed, base), share=0.8)
+    assert near_zero.low < near_zero.value < near_zero.high and near_zero.high - near_zero.low < 1
+    with pytest.raises(ValueError, match="same contexts"):
+        recovery_margin((real, base), (real[:-1], base[:-1]), share=0.8)
