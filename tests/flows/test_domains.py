@@ -83,3 +83,13 @@ def test_inner_loops_are_grouped_by_length():
     assert groups == [[0, 2, 4], [6, 5, 1], [3, 7]]
     assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
     assert length_groups(lengths, 1) == [[i] for i in sorted(range(8), key=lambda i: (lengths[i], i))]
+
+
+def test_evaluations_are_keyed_without_eval_seeds_and_as_before_when_it_is_unset():
+    from prefect.utilities.hashing import hash_objects
+
+    from flows.knowledge import answering
+
+    unset = load_config(None, [])
+    keys = {hash_objects(answering(load_config(None, [f"eval.seeds={n}"]))) for n in (1, 3)}
+    assert keys == {hash_objects(answering(unset))} == {hash_objects(unset.eval)}  # caches made before hold
