@@ -100,10 +100,11 @@ CONDITIONS: dict[str, dict[str, str]] = {
     },
     "learning_study-unlabelled-smollm2-epyc-avx512-cpu.json": {
         "machine": "EPYC AVX-512",
-        "commit": "f669788",
+        "commit": "8a4bda2",
         "model": "smollm2-135m-instruct",
         "dtype": "bfloat16",
-        "settings": "`--variants questions,generated_base,generated rl.iterations=2`",
+        "settings": "`--variants questions,generated_base,generated`, 5 iterations; iterations 1–3 from the "
+        "cache of the 2- and 3-iteration runs at `f669788` and `602cadc` (no task's code changed since)",
     },
     "learning_study-seeds3-smollm2-epyc-avx512-cpu.json": {
         "machine": "EPYC AVX-512",
