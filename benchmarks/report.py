@@ -55,6 +55,15 @@ CONDITIONS: dict[str, dict[str, str]] = {
         "settings": "`fewshot.train_task_ids=[6d0aefbc, 5582e5ca, 8be77c9e, 67e8384a] reward.source=demonstrations`, "
         "the label-free reward (issue 32), the same tasks as the test-output run",
     },
+    "fewshot-demonstrations-6tasks-smollm2-epyc-avx512-cpu.json": {
+        "machine": "EPYC AVX-512",
+        "commit": "1902598",
+        "dtype": "bfloat16",
+        "settings": "`fewshot.train_task_ids=[44f52bb0, 5582e5ca, 67e8384a, 6d0aefbc, 6e02f1e3, 8be77c9e] "
+        "data.num_train_contexts=6 rl.iterations=2 reward.source=demonstrations`: every training task that "
+        "can spare a demonstration; the file's iteration row is iteration 1's (iteration 2 in MLflow: 14 of 30 "
+        "valid, none rewarded)",
+    },
     "fewshot-test_output-smollm2-epyc-avx512-cpu.json": {
         "machine": "EPYC AVX-512",
         "commit": "c3a5e43",
